@@ -1,0 +1,133 @@
+"""`turboserve` command line: the stable interface of DESIGN.md ("Command line").
+
+In: argv. Out: the exit code. Each subcommand's implementation lives with its package and is
+imported lazily, so `turboserve trace stats` never pays for importing torch or diffusers.
+Errors a user can fix (bad file, bad option value) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> "module:function"; each function takes the parsed args and returns an int
+COMMANDS = {
+    "trace": "turboserve.traces.cli:run",
+    "simulate": "turboserve.sim.cli:run",
+    "profile": "turboserve.profile.cli:run",
+    "generate": "turboserve.engine.generate:run",
+    "serve": "turboserve.serving.cli:run_serve",
+    "loadgen": "turboserve.serving.loadgen:run",
+    "demo": "turboserve.serving.cli:run_demo",
+}
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (sections as in turboserve.config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set autoscale.target_util=0.8 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turboserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    trace = sub.add_parser("trace", help="make, convert and describe session traces")
+    tsub = trace.add_subparsers(dest="trace_command", required=True)
+    synth = tsub.add_parser("synth", help="synthetic bursty trace")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--hours", type=float, default=1.0)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--rate", type=float, default=None, help="mean arrivals per minute")
+    synth.add_argument("--model", default=None, help="shape for every session / for --fit-gpus")
+    synth.add_argument("--fit-gpus", type=int, default=None)
+    synth.add_argument("--daily-cycle", action=argparse.BooleanOptionalAction, default=True)
+    conv = tsub.add_parser("convert", help="map a public request trace onto video sessions")
+    conv.add_argument("--format", required=True, choices=["mooncake", "azure", "servegen"])
+    conv.add_argument("--out", required=True)
+    conv.add_argument("--model", default=None)
+    conv.add_argument("--fit-gpus", type=int, default=None)
+    conv.add_argument("--seed", type=int, default=0)
+    conv.add_argument("--hours", type=float, default=None, help="keep only the first H hours")
+    conv.add_argument("inputs", nargs="+")
+    stats = tsub.add_parser("stats", help="describe a trace")
+    stats.add_argument("trace")
+    stats.add_argument("--model", default=None, help="also report peak demand in GPUs of this shape")
+    for p in (synth, conv, stats):
+        _common(p)
+
+    sim = sub.add_parser("simulate", help="replay a trace against the real scheduler, simulated GPUs")
+    sim.add_argument("--trace", required=True)
+    sim.add_argument("--model", required=True, help="shape: demo91, wan1.3b-320p, wan1.3b-480p, wan14b-480p or a profile file")
+    sim.add_argument("--gpus", type=int, required=True, help="fixed count / autoscaling ceiling")
+    sim.add_argument("--policy", default="all", help="all or a comma-separated list of policy names")
+    sim.add_argument("--json", dest="json_out", default=None)
+    sim.add_argument("--plot", default=None, help="directory for PNG plots")
+    sim.add_argument("--slo-ms", type=float, default=None)
+    sim.add_argument("--link", default=None, help="migration link: nvlink, infiniband, pcie")
+    _common(sim)
+
+    prof = sub.add_parser("profile", help="measure a model on this machine and write a profile")
+    prof.add_argument("--model", required=True, help="model config: tiny, helios-tiny, wan1.3b, ...")
+    prof.add_argument("--weights", default=None)
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--out", required=True)
+    prof.add_argument("--quick", action="store_true", help="fewer points (for tests)")
+    _common(prof)
+
+    gen = sub.add_parser("generate", help="generate videos for a few prompts, no server")
+    gen.add_argument("--model", default="tiny")
+    gen.add_argument("--weights", default=None)
+    gen.add_argument("--prompt", action="append", required=True)
+    gen.add_argument("--chunks", type=int, default=8)
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--seed", type=int, default=0)
+    _common(gen)
+
+    serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--model", default="tiny")
+    serve.add_argument("--weights", default=None)
+    serve.add_argument("--policy", default="turboserve")
+    serve.add_argument("--backend", default="local", choices=["local", "ray"])
+    serve.add_argument("--workers", type=int, default=None, help="engines (default: one per device, 2 on CPU)")
+    _common(serve)
+
+    lg = sub.add_parser("loadgen", help="replay a trace against a running server")
+    lg.add_argument("--trace", required=True)
+    lg.add_argument("--url", required=True)
+    lg.add_argument("--json", dest="json_out", default=None)
+    lg.add_argument("--time-scale", type=float, default=1.0, help="compress the trace's clock by this factor")
+    _common(lg)
+
+    demo = sub.add_parser("demo", help="start a server, replay a short bursty trace, print the report")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--sessions", type=int, default=6)
+    _common(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = COMMANDS[args.command].split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        from .config import ConfigError  # noqa: F401  (ConfigError is a ValueError)
+
+        print(f"turboserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Configuration: one frozen dataclass per concern, gathered in `TurboConfig`.
+
+In: a TOML file (sections named like the fields of `TurboConfig`) and/or CLI overrides of
+the form `section.key=value`. Out: a validated, immutable `TurboConfig`. Unknown sections or
+keys are errors that name what was expected, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    slo_ms: float | None = None  # per-chunk latency target; None = the chunk's playback time
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """An alpha-beta link: a transfer of n bytes takes alpha_ms + n / bandwidth."""
+
+    name: str = "nvlink"
+    alpha_ms: float = 2.0  # fixed cost per transfer (setup, handshake, sync)
+    bandwidth_gbps: float = 150.0  # GB/s (1e9 bytes) of payload
+
+
+LINKS: dict[str, LinkConfig] = {
+    # Effective payload rates, not line rates: NVLink4 p2p through NCCL, 400G IB, PCIe 5 x16.
+    "nvlink": LinkConfig("nvlink", alpha_ms=2.0, bandwidth_gbps=150.0),
+    "infiniband": LinkConfig("infiniband", alpha_ms=5.0, bandwidth_gbps=40.0),
+    "pcie": LinkConfig("pcie", alpha_ms=3.0, bandwidth_gbps=25.0),
+    "ethernet": LinkConfig("ethernet", alpha_ms=10.0, bandwidth_gbps=10.0),
+}
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    gpus: int = 8  # fixed count for fixed-count policies; ceiling for autoscaling ones
+    min_gpus: int = 1
+    gpu_memory_bytes: int = 80 * 10**9  # H100 80GB
+    startup_delay_s: float = 60.0  # from scale-out decision to a ready worker
+    price_per_gpu_hour_usd: float = 2.50  # on-demand
+    spot_price_per_gpu_hour_usd: float = 1.00
+    spot_fraction: float = 0.0  # share of provisioned GPUs billed at the spot price
+    link: str = "nvlink"  # GPU-GPU migration link, a key of LINKS
+    host_link: str = "pcie"  # GPU<->host offload/restore link, a key of LINKS
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    memory_headroom: float = 0.05  # fraction of GPU memory never planned (fragmentation)
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    enabled: bool = True
+    eta: float = 1.0  # weight of migration cost (ms of downtime) against latency gain (ms)
+    gain_threshold_ms: float = 5.0  # apply a move only if it gains more than this
+    max_moves_per_decision: int = 4
+    cooldown_s: float = 10.0  # a migrated session is not moved again within this time
+    candidate_workers: int = 4  # destinations evaluated per session (least loaded first)
+    poll_interval_s: float = 5.0  # migrate-only baseline: Llumnix-style polling period
+
+
+@dataclass(frozen=True)
+class AutoscaleConfig:
+    enabled: bool = True
+    target_util: float = 0.85  # fraction of per-GPU capacity planned to be used
+    volatility_window_s: float = 120.0  # sliding window for demand volatility
+    headroom_k: float = 1.0  # extra GPUs per standard deviation of recent demand
+    scale_in_hold_s: float = 120.0  # demand must stay low this long before releasing GPUs
+    # Ray Serve-style baseline (autoscale-only): desired = ongoing sessions / target per GPU
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    target_sessions_per_gpu: float = 0.0  # 0 = capacity at the SLO from the profile
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    enabled: bool = True
+    grace_s: float = 5.0  # an idle session is offloaded after this long (at once under pressure)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    tick_s: float = 1.0  # controller tick period
+    seed: int = 0
+    progress: bool = True  # show a progress bar on long runs
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 32  # sessions per coalesced round
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
+    attention_backend: str = ""  # diffusers attention dispatcher backend; "" = default
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    storage_dir: str = "runs/recordings"  # finished sessions are recorded here as MP4
+    replay_chunks: int = 64  # chunks kept per session for reconnecting clients
+    max_sessions: int = 256
+
+
+@dataclass(frozen=True)
+class TurboConfig:
+    slo: SloConfig = field(default_factory=SloConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def link(self, which: str = "gpu") -> LinkConfig:
+        name = self.cluster.link if which == "gpu" else self.cluster.host_link
+        return LINKS[name]
+
+    def with_overrides(self, overrides: list[str] | None) -> "TurboConfig":
+        cfg = self
+        for item in overrides or []:
+            if "=" not in item or "." not in item.split("=", 1)[0]:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            path, raw = item.split("=", 1)
+            section, key = path.split(".", 1)
+            cfg = _set(cfg, section, {key: _parse_scalar(raw)})
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TurboConfig:
+    cfg = TurboConfig()
+    if path:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+            cfg = _set(cfg, section, values)
+    return cfg.with_overrides(overrides)
+
+
+def _set(cfg: TurboConfig, section: str, values: dict[str, Any]) -> TurboConfig:
+    names = {f.name for f in fields(TurboConfig)}
+    if section not in names:
+        raise ConfigError(f"unknown config section {section!r}; expected one of {sorted(names)}")
+    current = getattr(cfg, section)
+    allowed = {f.name: f for f in fields(current)}
+    changes = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise ConfigError(f"unknown key {section}.{key}; expected one of {sorted(allowed)}")
+        default = getattr(current, key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key} must be true or false, got {value!r}")
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        changes[key] = value
+    return replace(cfg, **{section: replace(current, **changes)})
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare string

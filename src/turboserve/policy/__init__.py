@@ -1,0 +1,1 @@
+"""Pure scheduling decisions: standard library only, time passed in, no I/O."""

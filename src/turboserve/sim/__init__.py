@@ -1,0 +1,1 @@
+"""turboserve.sim"""
