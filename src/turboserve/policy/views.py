@@ -68,6 +68,8 @@ class ClusterView:
     pending: tuple[SessionId, ...]  # must run and have no GPU: new or resuming from host
     model: LatencyModel
     config: TurboConfig
+    # idle sessions still holding GPU memory -> idle since (s), oldest first (insertion order)
+    idle_resident: Mapping[SessionId, float] = field(default_factory=dict)
     demand_history: tuple[tuple[float, float], ...] = ()  # (time_s, demand in GPUs) samples
 
     def slo_ms(self, spec: SessionSpec) -> float:
