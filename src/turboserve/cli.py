@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--fit-gpus", type=int, default=None)
     conv.add_argument("--seed", type=int, default=0)
     conv.add_argument("--hours", type=float, default=None, help="keep only the first H hours")
+    conv.add_argument("--video-s-per-token", type=float, default=0.1,
+                      help="mooncake/azure: seconds of video per generated token")
+    conv.add_argument("--compress", type=float, default=24.0,
+                      help="servegen: squeeze time by this factor (24: a day becomes an hour)")
+    conv.add_argument("--rate", type=float, default=None,
+                      help="servegen: mean sessions per minute after compression (default 6)")
     conv.add_argument("inputs", nargs="+")
     stats = tsub.add_parser("stats", help="describe a trace")
     stats.add_argument("trace")
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", default="turboserve")
     serve.add_argument("--backend", default="local", choices=["local", "ray"])
     serve.add_argument("--workers", type=int, default=None, help="engines (default: one per device, 2 on CPU)")
+    serve.add_argument("--profile", default=None, help="latency profile JSON of the model (turboserve profile output)")
     _common(serve)
 
     lg = sub.add_parser("loadgen", help="replay a trace against a running server")
@@ -105,11 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--url", required=True)
     lg.add_argument("--json", dest="json_out", default=None)
     lg.add_argument("--time-scale", type=float, default=1.0, help="compress the trace's clock by this factor")
+    lg.add_argument("--max-sessions", type=int, default=None, help="replay only the first N sessions")
+    lg.add_argument("--timeout-s", type=float, default=3600.0, help="stop after this many seconds")
     _common(lg)
 
     demo = sub.add_parser("demo", help="start a server, replay a short bursty trace, print the report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--sessions", type=int, default=6)
+    demo.add_argument("--profile", default=None, help="latency profile JSON of the tiny model")
     _common(demo)
     return parser
 

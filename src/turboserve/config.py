@@ -63,6 +63,7 @@ class RebalanceConfig:
     max_moves_per_decision: int = 4
     cooldown_s: float = 10.0  # a migrated session is not moved again within this time
     candidate_workers: int = 4  # destinations evaluated per session (least loaded first)
+    candidate_sessions: int = 8  # distinct sessions of the bottleneck evaluated per move
     poll_interval_s: float = 5.0  # migrate-only baseline: Llumnix-style polling period
 
 
@@ -73,6 +74,7 @@ class AutoscaleConfig:
     volatility_window_s: float = 120.0  # sliding window for demand volatility
     headroom_k: float = 1.0  # extra GPUs per standard deviation of recent demand
     scale_in_hold_s: float = 120.0  # demand must stay low this long before releasing GPUs
+    initial_gpus: int = 0  # autoscaling policies' workers ready at time 0; 0 = min_gpus
     # Ray Serve-style baseline (autoscale-only): desired = ongoing sessions / target per GPU
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0

@@ -45,12 +45,25 @@ class SessionDeparted(Event):
 
 
 @dataclass(frozen=True)
+class SessionFailed(Event):
+    """A session ended by an error on its worker (a failed chunk, a placement or restore
+    that could not be done); other sessions are unaffected."""
+
+    session_id: SessionId
+    reason: str = ""
+    worker_id: WorkerId | None = None
+
+
+@dataclass(frozen=True)
 class RoundCompleted(Event):
     """A worker finished one coalesced round; these sessions each got one chunk."""
 
     worker_id: WorkerId
     session_ids: tuple[SessionId, ...]
     duration_ms: float
+    # chunks each listed session got: > 1 when a simulator reports several identical
+    # back-to-back rounds as one event (duration_ms is then that of one round)
+    rounds: int = 1
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,515 @@
+"""ClusterState: the controller's incremental record of workers and sessions, and the
+source of the `policy.views.ClusterView` that policies read.
+
+In: changes, one call each (a session arrives, is placed, pauses, finishes a round, starts
+or ends a migration or an offload; a worker starts, becomes ready, drains, is released or
+lost). Out: `view(now_s)`, built in O(1): read-only mappings over frozen `SessionView` and
+`WorkerView` records, one record replaced per change. No call does O(#sessions) work:
+a worker's `groups` and `load_ms` are updated with `GroupLoad.plus/minus` and
+`policy.load.cycle_ms` over that worker's groups only.
+
+Meaning of the fields (what policies may rely on):
+- worker `sessions`: resident sessions (active and idle) plus incoming migrations;
+  `used_bytes`: their state bytes plus reservations for incoming migrations; `groups` /
+  `load_ms`: the *active* resident sessions only (a migrating session counts on its
+  source until the migration commits).
+- session `state_bytes`: its state at the full attention window (what placement must
+  find room for); `context_frames`: `model.context_after(shape, chunks_done)`.
+- `pending`: sessions that must run and have no GPU (new, resuming from host memory, or
+  rebuilt after their worker was lost), in the order they became pending.
+- `idle_resident`: idle sessions holding GPU memory and not already being offloaded or
+  migrated -> idle since (s), oldest first.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Iterable
+
+from ..config import TurboConfig
+from ..policy.latency import LatencyModel
+from ..policy.load import GroupLoad, cycle_ms
+from ..policy.views import ClusterView, SessionView, WorkerView
+from ..types import CompatKey, SessionId, SessionSpec, SessionState, WorkerId, WorkerState
+
+
+class StateError(ValueError):
+    """A change that does not apply to the current state; the message says why."""
+
+
+class _Session:
+    __slots__ = ("id", "spec", "key", "prompt", "arrival_s", "active", "unbounded", "left",
+                 "worker", "pending", "migrating_to", "offloading", "placed_ever", "chunks_done",
+                 "context", "state_bytes", "last_change_s", "last_migrated_s")
+
+    def __init__(self, sid: SessionId, spec: SessionSpec, prompt: str, now_s: float,
+                 state_bytes: int) -> None:
+        self.id = sid
+        self.spec = spec
+        self.key = spec.compat_key
+        self.prompt = prompt
+        self.arrival_s = now_s
+        self.active = True  # the user wants chunks
+        self.unbounded = True  # this active period runs until paused
+        self.left = 0  # chunks this active period still owes (when not unbounded)
+        self.worker: WorkerId | None = None  # resident on (GPU state there)
+        self.pending = False
+        self.migrating_to: WorkerId | None = None
+        self.offloading = False
+        self.placed_ever = False
+        self.chunks_done = 0
+        self.context = 0.0
+        self.state_bytes = state_bytes
+        self.last_change_s = now_s
+        self.last_migrated_s = float("-inf")
+
+    @property
+    def state(self) -> SessionState:
+        if self.migrating_to is not None:
+            return SessionState.MIGRATING
+        if self.worker is not None:
+            return SessionState.ACTIVE if self.active else SessionState.IDLE
+        return SessionState.QUEUED if self.pending else SessionState.OFFLOADED
+
+    @property
+    def chunks_wanted(self) -> int:
+        """What a (re)placement must ask the engine for: 0 = unbounded."""
+        return 0 if self.unbounded else max(1, self.left)
+
+
+class _Worker:
+    __slots__ = ("id", "state", "memory_bytes", "used_bytes", "sessions", "frozen", "groups",
+                 "load_ms", "started_s", "ready_s")
+
+    def __init__(self, wid: WorkerId, state: WorkerState, memory_bytes: int, now_s: float) -> None:
+        self.id = wid
+        self.state = state
+        self.memory_bytes = memory_bytes
+        self.used_bytes = 0
+        self.sessions: set[SessionId] = set()
+        self.frozen: frozenset[SessionId] = frozenset()
+        self.groups: dict[CompatKey, GroupLoad] = {}
+        self.load_ms = 0.0
+        self.started_s = now_s
+        self.ready_s: float | None = now_s if state is WorkerState.READY else None
+
+
+class ClusterState:
+    def __init__(self, model: LatencyModel, config: TurboConfig) -> None:
+        self.model = model
+        self.config = config
+        self.max_batch = config.engine.max_batch
+        self._s: dict[SessionId, _Session] = {}
+        self._w: dict[WorkerId, _Worker] = {}
+        self._sviews: dict[SessionId, SessionView] = {}
+        self._wviews: dict[WorkerId, WorkerView] = {}
+        self._pending: dict[SessionId, None] = {}
+        self._pending_tuple: tuple[SessionId, ...] | None = ()
+        self._idle: dict[SessionId, float] = {}
+        self._sessions_ro = MappingProxyType(self._sviews)
+        self._workers_ro = MappingProxyType(self._wviews)
+        self._idle_ro = MappingProxyType(self._idle)
+        self._ctx_table: dict[str, list[float]] = {}  # shape -> context after n chunks, to saturation
+        self._bytes_by_shape: dict[str, int] = {}
+        self.demand_history: tuple[tuple[float, float], ...] = ()
+
+    # ------------------------------------------------------------------- reading
+    def view(self, now_s: float) -> ClusterView:
+        """O(1): the mappings are live read-only proxies; valid during one policy call."""
+        if self._pending_tuple is None:
+            self._pending_tuple = tuple(self._pending)
+        return ClusterView(now_s, self._workers_ro, self._sessions_ro, self._pending_tuple, self.model,
+                           self.config, self._idle_ro, self.demand_history)
+
+    def has_session(self, sid: SessionId) -> bool:
+        return sid in self._s
+
+    def has_worker(self, wid: WorkerId) -> bool:
+        return wid in self._w
+
+    def session(self, sid: SessionId) -> SessionView:
+        return self._sviews[sid]
+
+    def worker(self, wid: WorkerId) -> WorkerView:
+        return self._wviews[wid]
+
+    def worker_ids(self) -> Iterable[WorkerId]:
+        return self._w.keys()
+
+    def session_ids(self) -> Iterable[SessionId]:
+        return self._s.keys()
+
+    def chunks_wanted(self, sid: SessionId) -> int:
+        """What the session's current active period still owes (0 = unbounded)."""
+        return self._sess(sid).chunks_wanted
+
+    def is_active(self, sid: SessionId) -> bool:
+        return self._sess(sid).active
+
+    def is_offloading(self, sid: SessionId) -> bool:
+        return self._sess(sid).offloading
+
+    def placed_ever(self, sid: SessionId) -> bool:
+        return self._sess(sid).placed_ever
+
+    def prompt(self, sid: SessionId) -> str:
+        return self._sess(sid).prompt
+
+    def sessions_on(self, wid: WorkerId) -> frozenset[SessionId]:
+        return self._wk(wid).frozen
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------------- workers
+    def add_worker(self, wid: WorkerId, now_s: float, memory_bytes: int, *, ready: bool = False) -> None:
+        if wid in self._w:
+            raise StateError(f"worker {wid!r} already exists")
+        w = _Worker(wid, WorkerState.READY if ready else WorkerState.STARTING, memory_bytes, now_s)
+        self._w[wid] = w
+        self._wrefresh(w)
+
+    def set_worker_state(self, wid: WorkerId, state: WorkerState, now_s: float) -> None:
+        """READY (worker came up, or a release was cancelled) or DRAINING."""
+        w = self._wk(wid)
+        if state is WorkerState.READY and w.ready_s is None:
+            w.ready_s = now_s
+        w.state = state
+        self._wrefresh(w)
+
+    def remove_worker(self, wid: WorkerId) -> None:
+        """A released worker: it must hold nothing."""
+        w = self._wk(wid)
+        if w.sessions:
+            raise StateError(f"worker {wid!r} still holds sessions {sorted(w.sessions)}")
+        del self._w[wid]
+        del self._wviews[wid]
+
+    def lose_worker(self, wid: WorkerId, now_s: float) -> tuple[list[SessionId], list[SessionId]]:
+        """The worker failed. Its resident sessions lose their GPU state: active ones go
+        back to pending (rebuilt from checkpoints), idle ones become offloaded. Migrations
+        into it are cancelled (the session stays on its source). Returns
+        (sessions that lost their state, sessions whose incoming migration was cancelled)."""
+        w = self._wk(wid)
+        lost: list[SessionId] = []
+        cancelled: list[SessionId] = []
+        for sid in sorted(w.sessions):
+            s = self._s[sid]
+            if s.migrating_to == wid:
+                s.migrating_to = None
+                cancelled.append(sid)
+                if not s.active and not s.offloading and s.worker is not None:
+                    self._idle[sid] = s.last_change_s
+                self._srefresh(s)
+                continue
+            if s.migrating_to is not None:  # outgoing: release the destination's reservation
+                d = self._w.get(s.migrating_to)
+                s.migrating_to = None
+                if d is not None:
+                    self._detach_incoming(d, s)
+            s.worker = None
+            s.offloading = False
+            self._idle.pop(sid, None)
+            if s.active:
+                self._add_pending(s)
+            s.last_change_s = now_s
+            self._srefresh(s)
+            lost.append(sid)
+        del self._w[wid]
+        del self._wviews[wid]
+        return lost, cancelled
+
+    # ------------------------------------------------------------------ sessions
+    def add_session(self, sid: SessionId, spec: SessionSpec, prompt: str, now_s: float,
+                    chunks_wanted: int = 0) -> None:
+        """A new session: pending, active for `chunks_wanted` chunks (0 = until paused)."""
+        if sid in self._s:
+            raise StateError(f"session {sid!r} already exists")
+        if chunks_wanted < 0:
+            raise StateError(f"chunks_wanted must be >= 0, got {chunks_wanted}")
+        nbytes = self._full_bytes(spec.model)  # raises for a shape the model lacks
+        s = _Session(sid, spec, prompt, now_s, nbytes)
+        s.unbounded = chunks_wanted == 0
+        s.left = chunks_wanted
+        self._s[sid] = s
+        self._add_pending(s)
+        self._srefresh(s)
+
+    def place(self, sid: SessionId, wid: WorkerId, now_s: float) -> None:
+        """A pending session goes to a worker (check `fits` first)."""
+        s = self._sess(sid)
+        if not s.pending:
+            raise StateError(f"session {sid!r} is not pending (it is {s.state.value})")
+        w = self._wk(wid)
+        s.pending = False
+        self._pending.pop(sid, None)
+        self._pending_tuple = None
+        s.worker = wid
+        s.placed_ever = True
+        s.last_change_s = now_s
+        w.sessions.add(sid)
+        w.frozen = frozenset(w.sessions)
+        w.used_bytes += s.state_bytes
+        if s.active:
+            self._group_add(w, s)
+        self._wrefresh(w)
+        self._srefresh(s)
+
+    def fits(self, sid: SessionId, wid: WorkerId) -> bool:
+        w = self._w.get(wid)
+        s = self._s.get(sid)
+        return w is not None and s is not None and w.used_bytes + s.state_bytes <= w.memory_bytes
+
+    def activate(self, sid: SessionId, now_s: float, chunks_wanted: int = 0) -> str:
+        """The user wants chunks again. Returns what the controller must do: 'engine' (tell
+        the resident worker), 'pending' (queued for placement), 'later' (offload or
+        migration in progress: the engine side is handled when it ends) or 'none'."""
+        s = self._sess(sid)
+        s.unbounded = chunks_wanted == 0
+        s.left = chunks_wanted
+        if s.active:
+            self._srefresh(s)
+            return "engine" if s.worker is not None and not s.offloading else "none"
+        s.active = True
+        s.last_change_s = now_s
+        self._idle.pop(sid, None)
+        if s.worker is not None:
+            if s.offloading:
+                self._srefresh(s)
+                return "later"
+            w = self._w[s.worker]
+            self._group_add(w, s)
+            self._wrefresh(w)
+            self._srefresh(s)
+            return "engine"
+        self._add_pending(s)
+        self._srefresh(s)
+        return "pending"
+
+    def pause(self, sid: SessionId, now_s: float) -> str:
+        """The session owes nothing now. Returns 'engine' (tell its worker), or 'none'."""
+        s = self._sess(sid)
+        if not s.active:
+            return "none"
+        s.active = False
+        s.unbounded = True
+        s.left = 0
+        s.last_change_s = now_s
+        if s.pending:  # never got a GPU this period: nothing resident to pause
+            s.pending = False
+            self._pending.pop(sid, None)
+            self._pending_tuple = None
+            self._srefresh(s)
+            return "none"
+        if s.worker is None:
+            self._srefresh(s)
+            return "none"
+        w = self._w[s.worker]
+        self._group_remove(w, s)
+        self._wrefresh(w)
+        if not s.offloading and s.migrating_to is None:
+            self._idle[sid] = now_s
+        self._srefresh(s)
+        return "engine"
+
+    def round_completed(self, wid: WorkerId, sids: Iterable[SessionId], now_s: float,
+                        rounds: int = 1) -> bool:
+        """The listed sessions each got `rounds` chunks on `wid`. Updates their chunk counts,
+        contexts and period bookkeeping (a period whose chunks are all delivered makes the
+        session idle, as the engine does). Returns whether the worker's view changed."""
+        w = self._w.get(wid)
+        changed = False
+        ctx_of = self._context_after
+        for sid in sids:
+            s = self._s.get(sid)
+            if s is None:
+                continue
+            s.chunks_done += rounds
+            new_ctx = ctx_of(s.spec.model, s.chunks_done)
+            if new_ctx != s.context:
+                if s.active and w is not None and s.worker == wid:
+                    g = w.groups[s.key]
+                    w.groups[s.key] = GroupLoad(g.key, g.batch, max(0.0, g.context_sum + new_ctx - s.context))
+                    changed = True
+                s.context = new_ctx
+            if s.active and not s.unbounded:
+                s.left -= rounds
+                if s.left <= 0:  # the engine ended the period by itself
+                    self.pause(sid, now_s)
+                    changed = True
+                    continue
+            self._srefresh(s)
+        if changed and w is not None:
+            self._wrefresh(w, recompute=True)
+        return changed
+
+    def begin_migration(self, sid: SessionId, dst: WorkerId, now_s: float) -> None:
+        s = self._sess(sid)
+        if s.worker is None or s.migrating_to is not None or s.offloading:
+            raise StateError(f"session {sid!r} cannot migrate now (it is {s.state.value})")
+        if dst == s.worker:
+            raise StateError(f"session {sid!r} is already on {dst!r}")
+        d = self._wk(dst)
+        s.migrating_to = dst
+        s.last_change_s = now_s
+        self._idle.pop(sid, None)
+        d.sessions.add(sid)
+        d.frozen = frozenset(d.sessions)
+        d.used_bytes += s.state_bytes
+        self._wrefresh(d)
+        self._srefresh(s)
+
+    def end_migration(self, sid: SessionId, ok: bool, now_s: float) -> bool:
+        """Commit (ok) or cancel the session's migration. Returns False if none was under way."""
+        s = self._s.get(sid)
+        if s is None or s.migrating_to is None:
+            return False
+        dst = self._w.get(s.migrating_to)
+        src = self._w.get(s.worker) if s.worker is not None else None
+        s.migrating_to = None
+        if ok and dst is not None:
+            if src is not None:
+                src.sessions.discard(sid)
+                src.frozen = frozenset(src.sessions)
+                src.used_bytes -= s.state_bytes
+                if s.active:
+                    self._group_remove(src, s)
+                self._wrefresh(src, recompute=s.active)
+            s.worker = dst.id
+            s.last_migrated_s = now_s
+            if s.active:
+                self._group_add(dst, s)
+            self._wrefresh(dst, recompute=s.active)
+        elif dst is not None:
+            self._detach_incoming(dst, s)
+        if not s.active and s.worker is not None:
+            self._idle[sid] = s.last_change_s
+        s.last_change_s = now_s
+        self._srefresh(s)
+        return True
+
+    def begin_offload(self, sid: SessionId, now_s: float) -> None:
+        s = self._sess(sid)
+        if s.worker is None or s.active or s.migrating_to is not None or s.offloading:
+            raise StateError(f"session {sid!r} cannot be offloaded now (it is {s.state.value}); "
+                             "only idle resident sessions can")
+        s.offloading = True
+        self._idle.pop(sid, None)
+        self._srefresh(s)
+
+    def end_offload(self, sid: SessionId, now_s: float) -> bool:
+        """The state reached host memory; the GPU memory is free. An active session (woken
+        during the offload) becomes pending. Returns False if no offload was under way."""
+        s = self._s.get(sid)
+        if s is None or not s.offloading:
+            return False
+        s.offloading = False
+        w = self._w.get(s.worker) if s.worker is not None else None
+        if w is not None:
+            w.sessions.discard(sid)
+            w.frozen = frozenset(w.sessions)
+            w.used_bytes -= s.state_bytes
+            if s.active:
+                self._group_remove(w, s)
+            self._wrefresh(w, recompute=s.active)
+        s.worker = None
+        s.last_change_s = now_s
+        if s.active:
+            self._add_pending(s)
+        self._srefresh(s)
+        return True
+
+    def remove_session(self, sid: SessionId) -> tuple[WorkerId | None, WorkerId | None]:
+        """The session ended. Returns (resident worker, migration destination) it held."""
+        s = self._s.pop(sid, None)
+        if s is None:
+            return None, None
+        del self._sviews[sid]
+        self._idle.pop(sid, None)
+        if s.pending:
+            self._pending.pop(sid, None)
+            self._pending_tuple = None
+        dst_id = s.migrating_to
+        if dst_id is not None and dst_id in self._w:
+            self._detach_incoming(self._w[dst_id], s)
+        if s.worker is not None and s.worker in self._w:
+            w = self._w[s.worker]
+            w.sessions.discard(sid)
+            w.frozen = frozenset(w.sessions)
+            w.used_bytes -= s.state_bytes
+            if s.active:
+                self._group_remove(w, s)
+            self._wrefresh(w, recompute=s.active)
+        return s.worker, dst_id
+
+    # ---------------------------------------------------------------- internals
+    def _sess(self, sid: SessionId) -> _Session:
+        try:
+            return self._s[sid]
+        except KeyError:
+            raise StateError(f"unknown session {sid!r}") from None
+
+    def _wk(self, wid: WorkerId) -> _Worker:
+        try:
+            return self._w[wid]
+        except KeyError:
+            raise StateError(f"unknown worker {wid!r}") from None
+
+    def _add_pending(self, s: _Session) -> None:
+        s.pending = True
+        self._pending[s.id] = None
+        self._pending_tuple = None
+
+    def _detach_incoming(self, d: _Worker, s: _Session) -> None:
+        d.sessions.discard(s.id)
+        d.frozen = frozenset(d.sessions)
+        d.used_bytes -= s.state_bytes
+        self._wrefresh(d)
+
+    def _group_add(self, w: _Worker, s: _Session) -> None:
+        g = w.groups.get(s.key)
+        w.groups[s.key] = g.plus(s.context) if g is not None else GroupLoad(s.key, 1, s.context)
+
+    def _group_remove(self, w: _Worker, s: _Session) -> None:
+        g = w.groups[s.key].minus(s.context)
+        if g.batch <= 0:
+            del w.groups[s.key]
+        else:
+            w.groups[s.key] = g
+
+    def _wrefresh(self, w: _Worker, recompute: bool = True) -> None:
+        if recompute:
+            w.load_ms = cycle_ms(w.groups.values(), self.model, self.max_batch) if w.groups else 0.0
+        self._wviews[w.id] = WorkerView(w.id, w.state, w.memory_bytes, w.used_bytes, w.frozen,
+                                        tuple(w.groups.values()), w.load_ms, w.started_s, w.ready_s)
+
+    def _srefresh(self, s: _Session) -> None:
+        self._sviews[s.id] = SessionView(s.id, s.spec, s.state, s.worker, s.context, s.state_bytes,
+                                         s.arrival_s, s.last_change_s, s.last_migrated_s, s.chunks_done)
+
+    def _context_after(self, shape: str, chunks: int) -> float:
+        table = self._ctx_table.get(shape)
+        if table is None:
+            table = self._ctx_table[shape] = [float(self.model.context_after(shape, 0))]
+        if chunks < len(table):
+            return table[chunks]
+        window = float(self.model.shape(shape).window_frames)
+        if table[-1] >= window:
+            return table[-1]  # saturated: the context stays at the window
+        while len(table) <= chunks:
+            v = float(self.model.context_after(shape, len(table)))
+            table.append(v)
+            if v >= window:
+                return v
+        return table[chunks]
+
+    def _full_bytes(self, shape: str) -> int:
+        nbytes = self._bytes_by_shape.get(shape)
+        if nbytes is None:
+            try:
+                info = self.model.shape(shape)
+            except (KeyError, ValueError, LookupError) as e:
+                raise StateError(f"the latency model has no shape {shape!r}: {e}") from None
+            nbytes = self._bytes_by_shape[shape] = int(self.model.state_bytes(shape, info.window_frames))
+        return nbytes

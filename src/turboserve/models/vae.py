@@ -1,0 +1,129 @@
+"""Chunk-by-chunk decoding with diffusers' `AutoencoderKLWan` and a per-session causal cache.
+
+In: a session's latents for one chunk (C, n, h, w) in the transformer's normalised space,
+and the session's tensors/meta where its decoder cache lives. Out: the chunk's video
+(3, T, H, W) in [-1, 1]; the session's cache advanced in place.
+
+`AutoencoderKLWan.decode` clears its causal cache on every call, so decoding chunks
+independently loses frames at the seams. Its `_decode` loops one latent frame at a time
+through `decoder(x, feat_cache=..., feat_idx=[0], first_chunk=...)`; we run that same loop
+with the *session's* `feat_cache` list (one slot per causal conv of the decoder), a fresh
+`feat_idx=[0]` per latent frame and `first_chunk=True` only on the session's very first
+latent frame. Chunk-by-chunk decoding then equals one whole decode exactly.
+
+The cache is flattened into the session's tensors as `vae.{i}`; a slot holds None (not yet
+used), the marker "Rep" (the temporal upsampler's first-frame marker) or a tensor, and the
+non-tensor kinds are recorded in `meta["vae_slots"]`.
+
+Decoding is per session: on CPU, batching the decoder over sessions gave no speed-up (its
+convolutions are already compute-bound at batch 1), and per-session decoding keeps every
+session's frames independent of who else is in the round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .configs import VAE_TIME_FACTOR
+
+SLOTS_META = "vae_slots"  # meta key: per cache slot "none" | "rep" | "tensor"
+FRAMES_META = "vae_frames"  # meta key: latent frames decoded so far by this session
+_PREFIX = "vae."
+
+
+class ChunkDecoder:
+    """Wraps one `AutoencoderKLWan`; stateless itself, every session's cache lives in its state."""
+
+    def __init__(self, vae: Any):
+        self.vae = vae.eval()
+        self.slots = int(vae._cached_conv_counts["decoder"])
+        param = next(vae.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        cfg = vae.config
+        z_dim = int(cfg.z_dim)
+        # The transformer works in normalised latents: z_norm = (z - mean) / std.
+        self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(z_dim, 1, 1, 1)
+        self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(z_dim, 1, 1, 1)
+        self._patch_size = getattr(cfg, "patch_size", None)
+
+    # -- cache (de)serialisation -------------------------------------------------------
+    def init_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        for key in [k for k in tensors if k.startswith(_PREFIX)]:
+            del tensors[key]
+        meta[SLOTS_META] = ["none"] * self.slots
+        meta[FRAMES_META] = 0
+
+    def _load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> list:
+        cache: list = []
+        for i, kind in enumerate(meta[SLOTS_META]):
+            if kind == "tensor":
+                cache.append(tensors[f"{_PREFIX}{i}"])
+            else:
+                cache.append("Rep" if kind == "rep" else None)
+        return cache
+
+    def _store(self, cache: list, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        kinds = []
+        for i, slot in enumerate(cache):
+            key = f"{_PREFIX}{i}"
+            if isinstance(slot, torch.Tensor):
+                tensors[key] = slot
+                kinds.append("tensor")
+            else:
+                tensors.pop(key, None)
+                kinds.append("rep" if isinstance(slot, str) else "none")
+        meta[SLOTS_META] = kinds
+
+    # -- decoding ----------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_chunk(
+        self, latents: torch.Tensor, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> torch.Tensor:
+        """latents (C, n, h, w), normalised -> video (3, T, H, W) in [-1, 1] on the VAE's
+        device; T = 4n, or 4n - 3 for the session's first chunk."""
+        if latents.ndim != 4:
+            raise ValueError(f"latents must be (C, n, h, w), got shape {tuple(latents.shape)}")
+        z = latents.to(self.device, torch.float32)
+        z = z * self._std.to(z.device) + self._mean.to(z.device)
+        z = z.unsqueeze(0).to(self.dtype)
+        cache = self._load(tensors, meta)
+        decoded = meta[FRAMES_META]
+        x = self.vae.post_quant_conv(z)
+        outs = []
+        for i in range(x.shape[2]):
+            outs.append(
+                self.vae.decoder(
+                    x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=(decoded + i == 0)
+                )
+            )
+        out = torch.cat(outs, dim=2)
+        if self._patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=self._patch_size)
+        self._store(cache, tensors, meta)
+        meta[FRAMES_META] = decoded + x.shape[2]
+        return out.clamp(-1.0, 1.0)[0]
+
+    @torch.no_grad()
+    def decode_whole(self, latents: torch.Tensor) -> torch.Tensor:
+        """Reference: diffusers' own one-call decode of (C, F, h, w) normalised latents."""
+        z = latents.to(self.device, torch.float32)
+        z = (z * self._std.to(z.device) + self._mean.to(z.device)).unsqueeze(0).to(self.dtype)
+        return self.vae.decode(z, return_dict=False)[0][0]
+
+    @staticmethod
+    def frames_for(latent_frames: int, first: bool) -> int:
+        return latent_frames * VAE_TIME_FACTOR - (VAE_TIME_FACTOR - 1 if first else 0)
+
+
+def build_vae(config: dict[str, Any], *, seed: int, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised `AutoencoderKLWan` (deterministic in `seed`)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(**config)
+    return vae.to(device=device, dtype=dtype).eval()

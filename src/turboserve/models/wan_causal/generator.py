@@ -1,0 +1,308 @@
+"""The `wan-causal` family: diffusers' `WanTransformer3DModel` driven chunk by chunk.
+
+In: sessions' `StreamState`s of one compatibility group. Out: each session's next chunk as
+uint8 frames (T, H, W, 3) on the CPU; each state advanced in place.
+
+A chunk of n latent frames is generated Self-Forcing style: fresh noise from the session's
+own RNG, `steps` few-step flow-matching passes (predict x0 from the flow, re-noise to the next
+level with fresh noise), then one clean pass at t=0 over the denoised chunk whose K/V are
+appended to the session's cache. Every pass is ONE forward over all sessions of the round
+(see `attention.py` for how different cache lengths share it). The model's own modules do
+the work: `patch_embedding`, `condition_embedder`, `blocks`, `norm_out`/`proj_out`; we only
+replace the attention processors and compute rotary tables at each chunk's absolute frames.
+
+Session state (`StreamState.tensors`; `meta` holds the JSON-able rest):
+- `kv` (layers, 2, L, heads, head_dim): self-attention K/V of the cached frames, rotary applied.
+  The cache keeps at most `window_frames - n` latent frames (the chunk's own n complete the
+  attention window): the first `sink_frames` of the session forever, then the most recent.
+- `xkv` (layers, 2, text_len, heads, head_dim): the prompt's cross-attention K/V.
+- `latents` (C, F, h, w) float32: clean latents of the cached frames (the checkpoint's history).
+- `rng`: the session's CPU generator state; `vae.{i}`: the VAE decoder's causal cache.
+- meta: `frame_pos` (absolute latent index of each cached frame), `frame_prompts` (the
+  prompt each cached frame was generated under), `next_frame`, `evicted`, VAE slot kinds.
+
+Checkpoint = `latents`, `rng` and meta (kilobytes to megabytes against the gigabytes of `kv`).
+Rebuild replays the clean passes over the retained frames chunk by chunk, each under its
+own prompt, and re-decodes them through the VAE. Until the session first evicts a frame this
+reproduces the state exactly (the same computations in the same order). After an eviction
+it cannot: the evicted frames shaped the K/V of the retained ones, and the VAE cache of the
+retained frames depends on the evicted ones too; the rebuilt state is then the one a stream
+holding only the retained frames would have (LongLive's "re-cache"), and outputs continue
+with small differences (tests bound them).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+
+from ...types import SessionSpec
+from ..base import Checkpoint, StreamState
+from ..common import (
+    RNG_KEY, draw_noise, few_step_sigmas, latent_shape, new_rng_state, pad_first_chunk,
+    place_module, resolve_device, validate_spec, video_to_uint8,
+)
+from ..configs import VAE_SPACE_FACTOR, ModelConfig
+from ..text import TextEncoder
+from ..vae import FRAMES_META, ChunkDecoder
+from .attention import ContextHolder, RoundContext, install, prompt_kv, rope_tables
+
+
+class WanCausalGenerator:
+    family = "wan-causal"
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        transformer: Any,
+        vae: Any,
+        text_encoder: TextEncoder,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        attention_backend: str | None = None,
+    ):
+        self.cfg = cfg
+        self.device, self.dtype = resolve_device(device), dtype
+        self.transformer = place_module(transformer, self.device, dtype)
+        self.decoder = ChunkDecoder(place_module(vae, self.device, dtype))
+        self.text = text_encoder
+        self.backend = attention_backend or None
+        self._holder = ContextHolder()
+        install(self.transformer, self._holder)
+        tcfg = self.transformer.config
+        self.layers = len(self.transformer.blocks)
+        self.heads = int(tcfg.num_attention_heads)
+        self.head_dim = int(tcfg.attention_head_dim)
+        self.patch = tuple(int(p) for p in tcfg.patch_size)
+        if self.patch[0] != 1:
+            raise ValueError(f"wan-causal needs a temporal patch of 1, the checkpoint has {self.patch}")
+        self.in_channels = int(tcfg.in_channels)
+        self._rope_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    # -- specs --------------------------------------------------------------------------
+    def default_spec(self) -> SessionSpec:
+        c = self.cfg
+        return SessionSpec(model=c.name, width=c.width, height=c.height, fps=c.fps,
+                           frames_per_chunk=c.frames_per_chunk, steps=c.steps, seed=0)
+
+    def validate_spec(self, spec: SessionSpec) -> SessionSpec:
+        # the cache must keep the sink plus at least one recent frame besides the chunk
+        max_latent = max(1, self.cfg.window_frames - self.cfg.sink_frames - 1)
+        return validate_spec(self.cfg, spec, max_latent_frames_per_chunk=max_latent)
+
+    # -- sessions -------------------------------------------------------------------------
+    def start_session(self, session_id: str, spec: SessionSpec, prompt: str) -> StreamState:
+        spec = self.validate_spec(spec)
+        state = StreamState(session_id=session_id, spec=spec, prompt=prompt)
+        self._init_tensors(state, new_rng_state(spec.seed))
+        state.tensors["xkv"] = self._prompt_kv(prompt)
+        return state
+
+    def _init_tensors(self, state: StreamState, rng: torch.Tensor) -> None:
+        c, _, h, w = latent_shape(self.cfg, state.spec, 0)
+        state.tensors["kv"] = torch.empty(self.layers, 2, 0, self.heads, self.head_dim, device=self.device, dtype=self.dtype)
+        state.tensors["latents"] = torch.empty(c, 0, h, w, device=self.device, dtype=torch.float32)
+        state.tensors[RNG_KEY] = rng.to(self.device)
+        state.meta.update(frame_pos=[], frame_prompts=[], next_frame=0, evicted=False)
+        self.decoder.init_state(state.tensors, state.meta)
+
+    def set_prompt(self, state: StreamState, prompt: str) -> None:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        state.prompt = prompt
+        state.tensors.pop("xkv", None)  # recomputed at the next chunk
+
+    @torch.no_grad()
+    def _prompt_kv(self, prompt: str) -> torch.Tensor:
+        emb = self.text.encode(prompt).to(self.device, self.dtype)
+        context = self.transformer.condition_embedder.text_embedder(emb.unsqueeze(0))[0]
+        return torch.stack([prompt_kv(block.attn2, context) for block in self.transformer.blocks])
+
+    # -- generation -----------------------------------------------------------------------
+    def _check_batch(self, states: Sequence[StreamState]) -> None:
+        key = states[0].spec.compat_key
+        for s in states:
+            if s.spec.compat_key != key:
+                raise ValueError(f"session {s.session_id} ({s.spec.compat_key}) cannot share a round with {key}")
+            kv = s.tensors.get("kv")
+            if kv is None or kv.device != self.device:
+                where = None if kv is None else kv.device
+                raise ValueError(f"session {s.session_id} state is on {where}, the generator on {self.device}")
+
+    def _rope(self, positions: tuple[int, ...], gh: int, gw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (positions, gh, gw)
+        hit = self._rope_cache.get(key)
+        if hit is None:
+            cos, sin = rope_tables(self.transformer.rope, torch.tensor(positions), gh, gw)
+            hit = (cos.to(self.device), sin.to(self.device))
+            self._rope_cache[key] = hit
+            while len(self._rope_cache) > 512:
+                self._rope_cache.popitem(last=False)
+        else:
+            self._rope_cache.move_to_end(key)
+        return hit
+
+    def _context(self, states: Sequence[StreamState], positions: list[tuple[int, ...]],
+                 xkvs: list[torch.Tensor], write: bool) -> RoundContext:
+        spec = states[0].spec
+        gh = spec.height // VAE_SPACE_FACTOR // self.patch[1]
+        gw = spec.width // VAE_SPACE_FACTOR // self.patch[2]
+        tables = [self._rope(p, gh, gw) for p in positions]
+        return RoundContext(
+            self_kv=[s.tensors["kv"] for s in states],
+            cross_kv=torch.stack(xkvs, dim=2),
+            rope_cos=torch.stack([t[0] for t in tables]),
+            rope_sin=torch.stack([t[1] for t in tables]),
+            write=write,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def _forward(self, latents: torch.Tensor, timestep: float, ctx: RoundContext) -> torch.Tensor:
+        """One pass of the transformer's modules over (B, C, n, h, w) latents; returns the
+        predicted flow (noise - x0) as float32, like `WanTransformer3DModel.forward`."""
+        tr = self.transformer
+        batch, _, frames, height, width = latents.shape
+        p_t, p_h, p_w = self.patch
+        # Per session: the CPU's Conv3d kernels block differently by batch size, and a
+        # coalesced session must see exactly the numbers it would see alone.
+        latents = latents.to(self.dtype)
+        hidden = torch.cat([tr.patch_embedding(latents[b : b + 1]) for b in range(batch)])
+        hidden = hidden.flatten(2).transpose(1, 2).contiguous()
+        # Every session of a round is at the same timestep: embed it once (batch 1, as alone).
+        emb = tr.condition_embedder
+        t = emb.timesteps_proj(torch.full((1,), float(timestep), device=self.device))
+        time_dtype = next(iter(emb.time_embedder.parameters())).dtype
+        temb = emb.time_embedder(t.to(time_dtype)).type_as(hidden)
+        timestep_proj = emb.time_proj(emb.act_fn(temb)).unflatten(1, (6, -1))
+        temb = temb.expand(batch, -1)
+        timestep_proj = timestep_proj.expand(batch, -1, -1)
+        self._holder.ctx = ctx
+        try:
+            for block in tr.blocks:
+                hidden = block(hidden, None, timestep_proj, None)
+        finally:
+            self._holder.ctx = None
+        shift, scale = (tr.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (tr.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        hidden = tr.proj_out(hidden)
+        hidden = hidden.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        hidden = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
+
+    @torch.no_grad()
+    def generate(self, states: Sequence[StreamState]) -> list[torch.Tensor]:
+        if not states:
+            return []
+        self._check_batch(states)
+        spec = states[0].spec
+        n = spec.frames_per_chunk // 4
+        shape = latent_shape(self.cfg, spec, n)
+        for s in states:
+            if "xkv" not in s.tensors:
+                s.tensors["xkv"] = self._prompt_kv(s.prompt)
+        xkvs = [s.tensors["xkv"] for s in states]
+        positions = [tuple(range(s.meta["next_frame"], s.meta["next_frame"] + n)) for s in states]
+
+        ctx = self._context(states, positions, xkvs, write=False)
+        sigmas = few_step_sigmas(spec.steps, self.cfg.timestep_shift)
+        x = torch.stack([draw_noise(s.tensors, shape) for s in states]).to(self.device)
+        x0 = x
+        for i, sigma in enumerate(sigmas):
+            flow = self._forward(x, sigma * 1000.0, ctx)
+            x0 = x - sigma * flow
+            if i + 1 < len(sigmas):
+                nxt = sigmas[i + 1]
+                eps = torch.stack([draw_noise(s.tensors, shape) for s in states]).to(self.device)
+                x = (1.0 - nxt) * x0 + nxt * eps
+        # clean pass: the denoised chunk at t=0 writes its K/V into every session's cache
+        ctx = self._context(states, positions, xkvs, write=True)
+        self._forward(x0, 0.0, ctx)
+
+        outputs = []
+        for b, s in enumerate(states):
+            new_kv = torch.stack([torch.stack([ctx.new_kv[l][0][b], ctx.new_kv[l][1][b]]) for l in range(self.layers)])
+            self._append(s, new_kv, x0[b], positions[b])
+            first = s.chunk_index == 0
+            video = self.decoder.decode_chunk(x0[b], s.tensors, s.meta)
+            frames = video_to_uint8(video)
+            outputs.append(pad_first_chunk(frames, spec.frames_per_chunk) if first else frames)
+            s.chunk_index += 1
+        return outputs
+
+    def _append(self, s: StreamState, new_kv: torch.Tensor, x0: torch.Tensor, positions: tuple[int, ...]) -> None:
+        """Add a chunk's K/V and clean latents to the session's cache, then evict down to the
+        window: keep the sink frames and the most recent ones."""
+        n = len(positions)
+        tokens = new_kv.shape[2] // n  # tokens per latent frame
+        kv = torch.cat([s.tensors["kv"], new_kv.to(self.dtype)], dim=2)
+        latents = torch.cat([s.tensors["latents"], x0.float()], dim=1)
+        frame_pos = s.meta["frame_pos"] + list(positions)
+        frame_prompts = s.meta["frame_prompts"] + [s.prompt] * n
+        capacity = self.cfg.window_frames - n
+        count = len(frame_pos)
+        if count > capacity:
+            sink = min(self.cfg.sink_frames, capacity)
+            first_recent = count - (capacity - sink)
+            keep = list(range(sink)) + list(range(first_recent, count))
+            kv = torch.cat([kv[:, :, : sink * tokens], kv[:, :, first_recent * tokens :]], dim=2).contiguous()
+            latents = latents[:, keep].contiguous()
+            frame_pos = [frame_pos[i] for i in keep]
+            frame_prompts = [frame_prompts[i] for i in keep]
+            s.meta["evicted"] = True
+        s.tensors["kv"], s.tensors["latents"] = kv, latents
+        s.meta["frame_pos"], s.meta["frame_prompts"] = frame_pos, frame_prompts
+        s.meta["next_frame"] = positions[-1] + 1
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint(self, state: StreamState) -> Checkpoint:
+        meta = {k: state.meta[k] for k in ("frame_pos", "frame_prompts", "next_frame", "evicted", FRAMES_META)}
+        return Checkpoint(
+            session_id=state.session_id, spec=state.spec, prompt=state.prompt, chunk_index=state.chunk_index,
+            tensors={"latents": state.tensors["latents"].detach().cpu().clone(),
+                     RNG_KEY: state.tensors[RNG_KEY].detach().cpu().clone()},
+            meta=dict(meta, frame_pos=list(meta["frame_pos"]), frame_prompts=list(meta["frame_prompts"])),
+        )
+
+    @torch.no_grad()
+    def rebuild(self, ckpt: Checkpoint) -> StreamState:
+        spec = self.validate_spec(ckpt.spec)
+        state = StreamState(session_id=ckpt.session_id, spec=spec, prompt=ckpt.prompt, chunk_index=ckpt.chunk_index)
+        self._init_tensors(state, ckpt.tensors[RNG_KEY])
+        latents = ckpt.tensors["latents"].to(self.device, torch.float32)
+        frame_pos, frame_prompts = ckpt.meta["frame_pos"], ckpt.meta["frame_prompts"]
+        n = spec.frames_per_chunk // 4
+        # replay the clean passes chunk by chunk (a chunk = frames generated together)
+        i = 0
+        while i < len(frame_pos):
+            j = i
+            while j < len(frame_pos) and frame_pos[j] // n == frame_pos[i] // n:
+                j += 1
+            positions = tuple(frame_pos[i:j])
+            state.prompt = frame_prompts[i]
+            ctx = self._context([state], [positions], [self._prompt_kv(frame_prompts[i])], write=True)
+            chunk = latents[:, i:j].unsqueeze(0)
+            self._forward(chunk, 0.0, ctx)
+            new_kv = torch.stack([torch.stack([ctx.new_kv[l][0][0], ctx.new_kv[l][1][0]]) for l in range(self.layers)])
+            state.tensors["kv"] = torch.cat([state.tensors["kv"], new_kv.to(self.dtype)], dim=2)
+            i = j
+        state.tensors["latents"] = latents.clone()
+        state.meta.update(frame_pos=list(frame_pos), frame_prompts=list(frame_prompts),
+                          next_frame=ckpt.meta["next_frame"], evicted=ckpt.meta["evicted"])
+        # warm the VAE's causal cache: exact from frame 0; after an eviction, from the
+        # oldest contiguous run of recent frames as if it started the stream
+        decoded = ckpt.meta[FRAMES_META]
+        if decoded:
+            start = 0
+            if ckpt.meta["evicted"]:
+                start = len(frame_pos) - 1
+                while start > 0 and frame_pos[start - 1] == frame_pos[start] - 1:
+                    start -= 1
+            self.decoder.decode_chunk(latents[:, start:], state.tensors, state.meta)
+            state.meta[FRAMES_META] = decoded
+        state.prompt = ckpt.prompt
+        state.tensors["xkv"] = self._prompt_kv(ckpt.prompt)
+        return state

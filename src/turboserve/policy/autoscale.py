@@ -1,0 +1,161 @@
+"""Scale: how many GPUs to rent, and which to give back.
+
+In: a `ClusterScan` (demand in GPUs, workers by state), a `LoadOrder` maker (built only when
+workers are to be released), the autoscaler's timers from the policy's memory. Out: a `ScaleStep` (workers to start, to release, draining
+workers to put back in service) and the new timers.
+
+TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std),
+std being the demand's standard deviation over `volatility_window_s`, clamped to
+[min_gpus, cluster.gpus]. Provisioned = READY + STARTING workers (a starting worker already
+counts). Above target: first cancel the release of draining workers (those still holding
+the most sessions: nothing to rebuild), then start new ones at once. Below target: only
+after the target has stayed below provisioned for `scale_in_hold_s`, release the
+least-loaded READY workers; with migration they drain by consolidation, without it only
+empty workers are released.
+
+Ray Serve (`ray_serve_scale`, the autoscale-only baseline): desired = ceil(ongoing
+sessions / target per GPU), where ongoing = active + pending sessions and the target is
+`target_sessions_per_gpu`, or else the capacity at the SLO of each session's shape (so a
+mix of shapes sums its per-session shares). Upscale to desired once desired > current has
+held `upscale_delay_s`; downscale once desired < current has held `downscale_delay_s`.
+Released workers take no new sessions and go once empty (Ray's graceful drain); empty
+ones are released first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from typing import Callable
+
+from ..types import WorkerId, WorkerState
+from .demand import ClusterScan
+from .views import ClusterView
+from .whatif import LoadOrder
+
+
+@dataclass(frozen=True)
+class ScaleStep:
+    scale_out: int = 0
+    release: tuple[WorkerId, ...] = ()
+    cancel_release: tuple[WorkerId, ...] = ()
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ScaleTimers:
+    """When the target was first seen above / below the provisioned count (None = not)."""
+
+    above_since_s: float | None = None
+    below_since_s: float | None = None
+
+
+def clamp_gpus(view: ClusterView, n: int) -> int:
+    c = view.config.cluster
+    lo = min(max(c.min_gpus, 0), c.gpus)
+    return max(lo, min(c.gpus, n))
+
+
+def turboserve_target(view: ClusterView, scan: ClusterScan, std: float) -> int:
+    a = view.config.autoscale
+    raw = scan.demand_gpus / max(a.target_util, 1e-6) + a.headroom_k * std
+    return clamp_gpus(view, math.ceil(raw - 1e-9))
+
+
+def _grow(view: ClusterView, scan: ClusterScan, want: int) -> tuple[int, tuple[WorkerId, ...]]:
+    """Add `want` workers: cancel releases first (most sessions first), then start new ones
+    within the ceiling `cluster.gpus` (draining workers are still billed, so they count)."""
+    draining = sorted(scan.draining, key=lambda w: (-len(view.workers[w].sessions), w))
+    cancel = tuple(draining[:want])
+    want -= len(cancel)
+    room = view.config.cluster.gpus - scan.total
+    return max(0, min(want, room)), cancel
+
+
+def _pick_release(view: ClusterView, order: LoadOrder, ready: set[WorkerId], count: int,
+                  protected: set[WorkerId], empty_only: bool, empty_first: bool) -> tuple[WorkerId, ...]:
+    """The `count` cheapest workers to give back: STARTING ones first (they hold nothing and
+    go at once), then the least-loaded READY ones (fewest sessions among equal loads)."""
+    cands = []
+    for load, rank, wid in order.ascending():
+        if wid in protected:
+            continue
+        if view.workers[wid].state is WorkerState.STARTING:
+            cands.append((-1, 0.0, 0, rank, wid))
+            continue
+        if wid not in ready:
+            continue
+        w = view.workers[wid]
+        n = len(w.sessions)
+        if empty_only and n:
+            continue
+        cands.append(((0 if n == 0 else 1) if empty_first else 0, load, n, rank, wid))
+    cands.sort()
+    return tuple(c[-1] for c in cands[:count])
+
+
+def turboserve_scale(view: ClusterView, scan: ClusterScan, order: Callable[[], LoadOrder], std: float,
+                     timers: ScaleTimers, *, starved: bool, protected: set[WorkerId],
+                     consolidate: bool) -> tuple[ScaleStep, ScaleTimers]:
+    """`starved`: a pending session has no room anywhere even after offloads; with nothing
+    starting, one more worker is started whatever the demand estimate says. `protected`:
+    workers this decision placed or migrated onto (never released in the same breath)."""
+    target = turboserve_target(view, scan, std)
+    prov = scan.provisioned
+    if starved and not scan.starting:
+        target = clamp_gpus(view, max(target, prov + 1))
+    if target > prov:
+        out, cancel = _grow(view, scan, target - prov)
+        note = f"demand {scan.demand_gpus:.2f} std {std:.2f} -> target {target} (provisioned {prov})"
+        return ScaleStep(scale_out=out, cancel_release=cancel, note=note), ScaleTimers()
+    if target < prov:
+        since = timers.below_since_s
+        if since is None:
+            return ScaleStep(), ScaleTimers(below_since_s=view.now_s)
+        if view.now_s - since < view.config.autoscale.scale_in_hold_s:
+            return ScaleStep(), timers
+        ready = set(scan.ready)
+        release = _pick_release(view, order(), ready, prov - target, protected,
+                                empty_only=not consolidate, empty_first=True)
+        if not release:
+            return ScaleStep(), timers
+        note = f"demand {scan.demand_gpus:.2f} held below for {view.now_s - since:.0f}s -> target {target}"
+        return ScaleStep(release=release, note=note), ScaleTimers()
+    return ScaleStep(), ScaleTimers()
+
+
+def ray_serve_desired(view: ClusterView, scan: ClusterScan) -> int:
+    per_gpu = view.config.autoscale.target_sessions_per_gpu
+    ongoing = scan.active_sessions + scan.pending_sessions
+    if per_gpu > 0:
+        raw = ongoing / per_gpu
+    else:
+        raw = scan.demand_gpus  # sum of 1 / capacity at the SLO over ongoing sessions
+    return clamp_gpus(view, math.ceil(raw - 1e-9))
+
+
+def ray_serve_scale(view: ClusterView, scan: ClusterScan, order: Callable[[], LoadOrder],
+                    timers: ScaleTimers, protected: set[WorkerId]) -> tuple[ScaleStep, ScaleTimers]:
+    a = view.config.autoscale
+    desired = ray_serve_desired(view, scan)
+    current = scan.provisioned
+    now = view.now_s
+    if desired > current:
+        since = timers.above_since_s if timers.above_since_s is not None else now
+        if now - since >= a.upscale_delay_s:
+            out, cancel = _grow(view, scan, desired - current)
+            note = f"ongoing {scan.active_sessions + scan.pending_sessions} -> desired {desired}"
+            return ScaleStep(scale_out=out, cancel_release=cancel, note=note), ScaleTimers()
+        return ScaleStep(), ScaleTimers(above_since_s=since)
+    if desired < current:
+        since = timers.below_since_s if timers.below_since_s is not None else now
+        if now - since >= a.downscale_delay_s:
+            release = _pick_release(view, order(), set(scan.ready), current - desired, protected,
+                                    empty_only=False, empty_first=True)
+            if release:
+                note = f"ongoing {scan.active_sessions + scan.pending_sessions} -> desired {desired}"
+                return ScaleStep(release=release, note=note), ScaleTimers()
+        return ScaleStep(), ScaleTimers(below_since_s=since)
+    return ScaleStep(), ScaleTimers()
+

@@ -1,0 +1,145 @@
+"""Detect: one pass over the workers, demand in GPUs, and its recent volatility.
+
+In: a `ClusterView` and a `ModelCache`. Out: a `ClusterScan` (workers by state, bottleneck
+and lightest ready load, largest free memory, active session count and demand) and a
+`DemandWindow` (demand samples kept in the policy's memory, their standard deviation).
+
+Demand is the number of GPUs the active and pending sessions need with perfect packing:
+sum over sessions of 1 / capacity(shape, SLO, steps). Active sessions are counted from the
+workers' coalescing groups (batch per CompatKey), never by iterating sessions, so a scan is
+O(workers + pending). A shape whose single session misses the SLO (capacity 0) counts a
+whole GPU per session: no packing can do better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from ..types import CompatKey, SessionState, WorkerId, WorkerState
+from .views import ClusterView
+from .whatif import ModelCache
+
+
+def key_slo_ms(view: ClusterView, cache: ModelCache, key: CompatKey) -> float:
+    """The per-chunk SLO of a coalescing group: the configured one, else the chunk's
+    playback time at the shape's frame rate (CompatKey carries frames, not fps)."""
+    if view.config.slo.slo_ms:
+        return view.config.slo.slo_ms
+    fps = cache.shape(key.model).fps
+    frames = key.frames_per_chunk or cache.shape(key.model).video_frames_per_chunk
+    return 1000.0 * frames / fps
+
+
+def gpus_per_session(view: ClusterView, cache: ModelCache, key: CompatKey, slo_ms: float | None = None) -> float:
+    """Share of one GPU a session of this group needs at the SLO, with perfect packing."""
+    slo = slo_ms if slo_ms is not None else key_slo_ms(view, cache, key)
+    cap = cache.capacity(key.model, slo, key.steps)
+    return 1.0 / cap if cap > 0 else 1.0
+
+
+@dataclass
+class ClusterScan:
+    """Everything a decision needs from one pass over the workers."""
+
+    ready: list[WorkerId] = field(default_factory=list)  # provisioning order
+    starting: list[WorkerId] = field(default_factory=list)
+    draining: list[WorkerId] = field(default_factory=list)
+    max_load_ms: float = 0.0  # the bottleneck's predicted cycle
+    min_ready_load_ms: float = math.inf  # the lightest READY worker's predicted cycle
+    active_sessions: int = 0  # active sessions resident on workers (from their groups)
+    pending_sessions: int = 0
+    demand_gpus: float = 0.0  # active + pending sessions' GPUs with perfect packing
+
+    @property
+    def provisioned(self) -> int:
+        """Workers in (or coming into) service: READY and STARTING, not DRAINING."""
+        return len(self.ready) + len(self.starting)
+
+    @property
+    def total(self) -> int:
+        """Every billed worker, draining ones included."""
+        return len(self.ready) + len(self.starting) + len(self.draining)
+
+
+def scan_cluster(view: ClusterView, cache: ModelCache) -> ClusterScan:
+    scan = ClusterScan()
+    share: dict[CompatKey, float] = {}
+    demand = 0.0
+    active = 0
+    max_load = 0.0
+    min_ready = math.inf
+    for wid, w in view.workers.items():
+        state = w.state
+        if state is WorkerState.READY:
+            scan.ready.append(wid)
+            if w.load_ms < min_ready:
+                min_ready = w.load_ms
+        elif state is WorkerState.STARTING:
+            scan.starting.append(wid)
+        elif state is WorkerState.DRAINING:
+            scan.draining.append(wid)
+        else:
+            continue  # released or lost workers hold no load (the controller drops them)
+        if w.load_ms > max_load:
+            max_load = w.load_ms
+        for g in w.groups:
+            if g.batch <= 0:
+                continue
+            s = share.get(g.key)
+            if s is None:
+                s = share[g.key] = gpus_per_session(view, cache, g.key)
+            demand += g.batch * s
+            active += g.batch
+    sessions = view.sessions
+    for sid in view.pending:
+        sv = sessions.get(sid)
+        if sv is None:
+            continue
+        key = sv.spec.compat_key
+        s = share.get(key)
+        if s is None:
+            s = share[key] = gpus_per_session(view, cache, key, view.slo_ms(sv.spec))
+        demand += s
+        scan.pending_sessions += 1
+    scan.max_load_ms = max_load
+    scan.min_ready_load_ms = min_ready
+    scan.active_sessions = active
+    scan.demand_gpus = demand
+    return scan
+
+
+@dataclass(frozen=True)
+class DemandWindow:
+    """Demand samples over the last `volatility_window_s`, at most one per `sample_s`
+    (plenty for a standard deviation, and cheap to copy into new memory)."""
+
+    samples: tuple[tuple[float, float], ...] = ()  # (time_s, demand in GPUs), oldest first
+    std: float = 0.0  # standard deviation of the samples' demand (population)
+
+    def observe(self, now_s: float, demand: float, window_s: float) -> "DemandWindow":
+        """Memory after seeing `demand` at `now_s`. Unchanged (same object) when a sample
+        was taken less than `sample_s` ago and nothing fell out of the window."""
+        sample_s = max(window_s / 60.0, 1e-3)
+        if self.samples and now_s - self.samples[-1][0] < sample_s:
+            return self
+        samples = self.samples + ((now_s, demand),)
+        cutoff = now_s - window_s
+        start = 0
+        while start < len(samples) - 1 and samples[start][0] < cutoff:
+            start += 1
+        samples = samples[start:]
+        return replace(self, samples=samples, std=_std([d for _, d in samples]))
+
+
+def _std(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(max(0.0, sum((v - mean) ** 2 for v in values) / n))
+
+
+def is_movable(state: SessionState) -> bool:
+    """A session a decision may migrate or offload: resident and not already in transit."""
+    return state is SessionState.ACTIVE or state is SessionState.IDLE

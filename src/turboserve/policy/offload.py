@@ -1,0 +1,119 @@
+"""Offload: idle sessions' state leaves the GPU for host memory.
+
+In: the view's `idle_resident` (idle sessions on a GPU -> idle since, oldest first), the
+sessions whose offload this policy already asked for, and, under memory pressure, the
+pending sessions that found no feasible worker. Out: session ids to offload.
+
+- Grace: an idle session idle for longer than `offload.grace_s` is offloaded. The index is
+  oldest first, so the scan stops at the first session still within its grace period.
+- Pressure: when a pending session has no feasible worker, idle sessions are offloaded at
+  once, oldest first, on the READY worker where that makes room for it with the lowest
+  resulting load. Offloads already in flight count as room that is coming, so one pending
+  session never triggers two rounds of offloads.
+Resuming needs nothing here: a resumed session is pending and is placed like a new one,
+which makes every resume a free rebalancing point.
+"""
+
+from __future__ import annotations
+
+from ..types import SessionId, SessionState, WorkerId
+from .views import ClusterView
+from .whatif import WhatIf
+
+
+def prune_offloading(view: ClusterView, offloading: frozenset[SessionId]) -> frozenset[SessionId]:
+    """Keep the offloads still in flight. The controller takes a session out of
+    `idle_resident` when its offload begins and clears its worker when it ends; a session
+    still listed there was never started (refused), so it is forgotten and may be retried."""
+    if not offloading:
+        return offloading
+    keep = frozenset(sid for sid in offloading
+                     if (s := view.sessions.get(sid)) is not None and s.worker is not None
+                     and sid not in view.idle_resident)
+    return keep if len(keep) != len(offloading) else offloading
+
+
+def grace_offloads(view: ClusterView, skip: set[SessionId] | frozenset[SessionId]) -> list[SessionId]:
+    """Idle sessions past their grace period, oldest first."""
+    deadline = view.now_s - view.config.offload.grace_s
+    out: list[SessionId] = []
+    for sid, since in view.idle_resident.items():
+        if since > deadline:
+            break  # oldest first: everything after is younger
+        if sid in skip:
+            continue
+        s = view.sessions.get(sid)
+        if s is not None and s.state is SessionState.IDLE and s.worker is not None:
+            out.append(sid)
+    return out
+
+
+def pressure_offloads(view: ClusterView, whatif: WhatIf, ready: set[WorkerId],
+                      unplaced: list[SessionId], in_flight: set[SessionId] | frozenset[SessionId],
+                      limit: int = 8) -> tuple[list[SessionId], list[SessionId]]:
+    """Offloads that make room for unplaced pending sessions (up to `limit` of them).
+
+    Returns (offloads, sessions still without any possible room: not even offloading every
+    idle session of a READY worker would fit them)."""
+    if not unplaced:
+        return [], []
+    cache = whatif.cache
+    headroom = view.config.placement.memory_headroom
+    # Bytes already being freed (offloads in flight or decided in this call), and the idle
+    # sessions of READY workers that could still go, oldest first.
+    coming: dict[WorkerId, int] = {}
+    for sid in in_flight:
+        s = view.sessions.get(sid)
+        if s is not None and s.worker in ready:
+            coming[s.worker] = coming.get(s.worker, 0) + s.state_bytes
+    idle_by_worker: dict[WorkerId, list[tuple[SessionId, int]]] = {}
+    for sid in view.idle_resident:
+        if sid in in_flight:
+            continue
+        s = view.sessions.get(sid)
+        if s is not None and s.worker in ready and s.state is SessionState.IDLE:
+            idle_by_worker.setdefault(s.worker, []).append((sid, s.state_bytes))
+    offloads: list[SessionId] = []
+    hopeless: list[SessionId] = []
+    for sid in unplaced[:limit]:
+        s = view.sessions.get(sid)
+        if s is None:
+            continue
+        key = s.spec.compat_key
+        need = cache.full_state_bytes(key.model)
+        best = None  # (resulting load, bytes to free, worker order, worker, victims)
+        waiting = False
+        for i, wid in enumerate(view.workers):
+            if wid not in ready:
+                continue
+            w = view.workers[wid]
+            room = (w.memory_bytes - whatif.used_bytes(wid) - int(headroom * w.memory_bytes)
+                    - whatif.activation_need(wid, key) + coming.get(wid, 0))
+            if room >= need:
+                waiting = True  # an offload in flight will make room: wait for it
+                break
+            victims: list[SessionId] = []
+            freed = 0
+            for vid, nbytes in idle_by_worker.get(wid, ()):
+                if room + freed >= need:
+                    break
+                victims.append(vid)
+                freed += nbytes
+            if room + freed < need:
+                continue
+            score = (whatif.load_with(wid, key, s.context_frames), freed, i)
+            if best is None or score < best[0]:
+                best = (score, wid, victims)
+        if waiting:
+            continue
+        if best is None:
+            hopeless.append(sid)
+            continue
+        _, wid, victims = best
+        offloads.extend(victims)
+        gone = set(victims)
+        freed = sum(b for v, b in idle_by_worker.get(wid, ()) if v in gone)
+        idle_by_worker[wid] = [(v, b) for v, b in idle_by_worker.get(wid, ()) if v not in gone]
+        # The room is now reserved for `sid`: later pending sessions must not count on it.
+        coming[wid] = coming.get(wid, 0) + freed - need
+    return offloads, hopeless

@@ -1,0 +1,137 @@
+"""Place: pending sessions (new, or resuming from host memory) onto READY workers.
+
+In: the view's `pending` sessions in arrival order, a `WhatIf` of worker loads and memory,
+and a chooser. Out: `Placement`s (applied to the what-if as they are made, so several
+placements in one call see each other) and the sessions left pending.
+
+A worker is feasible for a session when it is READY and has room for the session's state
+at its full attention window (`model.state_bytes(shape, window)`) plus the activations of
+its largest round, never planning `placement.memory_headroom` of its memory. Choosers:
+- `MinMaxChooser` (TurboServe): the feasible worker minimising the resulting maximum
+  predicted latency over the cluster; among equal maxima a worker already holding the
+  session's CompatKey (coalescing), then the lighter resulting load, then provisioning
+  order. Scans workers least loaded first and stops at a provable lower bound, so it
+  rarely looks at more than a few workers.
+- `LeastLoadedChooser` (static-ll, autoscale-only, migrate-only): the feasible worker with
+  the lowest current load.
+- `RoundRobinChooser` (static-rr): the next feasible worker in provisioning order after
+  the previous choice; its cursor lives in the policy's memory.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..types import CompatKey, SessionId, WorkerId
+from .views import ClusterView, Placement, SessionView
+from .whatif import LoadOrder, WhatIf
+
+
+class Chooser(Protocol):
+    def choose(self, session: SessionView, key: CompatKey, need_bytes: int) -> WorkerId | None: ...
+
+
+class MinMaxChooser:
+    def __init__(self, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], headroom_frac: float):
+        self.whatif = whatif
+        self.order = order
+        self.ready = ready
+        self.headroom = headroom_frac
+
+    def choose(self, session: SessionView, key: CompatKey, need_bytes: int) -> WorkerId | None:
+        wi, order = self.whatif, self.order
+        ctx = session.context_frames
+        top = order.top()
+        if top is None:
+            return None
+        top_load, _, top_wid = top
+        second = order.second()
+        best: tuple[float, int, float, int] | None = None
+        best_wid = None
+        seen_new_group = False
+        for load, rank, wid in order.ascending():
+            if wid not in self.ready:
+                continue
+            # No later worker can beat `best`: its resulting max is at least max(second,
+            # load), it can at best hold the key, and its own load only grows.
+            if best is not None and (max(second, load), 0, load) >= best[:3]:
+                break
+            if not wi.fits(wid, key, need_bytes, self.headroom):
+                continue
+            same = wi.group(wid, key) is not None
+            if not same and seen_new_group:
+                continue  # a new group adds the same time everywhere: the lighter one won
+            new_load = wi.load_with(wid, key, ctx)
+            others = second if wid == top_wid else top_load
+            score = (max(others, new_load), 0 if same else 1, new_load, rank)
+            if best is None or score < best:
+                best, best_wid = score, wid
+            seen_new_group = seen_new_group or not same
+        return best_wid
+
+
+class LeastLoadedChooser:
+    def __init__(self, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], headroom_frac: float):
+        self.whatif = whatif
+        self.order = order
+        self.ready = ready
+        self.headroom = headroom_frac
+
+    def choose(self, session: SessionView, key: CompatKey, need_bytes: int) -> WorkerId | None:
+        for _, _, wid in self.order.ascending():
+            if wid in self.ready and self.whatif.fits(wid, key, need_bytes, self.headroom):
+                return wid
+        return None
+
+
+class RoundRobinChooser:
+    """Cycles over the workers in provisioning order; `cursor` is the index the next
+    search starts from (carried in the policy's memory between calls)."""
+
+    def __init__(self, whatif: WhatIf, workers: list[WorkerId], ready: set[WorkerId],
+                 headroom_frac: float, cursor: int):
+        self.whatif = whatif
+        self.workers = workers
+        self.ready = ready
+        self.headroom = headroom_frac
+        self.cursor = cursor
+
+    def choose(self, session: SessionView, key: CompatKey, need_bytes: int) -> WorkerId | None:
+        n = len(self.workers)
+        for step in range(n):
+            i = (self.cursor + step) % n
+            wid = self.workers[i]
+            if wid in self.ready and self.whatif.fits(wid, key, need_bytes, self.headroom):
+                self.cursor = (i + 1) % n
+                return wid
+        return None
+
+
+def place_pending(view: ClusterView, whatif: WhatIf, chooser: Chooser) -> tuple[list[Placement], list[SessionId]]:
+    """Place every pending session the chooser finds room for, in arrival order.
+
+    Returns (placements, still-pending session ids). Once a CompatKey found no room, later
+    sessions of the same key are not searched again in this call (placements only use up
+    memory), so a long queue on a full cluster costs O(queue), not O(queue x workers)."""
+    placements: list[Placement] = []
+    left: list[SessionId] = []
+    no_room: set[CompatKey] = set()
+    cache = whatif.cache
+    for sid in view.pending:
+        s = view.sessions.get(sid)
+        if s is None:
+            continue
+        key = s.spec.compat_key
+        if key in no_room:
+            left.append(sid)
+            continue
+        need = cache.full_state_bytes(key.model)
+        wid = chooser.choose(s, key, need)
+        if wid is None:
+            no_room.add(key)
+            left.append(sid)
+            continue
+        whatif.add(wid, key, s.context_frames, need, active=True)
+        placements.append(Placement(sid, wid))
+    return placements, left
+

@@ -1,0 +1,268 @@
+"""Rebalance: migrations that lower the bottleneck, drain releasing workers, Llumnix pairs.
+
+In: a `ClusterView`, a `WhatIf` (placements of this call already applied) with its
+`LoadOrder`, and the sessions already in transit. Out: `Migration`s, applied to the
+what-if as they are chosen, so each move sees the previous ones.
+
+Min-max rebalancing (TurboServe): the bottleneck is the worker with the highest predicted
+load L. For a few of its active sessions (the oldest of each distinct (group, context,
+state size): age is the best cheap predictor of a long remaining life under heavy-tailed
+durations, and equal signatures give equal gains) and the `candidate_workers` least-loaded
+feasible destinations, `gain = L - max(L_src', L_dst') - eta * migration_cost_ms`. The best
+move is applied while its gain exceeds `gain_threshold_ms`, up to `max_moves_per_decision`.
+A positive gain means both ends of the move end below L, so the predicted maximum never
+rises. Sessions migrated within `cooldown_s`, or in transit, are not moved.
+
+Migration cost (`migration_cost_ms`) is the expected downtime of a live migration: the
+session keeps generating on the source while its state is pre-copied over the GPU link;
+then it stops at a chunk boundary and only the state written meanwhile is copied. That
+delta is the per-chunk part of the state (the VAE and latent caches, i.e. the state at
+zero context, plus the KV frames one chunk appends) times the chunks generated during
+pre-copy (at least one), capped at the whole state. Downtime = alpha-beta transfer time of
+that delta (`policy.latency.transfer_ms`).
+
+Draining (consolidation before scale-in): every active session of a DRAINING worker moves
+to the feasible worker with the lowest resulting load, provided that load stays within the
+session's SLO, regardless of gain; idle ones are offloaded (cheaper) or, without offload,
+migrated by memory alone.
+
+Pairwise (migrate-only, Llumnix-style): the most and the least loaded READY workers are
+paired; the session whose move lowers the pair's maximum the most moves, if that lowers it
+by more than `gain_threshold_ms`; repeated up to `max_moves_per_decision` per poll.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..types import CompatKey, SessionId, SessionState, WorkerId, WorkerState
+from .latency import transfer_ms
+from .views import ClusterView, Migration, SessionView
+from .whatif import LoadOrder, ModelCache, WhatIf
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A migration this policy issued that has not finished yet."""
+
+    session_id: SessionId
+    src: WorkerId
+    dst: WorkerId
+    key: CompatKey
+    context_frames: float
+    active: bool
+
+
+def migration_cost_ms(view: ClusterView, cache: ModelCache, s: SessionView, src_load_ms: float) -> float:
+    """Expected downtime (ms) of migrating `s` live over the GPU link: see the module doc."""
+    link = view.config.link("gpu")
+    shape = s.spec.model
+    info = cache.shape(shape)
+    total = s.state_bytes or cache.state_bytes(shape, s.context_frames)
+    precopy_ms = transfer_ms(total, link.alpha_ms, link.bandwidth_gbps)
+    base = cache.state_bytes(shape, 0)
+    full = cache.full_state_bytes(shape)
+    per_frame = (full - base) / max(1, info.window_frames)
+    per_chunk = base + per_frame * info.latent_frames_per_chunk
+    chunks = max(1, math.ceil(precopy_ms / max(src_load_ms, 1e-3)))
+    delta = min(total, int(per_chunk * chunks))
+    return transfer_ms(delta, link.alpha_ms, link.bandwidth_gbps)
+
+
+def in_flight_record(view: ClusterView, m: Migration) -> InFlight:
+    """What to remember about a migration just decided, to count it until it commits."""
+    s = view.sessions[m.session_id]
+    return InFlight(m.session_id, m.src, m.dst, s.spec.compat_key, s.context_frames,
+                    s.state is SessionState.ACTIVE)
+
+
+def prune_in_flight(view: ClusterView, in_flight: tuple[InFlight, ...]) -> tuple[InFlight, ...]:
+    """Keep the migrations still in transit (the session exists and is MIGRATING)."""
+    keep = []
+    for m in in_flight:
+        s = view.sessions.get(m.session_id)
+        if s is not None and s.state is SessionState.MIGRATING:
+            keep.append(m)
+    return tuple(keep) if len(keep) != len(in_flight) else in_flight
+
+
+def apply_in_flight(view: ClusterView, whatif: WhatIf, in_flight: tuple[InFlight, ...]) -> None:
+    """Count in-transit sessions' load at their destination, so that decisions made while
+    they move see where they are going (the view keeps the load on the source until the
+    move commits; the destination's memory is already reserved in its `used_bytes`)."""
+    for m in in_flight:
+        s = view.sessions.get(m.session_id)
+        if s is None or s.worker != m.src or not m.active:
+            continue
+        if m.src not in view.workers or m.dst not in view.workers:
+            continue
+        if whatif.group(m.src, m.key) is None:
+            continue  # the view no longer counts it on the source
+        whatif.move(m.src, m.dst, m.key, m.context_frames, 0, active=True)
+
+
+def _cooling(view: ClusterView, s: SessionView) -> bool:
+    return view.now_s - s.last_migrated_s < view.config.rebalance.cooldown_s
+
+
+def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId], limit: int) -> list[SessionView]:
+    """Up to `limit` active, movable sessions of `wid`, one per (group, context, bytes),
+    oldest first; independent of set iteration order."""
+    best: dict[tuple, SessionView] = {}
+    for sid in view.workers[wid].sessions:
+        if sid in busy:
+            continue
+        s = view.sessions.get(sid)
+        if s is None or s.worker != wid or s.state is not SessionState.ACTIVE or _cooling(view, s):
+            continue
+        sig = (s.spec.compat_key, s.context_frames, s.state_bytes)
+        cur = best.get(sig)
+        if cur is None or (s.arrival_s, s.id) < (cur.arrival_s, cur.id):
+            best[sig] = s
+    out = sorted(best.values(), key=lambda s: (s.arrival_s, s.id))
+    return out[:limit]
+
+
+def _destinations(whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], exclude: WorkerId,
+                  key: CompatKey, need: int, limit: int) -> list[WorkerId]:
+    headroom = whatif.view.config.placement.memory_headroom
+    out = []
+    for _, _, wid in order.ascending():
+        if wid == exclude or wid not in ready:
+            continue
+        if whatif.fits(wid, key, need, headroom):
+            out.append(wid)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def rebalance_min_max(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId],
+                      busy: set[SessionId], budget: int) -> list[Migration]:
+    """TurboServe's min-max moves off the bottleneck; `busy` (sessions in transit or
+    already moved in this call) grows with each move."""
+    cfg = view.config.rebalance
+    cache = whatif.cache
+    moves: list[Migration] = []
+    for _ in range(budget):
+        top = order.top()
+        if top is None:
+            break
+        peak, _, src = top
+        if peak <= 0.0 or view.workers[src].state is WorkerState.STARTING:
+            break
+        best = None  # (score, session, destination)
+        for s in _candidates(view, src, busy, cfg.candidate_sessions):
+            key = s.spec.compat_key
+            ctx = s.context_frames
+            src_after = whatif.load_without(src, key, ctx)
+            cost = cfg.eta * migration_cost_ms(view, cache, s, peak)
+            if peak - src_after - cost <= cfg.gain_threshold_ms:
+                continue  # even a free destination could not pay for the move
+            need = cache.full_state_bytes(key.model)
+            for dst in _destinations(whatif, order, ready, src, key, need, cfg.candidate_workers):
+                dst_after = whatif.load_with(dst, key, ctx)
+                gain = peak - max(src_after, dst_after) - cost
+                # Equal gains (the source side dominates) go to the lighter destination.
+                score = (gain, -dst_after, -s.arrival_s, -order.order_of(dst))
+                if best is None or score > best[0]:
+                    best = (score, s, dst)
+        if best is None or best[0][0] <= cfg.gain_threshold_ms:
+            break
+        gain, s, dst = best[0][0], best[1], best[2]
+        key = s.spec.compat_key
+        whatif.move(src, dst, key, s.context_frames, s.state_bytes, active=True)
+        busy.add(s.id)
+        moves.append(Migration(s.id, src, dst, predicted_gain_ms=gain))
+    return moves
+
+
+def drain_moves(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId],
+                draining: list[WorkerId], busy: set[SessionId], budget: int,
+                offload_idle: bool) -> tuple[list[Migration], list[SessionId]]:
+    """Empty DRAINING workers: migrate active sessions where the SLO still holds, offload
+    (or, without offload, migrate) idle ones. Returns (migrations, offloads)."""
+    cfg = view.config
+    cache = whatif.cache
+    moves: list[Migration] = []
+    offloads: list[SessionId] = []
+    for wid in draining:
+        for sid in sorted(view.workers[wid].sessions):
+            if len(moves) >= budget:
+                return moves, offloads
+            if sid in busy:
+                continue
+            s = view.sessions.get(sid)
+            if s is None or s.worker != wid:
+                continue
+            if s.state is SessionState.IDLE and offload_idle:
+                offloads.append(sid)
+                busy.add(sid)
+                continue
+            if s.state is not SessionState.ACTIVE and s.state is not SessionState.IDLE:
+                continue
+            active = s.state is SessionState.ACTIVE
+            key = s.spec.compat_key
+            need = cache.full_state_bytes(key.model)
+            best = None
+            for dst in _destinations(whatif, order, ready, wid, key, need, cfg.rebalance.candidate_workers):
+                after = whatif.load_with(dst, key, s.context_frames) if active else whatif.load(dst)
+                if active and after > view.slo_ms(s.spec):
+                    continue
+                if best is None or after < best[0]:
+                    best = (after, dst)
+            if best is None:
+                continue
+            whatif.move(wid, best[1], key, s.context_frames, s.state_bytes, active=active)
+            busy.add(sid)
+            moves.append(Migration(sid, wid, best[1]))
+    return moves, offloads
+
+
+def pairwise_balance(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId],
+                     busy: set[SessionId], budget: int) -> list[Migration]:
+    """Llumnix-style: move one session from the most to the least loaded READY worker when
+    the what-if says the pair's maximum drops by more than the threshold; repeat."""
+    cfg = view.config.rebalance
+    moves: list[Migration] = []
+    for _ in range(budget):
+        src = dst = None
+        for _, _, wid in order.descending():
+            if wid in ready:
+                src = wid
+                break
+        for _, _, wid in order.ascending():
+            if wid in ready:
+                dst = wid
+                break
+        if src is None or dst is None or src == dst:
+            break
+        pair_max = whatif.load(src)
+        need_cache: dict[CompatKey, bool] = {}
+        best = None  # (pair max after, bytes, id, session)
+        for sid in view.workers[src].sessions:
+            if sid in busy:
+                continue
+            s = view.sessions.get(sid)
+            if s is None or s.worker != src or s.state is not SessionState.ACTIVE or _cooling(view, s):
+                continue
+            key = s.spec.compat_key
+            fits = need_cache.get(key)
+            if fits is None:
+                need = whatif.cache.full_state_bytes(key.model)
+                fits = need_cache[key] = whatif.fits(dst, key, need, view.config.placement.memory_headroom)
+            if not fits:
+                continue
+            after = max(whatif.load_without(src, key, s.context_frames),
+                        whatif.load_with(dst, key, s.context_frames))
+            score = (after, s.state_bytes, s.id)
+            if best is None or score < best[0]:
+                best = (score, s)
+        if best is None or pair_max - best[0][0] <= cfg.gain_threshold_ms:
+            break
+        s = best[1]
+        whatif.move(src, dst, s.spec.compat_key, s.context_frames, s.state_bytes, active=True)
+        busy.add(s.id)
+        moves.append(Migration(s.id, src, dst, predicted_gain_ms=pair_max - best[0][0]))
+    return moves

@@ -1,0 +1,268 @@
+"""What-if copies of worker loads: apply placements and migrations without touching the view.
+
+In: a `ClusterView` (its workers' `groups`, `load_ms`, `used_bytes`) and a `ModelCache`.
+Out: predicted loads and free bytes after hypothetical changes. A `WhatIf` overlays only
+the workers a decision touches, so building one is O(1) and each change costs O(groups on
+that worker). Loads are recomputed exactly like `policy.load.cycle_ms` (same group order,
+same per-group function), so a what-if of "nothing changed" equals the view.
+
+`LoadOrder` keeps every worker sorted by its what-if load for the min-max searches
+(least loaded first, the bottleneck last), updated in O(log W) per change.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Iterable, Iterator
+
+from ..types import CompatKey, WorkerId
+from .latency import LatencyModel, ShapeInfo
+from .load import GroupLoad, group_round_ms
+from .views import ClusterView
+
+_MAX_ENTRIES = 200_000  # memo size before it is dropped (keeps memory bounded on long runs)
+
+
+class ModelCache:
+    """Memoised latency-model queries. Pure: each entry is a function of its key only, so
+    sharing one cache across calls never changes a decision, it only makes it faster."""
+
+    def __init__(self, model: LatencyModel, max_batch: int):
+        self.model = model
+        self.max_batch = max_batch
+        self._group_ms: dict[GroupLoad, float] = {}
+        self._shape: dict[str, ShapeInfo] = {}
+        self._full_state: dict[str, int] = {}
+        self._activation: dict[tuple[str, int], int] = {}
+        self._capacity: dict[tuple[str, float, int], int] = {}
+        self._state: dict[tuple[str, float], int] = {}
+
+    def matches(self, model: LatencyModel, max_batch: int) -> bool:
+        return self.model is model and self.max_batch == max_batch
+
+    def group_ms(self, g: GroupLoad) -> float:
+        """`policy.load.group_round_ms` of one group, memoised."""
+        v = self._group_ms.get(g)
+        if v is None:
+            if len(self._group_ms) > _MAX_ENTRIES:
+                self._group_ms.clear()
+            v = group_round_ms(g, self.model, self.max_batch)
+            self._group_ms[g] = v
+        return v
+
+    def cycle_ms(self, groups: Iterable[GroupLoad]) -> float:
+        """`policy.load.cycle_ms`, bit-identical (same summation order)."""
+        return sum(self.group_ms(g) for g in groups)
+
+    def shape(self, name: str) -> ShapeInfo:
+        v = self._shape.get(name)
+        if v is None:
+            v = self._shape[name] = self.model.shape(name)
+        return v
+
+    def state_bytes(self, shape: str, context_frames: float) -> int:
+        k = (shape, context_frames)
+        v = self._state.get(k)
+        if v is None:
+            if len(self._state) > _MAX_ENTRIES:
+                self._state.clear()
+            v = self._state[k] = int(self.model.state_bytes(shape, context_frames))
+        return v
+
+    def full_state_bytes(self, shape: str) -> int:
+        """A session's state at its full attention window: what placement must reserve."""
+        v = self._full_state.get(shape)
+        if v is None:
+            v = self._full_state[shape] = self.state_bytes(shape, self.shape(shape).window_frames)
+        return v
+
+    def activation_bytes(self, shape: str, batch: int) -> int:
+        b = min(batch, self.max_batch)  # a round never batches more than max_batch
+        k = (shape, b)
+        v = self._activation.get(k)
+        if v is None:
+            v = self._activation[k] = int(self.model.activation_bytes(shape, b)) if b > 0 else 0
+        return v
+
+    def capacity(self, shape: str, slo_ms: float, steps: int) -> int:
+        k = (shape, slo_ms, steps)
+        v = self._capacity.get(k)
+        if v is None:
+            v = self._capacity[k] = int(self.model.capacity(shape, slo_ms, steps))
+        return v
+
+
+def cache_for(view: ClusterView, previous: ModelCache | None) -> ModelCache:
+    """The cache to use for this view: the previous one while the model is the same."""
+    max_batch = view.config.engine.max_batch
+    if previous is not None and previous.matches(view.model, max_batch):
+        return previous
+    return ModelCache(view.model, max_batch)
+
+
+def groups_plus(groups: tuple[GroupLoad, ...], key: CompatKey, context: float) -> tuple[GroupLoad, ...]:
+    """The groups after one active session of `key` at `context` joins (new keys append)."""
+    for i, g in enumerate(groups):
+        if g.key == key:
+            return groups[:i] + (g.plus(context),) + groups[i + 1:]
+    return groups + (GroupLoad(key, 1, float(context)),)
+
+
+def groups_minus(groups: tuple[GroupLoad, ...], key: CompatKey, context: float) -> tuple[GroupLoad, ...]:
+    """The groups after one active session of `key` at `context` leaves (empty groups go)."""
+    for i, g in enumerate(groups):
+        if g.key == key:
+            if g.batch <= 1:
+                return groups[:i] + groups[i + 1:]
+            return groups[:i] + (g.minus(context),) + groups[i + 1:]
+    raise ValueError(f"no group {key} to remove a session from")
+
+
+class WhatIf:
+    """A copy-on-write overlay of worker loads and memory over one `ClusterView`."""
+
+    def __init__(self, view: ClusterView, cache: ModelCache):
+        self.view = view
+        self.cache = cache
+        self._groups: dict[WorkerId, tuple[GroupLoad, ...]] = {}
+        self._load: dict[WorkerId, float] = {}
+        self._used: dict[WorkerId, int] = {}
+        self.listeners: list[LoadOrder] = []  # kept in step with every load change
+
+    # -- reads --------------------------------------------------------------------------
+    def groups(self, wid: WorkerId) -> tuple[GroupLoad, ...]:
+        g = self._groups.get(wid)
+        return self.view.workers[wid].groups if g is None else g
+
+    def load(self, wid: WorkerId) -> float:
+        v = self._load.get(wid)
+        return self.view.workers[wid].load_ms if v is None else v
+
+    def used_bytes(self, wid: WorkerId) -> int:
+        v = self._used.get(wid)
+        return self.view.workers[wid].used_bytes if v is None else v
+
+    def free_bytes(self, wid: WorkerId) -> int:
+        return self.view.workers[wid].memory_bytes - self.used_bytes(wid)
+
+    def group(self, wid: WorkerId, key: CompatKey) -> GroupLoad | None:
+        for g in self.groups(wid):
+            if g.key == key:
+                return g
+        return None
+
+    def load_with(self, wid: WorkerId, key: CompatKey, context: float) -> float:
+        """Predicted load if one more active session of `key` runs on `wid`."""
+        return self.cache.cycle_ms(groups_plus(self.groups(wid), key, context))
+
+    def load_without(self, wid: WorkerId, key: CompatKey, context: float) -> float:
+        """Predicted load if one active session of `key` leaves `wid`."""
+        return self.cache.cycle_ms(groups_minus(self.groups(wid), key, context))
+
+    def activation_need(self, wid: WorkerId, key: CompatKey | None = None) -> int:
+        """Transient bytes the worker's largest round needs, with one more session of `key`."""
+        need = 0
+        joined = False
+        for g in self.groups(wid):
+            batch = g.batch
+            if key is not None and g.key == key:
+                batch += 1
+                joined = True
+            need = max(need, self.cache.activation_bytes(g.key.model, batch))
+        if key is not None and not joined:
+            need = max(need, self.cache.activation_bytes(key.model, 1))
+        return need
+
+    def fits(self, wid: WorkerId, key: CompatKey, nbytes: int, headroom_frac: float) -> bool:
+        """Room on `wid` for `nbytes` of state plus the activations of its largest round,
+        never planning the `headroom_frac` of its memory kept for fragmentation."""
+        w = self.view.workers[wid]
+        room = w.memory_bytes - self.used_bytes(wid) - int(headroom_frac * w.memory_bytes)
+        if room < nbytes:
+            return False
+        return room - self.activation_need(wid, key) >= nbytes
+
+    # -- changes ------------------------------------------------------------------------
+    def add(self, wid: WorkerId, key: CompatKey, context: float, nbytes: int, active: bool = True) -> None:
+        self._used[wid] = self.used_bytes(wid) + nbytes
+        if active:
+            self._set_groups(wid, groups_plus(self.groups(wid), key, context))
+
+    def remove(self, wid: WorkerId, key: CompatKey, context: float, nbytes: int, active: bool = True) -> None:
+        self._used[wid] = max(0, self.used_bytes(wid) - nbytes)
+        if active:
+            self._set_groups(wid, groups_minus(self.groups(wid), key, context))
+
+    def move(self, src: WorkerId, dst: WorkerId, key: CompatKey, context: float, nbytes: int,
+             active: bool = True) -> None:
+        self.remove(src, key, context, nbytes, active)
+        self.add(dst, key, context, nbytes, active)
+
+    def changed(self) -> Iterator[WorkerId]:
+        return iter(set(self._used) | set(self._groups))
+
+    def _set_groups(self, wid: WorkerId, groups: tuple[GroupLoad, ...]) -> None:
+        self._groups[wid] = groups
+        load = self.cache.cycle_ms(groups)
+        self._load[wid] = load
+        for order in self.listeners:
+            order.update(wid, load)
+
+
+class LoadOrder:
+    """Workers sorted by (what-if load, provisioning order): least loaded first.
+
+    Ties fall to the earlier-provisioned worker, so equal inputs give equal choices."""
+
+    def __init__(self, whatif: WhatIf, wids: Iterable[WorkerId]):
+        self._entry: dict[WorkerId, tuple[float, int, WorkerId]] = {}
+        entries = []
+        for i, wid in enumerate(wids):
+            e = (whatif.load(wid), i, wid)
+            self._entry[wid] = e
+            entries.append(e)
+        entries.sort()
+        self._sorted = entries
+        whatif.listeners.append(self)
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def __contains__(self, wid: WorkerId) -> bool:
+        return wid in self._entry
+
+    def update(self, wid: WorkerId, load: float) -> None:
+        old = self._entry.get(wid)
+        if old is None:
+            return
+        del self._sorted[bisect.bisect_left(self._sorted, old)]
+        new = (load, old[1], wid)
+        bisect.insort(self._sorted, new)
+        self._entry[wid] = new
+
+    def ascending(self) -> Iterator[tuple[float, int, WorkerId]]:
+        """(load, order, worker) from the least loaded; safe to update while iterating only
+        if the caller stops iterating after an update."""
+        return iter(self._sorted)
+
+    def descending(self) -> Iterator[tuple[float, int, WorkerId]]:
+        return reversed(self._sorted)
+
+    def top(self) -> tuple[float, int, WorkerId] | None:
+        return self._sorted[-1] if self._sorted else None
+
+    def max_excluding(self, wid: WorkerId) -> float:
+        """The highest load among workers other than `wid` (0 when there is none)."""
+        s = self._sorted
+        if not s:
+            return 0.0
+        if s[-1][2] != wid:
+            return s[-1][0]
+        return s[-2][0] if len(s) > 1 else 0.0
+
+    def second(self) -> float:
+        """The second-highest load: a lower bound of `max_excluding` for every worker."""
+        return self._sorted[-2][0] if len(self._sorted) > 1 else 0.0
+
+    def order_of(self, wid: WorkerId) -> int:
+        return self._entry[wid][1]

@@ -1,0 +1,45 @@
+"""`turboserve profile --model M [--weights W] --device cpu|cuda --out F [--quick]`.
+
+In: parsed CLI args. Out: a `turboserve-profile/1` JSON file at `--out` (the shape is
+named after the model config), a progress bar while measuring, and a short summary table
+on stdout. `simulate --model F` and the live scheduler plan with that file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run(args) -> int:
+    from ..engine.generate import resolve_device
+    from .format import load_profiles, save_profile
+    from .profiler import profile_model
+
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    profile = profile_model(args.model, weights=args.weights, device=device, quick=bool(args.quick),
+                            seed=int(getattr(args, "seed", 0) or 0))
+    save_profile(profile, out)
+    load_profiles(out)  # what we wrote must read back (validates every field)
+    print(summary(profile))
+    print(f"wrote {out}")
+    return 0
+
+
+def summary(profile) -> str:
+    """A small table: round ms over batch x context, then the per-chunk and transfer figures."""
+    contexts = sorted({r.context_frames for r in profile.rounds})
+    batches = sorted({r.batch for r in profile.rounds})
+    cell = {(r.batch, r.context_frames): r.round_ms for r in profile.rounds}
+    lines = [f"shape {profile.name}: round ms (VAE excluded) by batch x context (latent frames), "
+             f"{profile.shape.passes} passes, on {profile.device}"]
+    lines.append("batch " + "".join(f"{'ctx ' + format(c, 'g'):>10}" for c in contexts))
+    for b in batches:
+        lines.append(f"{b:>5} " + "".join(f"{cell[(b, c)]:>10.1f}" if (b, c) in cell else f"{'-':>10}"
+                                          for c in contexts))
+    state = ", ".join(f"{c:g}:{b / 2**20:.2f}" for c, b in profile.state_bytes)
+    lines.append(f"VAE per chunk {profile.fixed_ms:.1f} ms; state MiB by context {state}")
+    lines.append("transfer GB/s " + ", ".join(f"{k.removesuffix('_gbps')} {v:g}" for k, v in profile.transfer.items()))
+    return "\n".join(lines)

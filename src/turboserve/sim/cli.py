@@ -1,0 +1,190 @@
+"""`turboserve simulate`: replay a trace under each policy and report latency and cost.
+
+In: the parsed arguments of `turboserve.cli` (`--trace`, `--model`, `--gpus`, `--policy`,
+`--slo-ms`, `--link`, `--json`, `--plot`, `--config`, `--set`). Out: the table on stdout,
+the report JSON (`sim/report.py`) and PNG plots when asked; exit code 0.
+
+`--model` is the shape every session uses (the trace's own is overridden: its frames per
+chunk and fps follow the shape's profile). `--gpus` is the fixed count of fixed-count
+policies and the ceiling of autoscaling ones. A shape one session of which cannot meet the
+SLO on one GPU is refused unless `--slo-ms` is given explicitly (and refused even then if
+that SLO is still out of reach): such a run would report SLO attainment for a load no
+cluster can serve.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from ..config import LINKS, TurboConfig, load_config
+from ..policy.latency import LatencyModel
+from ..types import CompatKey, SessionRecord
+from . import oracle
+from .report import build_report, format_table, run_entry, write_json
+
+
+class SimUsageError(ValueError):
+    """A problem with the command's inputs; the CLI prints it as one line (exit 2)."""
+
+
+def build_config(args) -> TurboConfig:
+    cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", None))
+    if args.gpus is not None:
+        if args.gpus < 1:
+            raise SimUsageError(f"--gpus must be >= 1, got {args.gpus}")
+        cfg = replace(cfg, cluster=replace(cfg.cluster, gpus=int(args.gpus),
+                                           min_gpus=min(cfg.cluster.min_gpus, int(args.gpus))))
+    if args.slo_ms is not None:
+        if args.slo_ms <= 0:
+            raise SimUsageError(f"--slo-ms must be > 0, got {args.slo_ms}")
+        cfg = replace(cfg, slo=replace(cfg.slo, slo_ms=float(args.slo_ms)))
+    link = getattr(args, "link", None)
+    if link is not None:
+        if link not in LINKS:
+            raise SimUsageError(f"--link {link!r} is not known; expected one of {', '.join(LINKS)}")
+        cfg = replace(cfg, cluster=replace(cfg.cluster, link=link))
+    for name, which in (("cluster.link", cfg.cluster.link), ("cluster.host_link", cfg.cluster.host_link)):
+        if which not in LINKS:
+            raise SimUsageError(f"{name}={which!r} is not known; expected one of {', '.join(LINKS)}")
+    return cfg
+
+
+def map_to_shape(records: list[SessionRecord], shape: str, model: LatencyModel) -> list[SessionRecord]:
+    """Every session uses `shape`: its model, and the shape's chunk (frames, fps)."""
+    info = model.shape(shape)
+    out = []
+    for r in records:
+        spec = r.spec.with_(model=shape, frames_per_chunk=info.video_frames_per_chunk, fps=info.fps)
+        out.append(replace(r, spec=spec))
+    return out
+
+
+def check_feasible(records: list[SessionRecord], model: LatencyModel, config: TurboConfig,
+                   explicit_slo: bool) -> dict[CompatKey, float]:
+    """SLO (ms) per compatibility group; raises SimUsageError for a group one GPU cannot
+    serve within it."""
+    slo_of: dict[CompatKey, float] = {}
+    for r in records:
+        key = r.spec.compat_key
+        if key in slo_of:
+            continue
+        slo = config.slo.slo_ms or 1000.0 * r.spec.chunk_seconds
+        slo_of[key] = slo
+        cap = oracle.sessions_per_gpu(model, key, slo, config.cluster.gpu_memory_bytes)
+        if cap <= 0:
+            info = model.shape(key.model)
+            alone_ms = (model.round_ms(key.model, 1, info.window_frames, key.steps) + model.fixed_ms(key.model))
+            if explicit_slo:
+                raise SimUsageError(
+                    f"shape {key.model!r}: one session needs {alone_ms:.0f} ms per chunk (or more memory than a "
+                    f"GPU has), over the {slo:.0f} ms SLO; no GPU count serves it. Give a larger --slo-ms "
+                    "or a profile of a faster GPU")
+            raise SimUsageError(
+                f"shape {key.model!r} is infeasible: one session alone needs {alone_ms:.0f} ms per chunk, over "
+                f"its {slo:.0f} ms playback time (capacity 0 per GPU). Refusing to report SLO attainment "
+                f"for it; pass an explicit --slo-ms (e.g. --slo-ms {int(alone_ms * 1.25)}) or a profile of a "
+                "faster GPU")
+    return slo_of
+
+
+def policies_from(arg: str) -> list[str]:
+    from ..policy.registry import get_policy, policy_names
+
+    if arg.strip().lower() == "all":
+        return policy_names()
+    names = [p.strip() for p in arg.split(",") if p.strip()]
+    if not names:
+        raise SimUsageError("--policy is empty; give 'all' or a comma-separated list")
+    for n in names:
+        get_policy(n)  # raises ValueError naming the known policies
+    return names
+
+
+def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], model: LatencyModel,
+               config: TurboConfig, *, explicit_slo: bool, until_s: float | None = None,
+               progress: bool = False, meta: dict[str, Any] | None = None,
+               keep_results: bool = False) -> tuple[dict, list]:
+    """Run every policy on the (shape-mapped) trace; returns (report, SimResults if kept)."""
+    from .driver import simulate
+
+    slo_of = check_feasible(records, model, config, explicit_slo)
+    demand = oracle.nominal_demand(records)
+    mem = config.cluster.gpu_memory_bytes
+    gpu_hours_lb = oracle.cost_lower_bound_gpu_hours(demand, model, slo_of, mem, end_s=until_s)
+    max_batch = config.engine.max_batch
+    latency_lb = oracle.latency_lower_bound_ms(demand, model, np.array([0.0]), np.array([config.cluster.gpus]),
+                                               max_batch, end_s=until_s)
+    runs = []
+    results = []
+    for name in policies:
+        res = simulate(records, name, model, config, until_s=until_s, progress=progress, shape=shape)
+        series = res.metrics.gpu_series
+        ready_t = np.array([s[0] for s in series])
+        ready_n = np.array([s[2] for s in series])
+        res.summary["latency_lb_ms"] = oracle.latency_lower_bound_ms(demand, model, ready_t, ready_n, max_batch,
+                                                                     end_s=res.end_s)
+        runs.append(run_entry(name, res.summary))
+        if keep_results:
+            results.append(res)
+        else:
+            results.append(_light(res))
+    report = build_report(runs, gpu_hours_lb, latency_lb, meta=meta, oracle_extra={
+        "gpu_hours_lb_throughput": oracle.throughput_lower_bound_gpu_hours(records, model, slo_of, mem, max_batch),
+        "latency_lb_gpus": config.cluster.gpus,
+    })
+    return report, results
+
+
+def _light(res):
+    """What plots need from a run, without keeping engines and controllers alive."""
+    return {"policy": res.policy, "latencies": res.metrics.latencies(), "gpu_series": list(res.metrics.gpu_series),
+            "cost_usd": res.summary["cost_usd"], "end_s": res.end_s}
+
+
+def run(args) -> int:
+    from ..profile import load_latency_model, resolve_shape
+    from ..traces.schema import read_trace
+
+    config = build_config(args)
+    model = load_latency_model()
+    shape = resolve_shape(args.model, model)
+    records = read_trace(args.trace)
+    if not records:
+        raise SimUsageError(f"trace {args.trace} has no sessions")
+    records = map_to_shape(records, shape, model)
+    policies = policies_from(args.policy)
+    explicit = args.slo_ms is not None or config.slo.slo_ms is not None
+    progress = bool(config.sim.progress) and sys.stderr.isatty()
+    info = model.shape(shape)
+    meta = {
+        "trace": str(args.trace), "shape": shape, "gpus": config.cluster.gpus,
+        "slo_ms": config.slo.slo_ms or info.chunk_ms, "slo_explicit": explicit,
+        "playback_ms": info.chunk_ms, "link": config.cluster.link, "sessions": len(records),
+        "startup_delay_s": config.cluster.startup_delay_s,
+    }
+    report, light = run_matrix(records, shape, policies, model, config, explicit_slo=explicit,
+                               progress=progress, meta=meta)
+    print(f"trace {args.trace}: {len(records)} sessions, shape {shape}, up to {config.cluster.gpus} GPUs, "
+          f"SLO {meta['slo_ms']:.0f} ms{' (explicit)' if explicit else ' (chunk playback time)'}")
+    print(format_table(report))
+    if args.json_out:
+        write_json(report, args.json_out)
+        print(f"wrote {args.json_out}")
+    if args.plot:
+        from .plots import write_plots
+
+        times, frac = oracle.demand_series(oracle.nominal_demand(records), model,
+                                           check_feasible(records, model, config, explicit),
+                                           config.cluster.gpu_memory_bytes)
+        end_s = max(r["end_s"] for r in light)
+        price = report["runs"][0]["metrics"]["cost_usd"] / max(report["runs"][0]["metrics"]["gpu_hours"], 1e-12)
+        paths = write_plots(args.plot, {r["policy"]: r["latencies"] for r in light},
+                            {r["policy"]: r["gpu_series"] for r in light},
+                            {r["policy"]: r["cost_usd"] for r in light}, meta["slo_ms"], end_s,
+                            demand=(times, frac), lower_bound_usd=report["oracle"]["gpu_hours_lb"] * price)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

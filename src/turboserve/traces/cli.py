@@ -1,0 +1,111 @@
+"""`turboserve trace synth | convert | stats`: make, convert and describe session traces.
+
+In: the parsed arguments of `turboserve.cli` (`args.trace_command` and its options). Out:
+a trace JSONL written (synth, convert) or a statistics table printed (stats); exit code 0.
+Only the profile package is imported (no torch): these commands start fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from ..config import load_config
+from .rescale import fit_factor, fit_to_gpus, peak_demand, scale_arrivals
+from .schema import read_trace, write_trace
+from .stats import format_stats, trace_stats
+from .synth import SynthConfig, synth_trace
+
+DEFAULT_SHAPE = "demo91"
+FIT_ROUNDS = 10  # synth: regenerations at a corrected rate so a fitted trace keeps its length
+
+
+def _model_and_shape(name: str | None):
+    from ..profile import load_latency_model, resolve_shape
+
+    model = load_latency_model()
+    return model, resolve_shape(name or DEFAULT_SHAPE, model)
+
+
+def run(args) -> int:
+    cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", None))
+    slo_ms = cfg.slo.slo_ms
+    cmd = args.trace_command
+    if cmd == "synth":
+        return _synth(args, slo_ms)
+    if cmd == "convert":
+        return _convert(args, slo_ms)
+    if cmd == "stats":
+        return _stats(args, slo_ms)
+    raise ValueError(f"unknown trace command {cmd!r}; expected synth, convert or stats")
+
+
+def _synth(args, slo_ms) -> int:
+    if args.hours <= 0:
+        raise ValueError(f"--hours must be > 0, got {args.hours}")
+    model, shape = _model_and_shape(args.model)
+    cfg = SynthConfig(hours=args.hours, seed=args.seed, shape=shape, daily_cycle=args.daily_cycle)
+    if args.rate is not None:
+        if args.rate <= 0:
+            raise ValueError(f"--rate must be > 0, got {args.rate}")
+        cfg = replace(cfg, rate_per_min=args.rate)
+    records = synth_trace(cfg, model)
+    if args.fit_gpus is not None:
+        # Fitting scales arrival times; to keep the trace about `hours` long, regenerate at
+        # the rate the fit implies and keep the draw that needed the smallest rescaling.
+        best = None
+        for _ in range(FIT_ROUNDS):
+            f = fit_factor(records, model, shape, args.fit_gpus, slo_ms)
+            if best is None or abs(math.log(f)) < abs(math.log(best[0])):
+                best = (f, records, cfg.rate_per_min)
+            if abs(math.log(f)) < 0.03:
+                break
+            cfg = replace(cfg, rate_per_min=cfg.rate_per_min / f)
+            records = synth_trace(cfg, model)
+        f, records, rate = best
+        records = fit_to_gpus(records, model, shape, args.fit_gpus, slo_ms)
+        print(f"rate {rate:.2f}/min, arrivals scaled by {f:.4f} to fit {args.fit_gpus} GPUs of {shape}")
+    _write(records, args.out, model, shape, slo_ms)
+    return 0
+
+
+def _convert(args, slo_ms) -> int:
+    from .adapters import azure, mooncake, servegen
+
+    model, shape = _model_and_shape(args.model)
+    fpc = model.shape(shape).video_frames_per_chunk
+    if args.format == "mooncake":
+        records = mooncake.convert(args.inputs, shape, fpc, args.seed, video_s_per_token=args.video_s_per_token)
+    elif args.format == "azure":
+        records = azure.convert(args.inputs, shape, fpc, args.seed, video_s_per_token=args.video_s_per_token)
+    else:
+        rate = args.rate if args.rate is not None else 6.0
+        records = servegen.convert(args.inputs, shape, fpc, args.seed, compress=args.compress,
+                                   rate_per_min=rate, hours=args.hours)
+    if args.hours is not None:
+        records = [r for r in records if r.arrival_s < args.hours * 3600.0]
+    if not records:
+        raise ValueError(f"no sessions left from {args.inputs} (check the inputs and --hours)")
+    if args.fit_gpus is not None:
+        f = fit_factor(records, model, shape, args.fit_gpus, slo_ms)
+        records = fit_to_gpus(records, model, shape, args.fit_gpus, slo_ms)
+        print(f"arrivals scaled by {f:.4f} to fit {args.fit_gpus} GPUs of {shape}")
+    _write(records, args.out, model, shape, slo_ms)
+    return 0
+
+
+def _write(records, out, model, shape, slo_ms) -> None:
+    n = write_trace(records, out)
+    peak, _ = peak_demand(records, model, shape, slo_ms)
+    span = max((r.arrival_s for r in records), default=0.0)
+    print(f"wrote {n} sessions to {out}: arrivals over {span / 60:.1f} min, peak demand "
+          f"{peak:.2f} GPUs of {shape} (needs {math.ceil(peak - 1e-9)})")
+
+
+def _stats(args, slo_ms) -> int:
+    records = read_trace(args.trace)
+    model = shape = None
+    if args.model:
+        model, shape = _model_and_shape(args.model)
+    print(format_stats(trace_stats(records, model, shape, slo_ms)))
+    return 0

@@ -1,0 +1,181 @@
+"""Demand of a trace in GPUs, and rescaling a trace so its peak needs a given GPU count.
+
+In: `SessionRecord`s, a latency model and a shape (and optionally an SLO, default the
+shape's chunk playback time). Out: `demand_curve` (time -> GPUs needed), `peak_demand`, and
+`fit_to_gpus`, which multiplies every arrival time by one factor (durations and the session
+mix unchanged) so that the peak demand needs exactly `gpus` GPUs.
+
+Demand is computed over *nominal* timelines: a session is active from its arrival for its
+first period's `active_s`, idle for `idle_s`, and so on, as if every chunk came on time.
+Each active session occupies `1 / capacity(shape, slo, its steps)` of a GPU (capacity from
+the latency model at a full window); the GPUs needed at an instant are the sum, rounded up
+by the caller where whole GPUs matter. This is the perfect-packing demand: the same lower
+bound the oracle uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Sequence
+
+from ..types import SessionRecord
+
+
+def active_intervals(r: SessionRecord, factor: float = 1.0) -> list[tuple[float, float]]:
+    """Nominal [start, end) seconds of each active period, arrival scaled by `factor`."""
+    t = r.arrival_s * factor
+    out = []
+    for p in r.periods:
+        out.append((t, t + p.active_s))
+        t += p.active_s + p.idle_s
+    return out
+
+
+def session_weights(records: Sequence[SessionRecord], model, shape: str, slo_ms: float | None = None) -> list[float]:
+    """GPUs one active session of each record occupies: 1 / capacity at its step count."""
+    slo = slo_ms if slo_ms is not None else model.shape(shape).chunk_ms
+    cache: dict[int, float] = {}
+    out = []
+    for r in records:
+        steps = r.spec.steps
+        w = cache.get(steps)
+        if w is None:
+            cap = model.capacity(shape, slo, steps)
+            if cap <= 0:
+                raise ValueError(
+                    f"shape {shape!r} cannot serve even one session within {slo:g} ms per chunk "
+                    f"at {steps} steps; give a larger --slo-ms or a faster profile"
+                )
+            w = cache[steps] = 1.0 / cap
+        out.append(w)
+    return out
+
+
+def demand_curve(records: Sequence[SessionRecord], model, shape: str, slo_ms: float | None = None,
+                 factor: float = 1.0, weights: list[float] | None = None) -> list[tuple[float, float]]:
+    """Step function of GPUs needed: [(time_s, gpus from then on)], at every change."""
+    if weights is None:
+        weights = session_weights(records, model, shape, slo_ms)
+    events: list[tuple[float, float]] = []
+    for r, w in zip(records, weights):
+        for start, end in active_intervals(r, factor):
+            if end > start:
+                events.append((start, w))
+                events.append((end, -w))
+    events.sort()
+    curve: list[tuple[float, float]] = []
+    level = 0.0
+    i = 0
+    while i < len(events):
+        t = events[i][0]
+        while i < len(events) and events[i][0] == t:
+            level += events[i][1]
+            i += 1
+        level = max(0.0, level) if abs(level) > 1e-9 else 0.0
+        curve.append((t, level))
+    return curve
+
+
+def peak_demand(records: Sequence[SessionRecord], model, shape: str, slo_ms: float | None = None,
+                factor: float = 1.0, weights: list[float] | None = None) -> tuple[float, float]:
+    """(peak GPUs needed, time of the peak)."""
+    curve = demand_curve(records, model, shape, slo_ms, factor, weights)
+    if not curve:
+        return 0.0, 0.0
+    t, g = max(curve, key=lambda x: (x[1], -x[0]))
+    return g, t
+
+
+def peak_concurrent_active(records: Sequence[SessionRecord]) -> int:
+    events = []
+    for r in records:
+        for start, end in active_intervals(r):
+            if end > start:
+                events.append((start, 1))
+                events.append((end, -1))
+    events.sort(key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    level = peak = 0
+    for _, d in events:
+        level += d
+        peak = max(peak, level)
+    return peak
+
+
+def scale_arrivals(records: Sequence[SessionRecord], factor: float) -> list[SessionRecord]:
+    return [replace(r, arrival_s=round(r.arrival_s * factor, 6)) for r in records]
+
+
+def fit_factor(records: Sequence[SessionRecord], model, shape: str, gpus: int, slo_ms: float | None = None) -> float:
+    """Arrival-time factor whose peak demand needs `gpus` GPUs (gpus - 1 < peak <= gpus).
+    Larger factors spread arrivals out (lower peak); binary search on its logarithm."""
+    if gpus < 1:
+        raise ValueError(f"--fit-gpus must be >= 1, got {gpus}")
+    if not records:
+        raise ValueError("cannot fit an empty trace")
+    weights = session_weights(records, model, shape, slo_ms)
+
+    def peak(f: float) -> float:
+        return peak_demand(records, model, shape, slo_ms, f, weights)[0]
+
+    # the least demand a trace can have is its biggest session alone
+    if max(weights) > gpus + 1e-9:
+        raise ValueError(f"one session of {shape!r} needs more than {gpus} GPUs")
+    top = peak(0.0)  # every session arriving at once: the most demand the trace can make
+    if top <= gpus - 1 + 1e-9:
+        raise ValueError(
+            f"the trace is too small for {gpus} GPUs of {shape!r}: even with every session "
+            f"arriving at once its peak demand is {top:.2f} GPUs"
+        )
+    if top <= gpus + 1e-9:
+        # any compression fits; take the least one that still needs `gpus` GPUs
+        return _boundary(lambda f: peak(f) > gpus - 1 + 1e-9, want_true_below=True)
+    return _boundary(lambda f: peak(f) <= gpus + 1e-9, want_true_below=False)
+
+
+def _boundary(pred, want_true_below: bool) -> float:
+    """Binary search on log(factor) for where `pred` flips. With want_true_below, pred holds
+    for small factors and the largest such factor is returned; otherwise pred holds for large
+    factors and the smallest such factor is returned."""
+    def good(f: float) -> bool:
+        return pred(f)
+
+    inside, outside = 1.0, 1.0
+    if want_true_below:
+        while not good(inside):
+            inside /= 2.0
+        outside = inside * 2.0
+        while good(outside):
+            inside, outside = outside, outside * 2.0
+            if outside > 1e12:
+                return inside
+    else:
+        while not good(inside):
+            inside *= 2.0
+            if inside > 1e12:
+                raise ValueError("cannot spread the trace enough to fit the target")
+        outside = inside / 2.0
+        while good(outside):
+            inside, outside = outside, outside / 2.0
+    for _ in range(80):
+        mid = math.sqrt(inside * outside)
+        if good(mid):
+            inside = mid
+        else:
+            outside = mid
+        if max(inside, outside) / min(inside, outside) < 1 + 1e-7:
+            break
+    return inside
+
+
+def fit_to_gpus(records: Sequence[SessionRecord], model, shape: str, gpus: int, slo_ms: float | None = None) -> list[SessionRecord]:
+    """Records with arrival times scaled so the peak demand needs `gpus` GPUs of `shape`."""
+    f = fit_factor(records, model, shape, gpus, slo_ms)
+    out = scale_arrivals(records, f)
+    # rounding arrivals to microseconds can make two edges meet; nudge until the peak fits
+    for _ in range(20):
+        if peak_demand(out, model, shape, slo_ms)[0] <= gpus + 1e-9:
+            break
+        f *= 1.0 + 1e-5
+        out = scale_arrivals(records, f)
+    return out

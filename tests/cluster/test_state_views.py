@@ -1,0 +1,215 @@
+"""ClusterState: the incrementally kept views equal a brute-force recomputation after
+random sequences of changes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from turboserve.config import TurboConfig
+from turboserve.cluster.state import ClusterState, StateError
+from turboserve.policy.load import cycle_ms
+from turboserve.profile import load_latency_model
+from turboserve.types import SessionSpec, SessionState, WorkerState
+
+MODEL = load_latency_model()
+CFG = TurboConfig()
+SPECS = [SessionSpec(model="demo91"), SessionSpec(model="demo91", steps=2), SessionSpec(model="wan1.3b-320p", frames_per_chunk=12)]
+FULL = {s.model: MODEL.state_bytes(s.model, MODEL.shape(s.model).window_frames) for s in SPECS}
+MEM = 3 * FULL["wan1.3b-320p"]
+
+
+class Truth:
+    """Primary facts, kept by the test; everything else is recomputed from them."""
+
+    def __init__(self):
+        self.s: dict[str, dict] = {}
+        self.w: dict[str, dict] = {}
+        self.pending: list[str] = []
+
+    def expected_views(self):
+        workers = {}
+        for wid, w in self.w.items():
+            members = {sid for sid, s in self.s.items() if s["worker"] == wid or s["mig"] == wid}
+            used = sum(FULL[self.s[sid]["spec"].model] for sid in members)
+            groups: dict = {}
+            for sid in members:
+                s = self.s[sid]
+                if s["worker"] == wid and s["active"]:
+                    b, c = groups.get(s["spec"].compat_key, (0, 0.0))
+                    groups[s["spec"].compat_key] = (b + 1, c + ctx(s))
+            workers[wid] = (w["state"], members, used, groups)
+        return workers
+
+
+def ctx(s):
+    return float(MODEL.context_after(s["spec"].model, s["chunks"]))
+
+
+KINDS = (["add"] * 3 + ["place"] * 4 + ["activate", "pause", "offload", "end_off", "remove"] +
+         ["round"] * 4 + ["migrate"] * 2 + ["end_mig"] * 2 + ["add_worker", "ready", "lose", "drain"])
+ops = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 50), st.integers(0, 50),
+                         st.integers(0, 3), st.booleans()), min_size=20, max_size=80)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops)
+def test_incremental_views_equal_brute_force(seq):
+    cs = ClusterState(MODEL, CFG)
+    t = Truth()
+    now = 0.0
+    next_s = next_w = 0
+    for kind, i, j, n, flag in seq:
+        now += 0.5
+        live_s = sorted(t.s)
+        live_w = sorted(t.w)
+        if kind == "add":
+            sid, next_s = f"s{next_s}", next_s + 1
+        else:
+            sid = live_s[i % len(live_s)] if live_s else "none"
+        if kind == "add_worker":
+            wid, next_w = f"w{next_w}", next_w + 1
+        else:
+            wid = live_w[j % len(live_w)] if live_w else "none"
+        s = t.s.get(sid)
+        w = t.w.get(wid)
+        if kind == "add_worker" and w is None:
+            cs.add_worker(wid, now, MEM, ready=flag)
+            t.w[wid] = {"state": WorkerState.READY if flag else WorkerState.STARTING}
+        elif kind == "ready" and w is not None and w["state"] is WorkerState.STARTING:
+            cs.set_worker_state(wid, WorkerState.READY, now)
+            w["state"] = WorkerState.READY
+        elif kind == "drain" and w is not None:
+            members = [x for x, v in t.s.items() if v["worker"] == wid or v["mig"] == wid]
+            if members:
+                cs.set_worker_state(wid, WorkerState.DRAINING, now)
+                w["state"] = WorkerState.DRAINING
+            else:
+                cs.remove_worker(wid)
+                del t.w[wid]
+        elif kind == "lose" and w is not None:
+            lost, cancelled = cs.lose_worker(wid, now)
+            for x, v in t.s.items():
+                if v["mig"] == wid:
+                    v["mig"] = None
+                    assert x in cancelled
+                elif v["worker"] == wid:
+                    assert x in lost
+                    if v["mig"] is not None:
+                        v["mig"] = None
+                    v["worker"] = None
+                    v["off"] = False
+                    if v["active"]:
+                        v["pending"] = True
+                        t.pending.append(x)
+            del t.w[wid]
+        elif kind == "add" and s is None:
+            spec = SPECS[n % len(SPECS)]
+            cs.add_session(sid, spec, "p", now, chunks_wanted=n if flag else 0)
+            t.s[sid] = {"spec": spec, "worker": None, "active": True, "pending": True, "mig": None,
+                        "off": False, "chunks": 0, "left": n if flag else None}
+            t.pending.append(sid)
+        elif s is None:
+            continue
+        elif kind == "place" and s["pending"] and w is not None:
+            if cs.fits(sid, wid):
+                cs.place(sid, wid, now)
+                s.update(worker=wid, pending=False)
+                t.pending.remove(sid)
+        elif kind == "activate":
+            what = cs.activate(sid, now, n)
+            s["left"] = n or None
+            if not s["active"]:
+                s["active"] = True
+                if s["worker"] is None:
+                    s["pending"] = True
+                    t.pending.append(sid)
+                    assert what == "pending"
+        elif kind == "pause" and s["active"]:
+            cs.pause(sid, now)
+            s.update(active=False, left=None)
+            if s["pending"]:
+                s["pending"] = False
+                t.pending.remove(sid)
+        elif kind == "round" and s["worker"] is not None and not s["off"]:
+            # a worker's round reports every session it ran; here one at a time, n+1 rounds
+            cs.round_completed(s["worker"], [sid], now, rounds=n + 1)
+            s["chunks"] += n + 1
+            if s["active"] and s["left"] is not None:
+                s["left"] -= n + 1
+                if s["left"] <= 0:
+                    s.update(active=False, left=None)
+        elif kind == "migrate" and s["worker"] is not None and s["mig"] is None and not s["off"] \
+                and w is not None and wid != s["worker"]:
+            cs.begin_migration(sid, wid, now)
+            s["mig"] = wid
+        elif kind == "end_mig" and s["mig"] is not None:
+            assert cs.end_migration(sid, flag, now)
+            if flag:
+                s["worker"] = s["mig"]
+            s["mig"] = None
+        elif kind == "offload":
+            if s["worker"] is not None and not s["active"] and s["mig"] is None and not s["off"]:
+                cs.begin_offload(sid, now)
+                s["off"] = True
+            else:
+                with pytest.raises(StateError):
+                    cs.begin_offload(sid, now)
+        elif kind == "end_off" and s["off"]:
+            assert cs.end_offload(sid, now)
+            s.update(off=False, worker=None)
+            if s["active"]:
+                s["pending"] = True
+                t.pending.append(sid)
+        elif kind == "remove":
+            cs.remove_session(sid)
+            del t.s[sid]
+            if sid in t.pending:
+                t.pending.remove(sid)
+
+        # ---- compare with the brute-force recomputation
+        view = cs.view(now)
+        assert list(view.pending) == t.pending
+        assert set(view.sessions) == set(t.s)
+        for x, v in t.s.items():
+            sv = view.sessions[x]
+            want = (SessionState.MIGRATING if v["mig"] else
+                    (SessionState.ACTIVE if v["active"] else SessionState.IDLE) if v["worker"] else
+                    SessionState.QUEUED if v["pending"] else SessionState.OFFLOADED)
+            assert sv.state is want, x
+            assert sv.worker == v["worker"] and sv.chunks_done == v["chunks"]
+            assert sv.context_frames == ctx(v) and sv.state_bytes == FULL[v["spec"].model]
+        idle = {x for x, v in t.s.items() if v["worker"] and not v["active"] and not v["off"] and not v["mig"]}
+        assert set(view.idle_resident) == idle
+        expected = t.expected_views()
+        assert set(view.workers) == set(expected)
+        for x, (state, members, used, groups) in expected.items():
+            wv = view.workers[x]
+            assert wv.state is state and wv.sessions == members and wv.used_bytes == used
+            got = {g.key: (g.batch, g.context_sum) for g in wv.groups}
+            assert set(got) == set(groups)
+            for k, (b, c) in groups.items():
+                assert got[k][0] == b and math.isclose(got[k][1], c, abs_tol=1e-6)
+            assert math.isclose(wv.load_ms, cycle_ms(wv.groups, MODEL, CFG.engine.max_batch), rel_tol=1e-9)
+            assert used <= MEM or True  # fits is the controller's check; state only counts
+
+
+def test_view_is_constant_time_and_read_only():
+    cs = ClusterState(MODEL, CFG)
+    cs.add_worker("w0", 0.0, MEM, ready=True)
+    cs.add_session("a", SPECS[0], "p", 0.0)
+    v = cs.view(1.0)
+    with pytest.raises(TypeError):
+        v.sessions["b"] = None  # type: ignore[index]
+    assert v.pending == ("a",) and cs.view(2.0).pending is v.pending  # cached tuple
+    cs.place("a", "w0", 1.0)
+    assert cs.view(2.0).workers["w0"].load_ms > 0 and v.workers["w0"].sessions == {"a"}
+
+
+def test_unknown_shape_is_refused_by_name():
+    cs = ClusterState(MODEL, CFG)
+    with pytest.raises(StateError, match="no shape 'nosuch'"):
+        cs.add_session("a", SessionSpec(model="nosuch"), "p", 0.0)

@@ -1,0 +1,180 @@
+"""wan-causal on the tiny config: streaming equals diffusers' own forward, coalescing,
+offload, migration, rebuild, rolling window, prompt changes and spec validation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from turboserve.models.base import ChunkGenerator
+from turboserve.models.wan_causal.attention import ContextHolder, RoundContext
+from turboserve.types import SessionSpec
+
+from conftest import clone_state, run, ship
+
+
+def test_is_a_chunk_generator(tiny):
+    assert isinstance(tiny, ChunkGenerator)
+    assert tiny.family == "wan-causal"
+    spec = tiny.default_spec()
+    assert (spec.width, spec.height, spec.frames_per_chunk, spec.steps) == (64, 64, 4, 4)
+
+
+def test_first_chunk_pass_equals_diffusers_forward(tiny):
+    """Driving the modules with the streaming processors (empty cache, frame 0, cached prompt
+    K/V) computes exactly what WanTransformer3DModel.forward computes with its own processors."""
+    from diffusers import WanTransformer3DModel
+
+    reference = WanTransformer3DModel.from_config(tiny.transformer.config)
+    reference.load_state_dict(tiny.transformer.state_dict())
+    reference.eval()
+    state = tiny.start_session("ref", tiny.default_spec(), "a red fox in the snow")
+    x = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    ctx = tiny._context([state], [(0,)], [state.tensors["xkv"]], write=False)
+    ours = tiny._forward(x, 937.5, ctx)
+    emb = tiny.text.encode("a red fox in the snow").unsqueeze(0)
+    with torch.no_grad():
+        theirs = reference(x, torch.tensor([937.5]), emb, return_dict=False)[0]
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
+
+
+def test_frames_shape_and_determinism(tiny):
+    a = tiny.start_session("a", tiny.default_spec(), "waves")
+    b = tiny.start_session("b", tiny.default_spec(), "waves")
+    fa, fb = run(tiny, a, 2), run(tiny, b, 2)
+    for x, y in zip(fa, fb):
+        assert x.shape == (4, 64, 64, 3) and x.dtype == torch.uint8
+        assert torch.equal(x, y)
+    other = tiny.start_session("c", tiny.default_spec().with_(seed=7), "waves")
+    assert not torch.equal(run(tiny, other, 1)[0], fa[0])
+
+
+def test_coalesced_equals_alone_with_different_cache_lengths(tiny):
+    spec = tiny.default_spec()
+    old = tiny.start_session("old", spec.with_(seed=1), "a forest at dawn")
+    mid = tiny.start_session("mid", spec.with_(seed=2), "city lights")
+    run(tiny, old, 3)
+    run(tiny, mid, 1)
+    new = tiny.start_session("new", spec.with_(seed=3), "a forest at dawn")
+    solo = [clone_state(s) for s in (old, mid, new)]
+    assert len({s.tensors["kv"].shape[2] for s in (old, mid, new)}) == 3  # three cache lengths
+    for _ in range(2):
+        together = tiny.generate([old, mid, new])
+        alone = [tiny.generate([s])[0] for s in solo]
+        for x, y in zip(together, alone):
+            assert torch.equal(x, y)  # float32 on CPU: bit-identical (see attention.py)
+    for s, t in zip((old, mid, new), solo):
+        for key in s.tensors:
+            assert torch.equal(s.tensors[key], t.tensors[key]), key
+
+
+def test_offload_and_migration_continue_exactly(tiny, tiny_twin):
+    s = tiny.start_session("m", tiny.default_spec().with_(seed=5), "a sailing boat")
+    run(tiny, s, 2)
+    reference = clone_state(s)
+    expected = run(tiny, reference, 3)
+    # offload: every tensor copied out to host memory and back, as new objects
+    s.tensors = {k: v.to("cpu", copy=True) for k, v in s.tensors.items()}
+    s.tensors = {k: v.clone() for k, v in s.tensors.items()}
+    assert torch.equal(tiny.generate([s])[0], expected[0])
+    # migration: serialised, imported into another instance with the same weights
+    moved = ship(s)
+    got = run(tiny_twin, moved, 2)
+    assert all(torch.equal(x, y) for x, y in zip(got, expected[1:]))
+
+
+def test_rolling_window_keeps_memory_bounded(tiny):
+    cfg = tiny.cfg
+    s = tiny.start_session("long", tiny.default_spec(), "a long drive")
+    sizes, frames = [], []
+    for _ in range(cfg.window_frames + 4):
+        frames.append(tiny.generate([s])[0])
+        sizes.append(s.tensors["kv"].shape[2])
+    capacity = cfg.window_frames - 1  # one latent frame per chunk
+    tokens = 16
+    assert max(sizes) == capacity * tokens
+    assert sizes[-1] == sizes[-2] == capacity * tokens  # stays at the window
+    assert s.meta["evicted"] is True
+    assert s.meta["frame_pos"][: cfg.sink_frames] == list(range(cfg.sink_frames))  # sink kept
+    assert s.meta["frame_pos"][-1] == len(frames) - 1
+    assert s.meta["frame_pos"] == sorted(s.meta["frame_pos"]) and len(s.meta["frame_pos"]) == capacity
+    assert s.tensors["latents"].shape[1] == capacity
+    assert s.nbytes() == ship(s).nbytes()
+    assert not torch.equal(frames[-1], frames[-2])  # still producing new video
+
+
+def test_prompt_change_takes_effect_next_chunk(tiny):
+    s = tiny.start_session("p", tiny.default_spec(), "a quiet lake")
+    run(tiny, s, 2)
+    same, changed = clone_state(s), clone_state(s)
+    tiny.set_prompt(same, "a quiet lake")
+    tiny.set_prompt(changed, "a volcano erupting at night")
+    base, a, b = tiny.generate([s])[0], tiny.generate([same])[0], tiny.generate([changed])[0]
+    assert torch.equal(base, a)
+    assert not torch.equal(base, b)
+    assert changed.meta["frame_prompts"][-1] == "a volcano erupting at night"
+
+
+def test_rebuild_is_exact_before_eviction(tiny, tiny_twin):
+    s = tiny.start_session("r", tiny.default_spec().with_(seed=11), "a desert road")
+    run(tiny, s, 2)
+    tiny.set_prompt(s, "a desert road at night")
+    run(tiny, s, 1)
+    ckpt = tiny.checkpoint(s)
+    assert ckpt.nbytes() < s.nbytes() / 5  # latents + RNG, not the caches
+    rebuilt = tiny_twin.rebuild(copy.deepcopy(ckpt))
+    for key in ("kv", "xkv", "latents", "rng"):
+        assert torch.equal(rebuilt.tensors[key], s.tensors[key]), key
+    assert torch.equal(tiny_twin.generate([rebuilt])[0], tiny.generate([s])[0])
+
+
+def test_rebuild_after_eviction_within_tolerance(tiny, tiny_twin):
+    """After eviction the cache cannot be recomputed exactly (evicted frames shaped it): the
+    next chunk stays close: mean absolute pixel error under 8 of 255 on random weights."""
+    s = tiny.start_session("e", tiny.default_spec().with_(seed=12), "mountains")
+    run(tiny, s, tiny.cfg.window_frames + 2)
+    rebuilt = tiny_twin.rebuild(tiny.checkpoint(s))
+    assert rebuilt.tensors["kv"].shape == s.tensors["kv"].shape
+    assert rebuilt.meta["frame_pos"] == s.meta["frame_pos"]
+    assert torch.equal(rebuilt.tensors["rng"], s.tensors["rng"])
+    a, b = tiny.generate([s])[0].float(), tiny_twin.generate([rebuilt])[0].float()
+    assert (a - b).abs().mean() < 8.0
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(width=60), "width"),
+        (dict(height=4096), "height"),
+        (dict(frames_per_chunk=6), "frames_per_chunk"),
+        (dict(frames_per_chunk=64), "frames_per_chunk"),
+        (dict(steps=99), "steps"),
+        (dict(fps=-1.0), "fps"),
+        (dict(model="wan1.3b"), "model"),
+    ],
+)
+def test_bad_spec_names_the_field(tiny, change, field):
+    with pytest.raises(ValueError, match=field):
+        tiny.validate_spec(tiny.default_spec().with_(**change))
+    with pytest.raises(ValueError, match=field):
+        tiny.start_session("bad", tiny.default_spec().with_(**change), "x")
+
+
+def test_defaults_fill_zero_fields(tiny):
+    spec = tiny.validate_spec(SessionSpec(model="tiny", width=0, height=0, frames_per_chunk=0, steps=0))
+    assert (spec.width, spec.height, spec.frames_per_chunk, spec.steps) == (64, 64, 4, 4)
+
+
+def test_mixed_specs_are_refused(tiny):
+    a = tiny.start_session("x", tiny.default_spec(), "a")
+    b = tiny.start_session("y", tiny.default_spec().with_(width=32), "b")
+    with pytest.raises(ValueError, match="cannot share a round"):
+        tiny.generate([a, b])
+
+
+def test_processors_refuse_use_outside_a_round():
+    with pytest.raises(RuntimeError):
+        ContextHolder().get()
+    assert RoundContext  # the context type is part of the module's API

@@ -1,0 +1,241 @@
+"""TurboServe's autoscaler (burst -> scale out, hold, consolidate, release; volatility
+headroom; cancel releases) and offloading (grace period, memory pressure)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from policy_fakes import GB, FakeCluster, run_policy
+
+from turboserve.config import TurboConfig
+from turboserve.policy.demand import DemandWindow, scan_cluster
+from turboserve.policy.registry import get_policy
+from turboserve.policy.whatif import ModelCache
+from turboserve.types import SessionState, WorkerState
+
+
+def _cfg(gpus: int = 16, **autoscale) -> TurboConfig:
+    c = TurboConfig()
+    return replace(c, cluster=replace(c.cluster, gpus=gpus, min_gpus=1, startup_delay_s=60.0),
+                   autoscale=replace(c.autoscale, **autoscale))
+
+
+def _capacity(c: FakeCluster) -> int:
+    return c.model.capacity("fake", 750.0, 4)
+
+
+def test_demand_counts_active_and_pending_sessions_with_perfect_packing():
+    c = FakeCluster(config=_cfg())
+    w = c.add_worker()
+    for _ in range(5):
+        c.add_session(w, context=21)
+    c.add_session(w, context=21, state=SessionState.IDLE)  # idle: no demand
+    for _ in range(3):
+        c.add_session(None)
+    scan = scan_cluster(c.view(), ModelCache(c.model, 32))
+    assert scan.active_sessions == 5 and scan.pending_sessions == 3
+    assert math.isclose(scan.demand_gpus, 8 / _capacity(c))
+
+
+def test_volatility_is_the_std_over_the_window():
+    w = DemandWindow()
+    for t, d in [(0, 1.0), (10, 3.0), (20, 1.0), (30, 3.0)]:
+        w = w.observe(float(t), d, window_s=120.0)
+    assert math.isclose(w.std, 1.0)
+    assert w.observe(30.5, 9.0, window_s=120.0) is w  # sampled at most every window / 60
+    for t in range(40, 400, 10):
+        w = w.observe(float(t), 2.0, window_s=120.0)
+    assert w.std == 0.0 and all(t >= 390 - 120 for t, _ in w.samples)
+
+
+def test_burst_scales_out_at_once_then_holds_then_consolidates_and_releases():
+    cfg = _cfg(scale_in_hold_s=120.0, headroom_k=0.0)
+    c = FakeCluster(config=cfg)
+    p = get_policy("turboserve")
+    assert p.initial_gpus(cfg) == 1
+    c.add_worker()
+    cap = _capacity(c)
+    burst = [c.add_session(None) for _ in range(5 * cap)]
+    d, mem = run_policy(p, c)
+    want = math.ceil(5 * cap / cap / cfg.autoscale.target_util)
+    assert d.scale_out == want - 1  # at once, counting the ready worker
+    assert c.count(WorkerState.STARTING) == want - 1
+    # nothing more while the new workers start (they count as provisioned)
+    c.advance(30.0)
+    d, mem = run_policy(p, c, mem)
+    assert d.scale_out == 0
+    c.advance(61.0)
+    assert c.count(WorkerState.READY) == want
+    for _ in range(20):  # scale out, then rebalance onto the new workers (4 moves a decision)
+        d, mem = run_policy(p, c, mem)
+    loads = [w.load_ms for w in c.view().workers.values()]
+    assert max(loads) < c.view().slo_ms(c.sessions[burst[0]].spec)
+    assert max(loads) - min(loads) < 100.0
+    # the burst ends: most sessions leave; the target falls below the provisioned count
+    for sid in burst[: 4 * cap]:
+        c.depart(sid)
+    t = 100.0
+    c.advance(t)
+    d, mem = run_policy(p, c, mem)
+    assert d.release == ()
+    t += 119.0
+    c.advance(t)
+    d, mem = run_policy(p, c, mem)
+    assert d.release == ()  # still within the hold
+    t += 2.0
+    c.advance(t)
+    d, mem = run_policy(p, c, mem)
+    target = math.ceil(cap / cap / cfg.autoscale.target_util)
+    assert len(d.release) == want - target
+    # released workers drain by consolidation (migrations), then go
+    for _ in range(20):
+        t += 1.0
+        c.advance(t)
+        d, mem = run_policy(p, c, mem)
+        assert d.scale_out == 0
+    c.advance(t + 1)
+    assert len(c.workers) == target
+    assert len(c.sessions) == cap and all(s.worker in c.workers for s in c.sessions.values())
+
+
+def test_volatile_demand_raises_the_target():
+    base = _cfg(headroom_k=2.0)
+    steady, volatile = FakeCluster(config=base), FakeCluster(config=base)
+    for c in (steady, volatile):
+        c.add_worker()
+    p = get_policy("turboserve")
+    cap = _capacity(steady)
+    mem_s = mem_v = None
+    for step in range(12):
+        t = step * 10.0
+        for c in (steady, volatile):
+            c.advance(t)
+            for sid in list(c.sessions):
+                c.depart(sid)
+        for _ in range(cap):
+            steady.add_session(None)
+        for _ in range(cap * (3 if step % 2 else 1)):
+            volatile.add_session(None)
+        ds = p.decide(steady.view(), mem_s or p.initial_memory())
+        dv = p.decide(volatile.view(), mem_v or p.initial_memory())
+        mem_s, mem_v = ds.memory, dv.memory
+    assert mem_s.demand.std < 1e-9 and mem_v.demand.std > 0.5
+    # same current demand, more GPUs where it swings
+    for c in (steady, volatile):
+        for sid in list(c.sessions):
+            c.depart(sid)
+        for _ in range(cap):
+            c.add_session(None)
+    ds = p.decide(steady.view(), mem_s)
+    dv = p.decide(volatile.view(), mem_v)
+    assert dv.scale_out > ds.scale_out
+
+
+def test_rising_demand_cancels_releases_before_starting_workers():
+    c = FakeCluster(config=_cfg(headroom_k=0.0))
+    a, b = c.add_worker(), c.add_worker()
+    c.workers[b].state = WorkerState.DRAINING
+    c.add_session(b, context=21)
+    cap = _capacity(c)
+    for _ in range(3 * cap):
+        c.add_session(None)
+    d = get_policy("turboserve").decide(c.view(), get_policy("turboserve").initial_memory())
+    assert d.cancel_release == (b,)
+    assert d.scale_out == math.ceil(3 / c.config.autoscale.target_util) - 2
+
+
+def test_ceiling_is_respected():
+    c = FakeCluster(config=_cfg(gpus=3))
+    c.add_worker()
+    for _ in range(50 * _capacity(c)):
+        c.add_session(None)
+    d = get_policy("turboserve").decide(c.view(), get_policy("turboserve").initial_memory())
+    assert d.scale_out == 2
+
+
+def test_no_migration_ablation_releases_only_empty_workers():
+    c = FakeCluster(config=_cfg(scale_in_hold_s=0.0))
+    ws = [c.add_worker() for _ in range(4)]
+    c.add_session(ws[0], context=21)
+    c.add_session(ws[1], context=21)
+    p = get_policy("turboserve-no-migration")
+    d, mem = run_policy(p, c)
+    d, mem = run_policy(p, c, mem)
+    assert set(d.release) <= {ws[2], ws[3]} and d.release
+    assert d.migrations == ()
+    d2, _ = run_policy(get_policy("turboserve"), FakeCluster(config=c.config))
+    assert d2.migrations == ()
+
+
+def test_no_autoscale_ablation_never_scales():
+    c = FakeCluster(config=_cfg(scale_in_hold_s=0.0))
+    p = get_policy("turboserve-no-autoscale")
+    assert p.initial_gpus(c.config) == 16
+    c.add_worker()
+    for _ in range(100):
+        c.add_session(None)
+    mem = None
+    for t in range(0, 1000, 100):
+        c.advance(float(t))
+        d, mem = run_policy(p, c, mem)
+        assert d.scale_out == 0 and d.release == () and d.cancel_release == ()
+
+
+def test_grace_period_offloads_only_long_idle_sessions():
+    c = FakeCluster(config=_cfg(), now_s=100.0)
+    w = c.add_worker()
+    old = c.add_session(w, state=SessionState.IDLE, since_s=90.0, context=21)
+    young = c.add_session(w, state=SessionState.IDLE, since_s=98.0, context=21)
+    c.add_session(w, context=21)
+    p = get_policy("turboserve")
+    d = p.decide(c.view(), p.initial_memory())
+    assert d.offloads == (old,)
+    assert young not in d.offloads
+    assert get_policy("turboserve-no-offload").decide(c.view(), p.initial_memory()).offloads == ()
+
+
+def test_memory_pressure_offloads_at_once_where_it_makes_room():
+    full = 100e6 + 50e6 * 21
+    c = FakeCluster(config=_cfg(gpus=2), now_s=100.0, memory_bytes=int(4.5 * full))
+    a, b = c.add_worker(), c.add_worker()
+    # a: 4 idle (just paused), b: 4 active; neither has room for one more full state
+    idle = [c.add_session(a, state=SessionState.IDLE, since_s=99.0 + i * 0.1, context=21) for i in range(4)]
+    for _ in range(4):
+        c.add_session(b, context=21)
+    new = c.add_session(None)
+    p = get_policy("turboserve")
+    d = p.decide(c.view(), p.initial_memory())
+    assert d.placements == ()
+    assert d.offloads == (idle[0],)  # the oldest idle session on the worker with idle state
+    # offloads in flight: deciding again must not offload more for the same session
+    c.apply(d, instant=False)
+    d2 = p.decide(c.view(), d.memory)
+    assert d2.offloads == () and d2.placements == ()
+    c.finish_offloads()
+    d3 = p.decide(c.view(), d2.memory)
+    assert [x.session_id for x in d3.placements] == [new]
+    assert d3.placements[0].worker_id == a
+
+
+def test_starved_queue_starts_a_worker_even_when_demand_is_low():
+    big = 100e6 + 50e6 * 21
+    c = FakeCluster(config=_cfg(gpus=4), memory_bytes=int(1.5 * big))
+    w = c.add_worker()
+    c.add_session(w, context=21)
+    c.add_session(None)
+    d = get_policy("turboserve").decide(c.view(), get_policy("turboserve").initial_memory())
+    assert d.placements == () and d.scale_out == 1
+
+
+def test_offloaded_session_resumes_through_placement():
+    c = FakeCluster(config=_cfg(), now_s=100.0)
+    a, b = c.add_worker(), c.add_worker()
+    for _ in range(3):
+        c.add_session(a, context=21)
+    sid = c.add_session(None, context=21)
+    c.set_session(sid, state=SessionState.QUEUED)  # resuming from host memory
+    p = get_policy("turboserve-no-autoscale")
+    d = p.decide(c.view(), p.initial_memory())
+    assert [(x.session_id, x.worker_id) for x in d.placements] == [(sid, b)]
+    assert GB  # (units helper imported for readers of this module)

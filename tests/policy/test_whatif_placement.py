@@ -1,0 +1,199 @@
+"""What-if loads match a brute-force rebuild; placement respects memory, READY workers and
+compatibility, and picks the min-max worker."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from policy_fakes import GB, FakeCluster, FakeLatencyModel, TWO_SHAPES, random_cluster, spec
+
+from turboserve.config import TurboConfig
+from turboserve.policy.load import GroupLoad, cycle_ms
+from turboserve.policy.registry import get_policy
+from turboserve.policy.views import Decision, Migration, Placement
+from turboserve.policy.whatif import LoadOrder, ModelCache, WhatIf, groups_plus
+from turboserve.types import SessionState, WorkerState
+
+PROFILE = settings(max_examples=60, deadline=None)
+
+
+@PROFILE
+@given(st.data())
+def test_whatif_equals_brute_force_after_random_moves(data):
+    c = random_cluster(data.draw, st, states=(WorkerState.READY,), idle=True)
+    view = c.view()
+    cache = ModelCache(c.model, c.config.engine.max_batch)
+    wi = WhatIf(view, cache)
+    order = LoadOrder(wi, view.workers.keys())
+    wids = list(view.workers)
+    moves, placements = [], []
+    for sid in view.pending:
+        wid = data.draw(st.sampled_from(wids))
+        s = view.sessions[sid]
+        wi.add(wid, s.spec.compat_key, s.context_frames, s.state_bytes)
+        placements.append(Placement(sid, wid))
+    for sid, s in sorted(view.sessions.items()):
+        if s.worker is None or not data.draw(st.booleans()):
+            continue
+        dst = data.draw(st.sampled_from(wids))
+        if dst == s.worker:
+            continue
+        wi.move(s.worker, dst, s.spec.compat_key, s.context_frames, s.state_bytes,
+                active=s.state is SessionState.ACTIVE)
+        moves.append(Migration(sid, s.worker, dst))
+    c.apply(Decision(placements=tuple(placements), migrations=tuple(moves)))
+    after = c.view()
+    for wid, w in after.workers.items():
+        assert math.isclose(wi.load(wid), w.load_ms, rel_tol=1e-9, abs_tol=1e-9)
+        assert wi.used_bytes(wid) == w.used_bytes
+    # the order stayed sorted by what-if load
+    loads = [e[0] for e in order.ascending()]
+    assert loads == sorted(loads)
+    top = order.top()
+    assert top[0] == max(wi.load(w) for w in wids)
+
+
+def test_cycle_of_unchanged_view_is_bit_identical():
+    c = FakeCluster(FakeLatencyModel(*TWO_SHAPES))
+    w = c.add_worker()
+    for ctx in (0, 3, 21):
+        c.add_session(w, context=ctx)
+        c.add_session(w, context=ctx, spec_=spec("big"))
+    view = c.view()
+    cache = ModelCache(c.model, 32)
+    assert cache.cycle_ms(view.workers[w].groups) == view.workers[w].load_ms
+
+
+def test_a_different_key_never_joins_a_group():
+    g = (GroupLoad(spec("fake", steps=4).compat_key, 3, 30.0),)
+    out = groups_plus(g, spec("fake", steps=2).compat_key, 5.0)
+    assert len(out) == 2 and out[0] == g[0] and out[1].batch == 1
+    out = groups_plus(g, spec("fake", steps=4).compat_key, 5.0)
+    assert len(out) == 1 and out[0].batch == 4 and out[0].context_sum == 35.0
+
+
+def _memory_ok(c: FakeCluster, d) -> None:
+    """Placements fit: used + full state + largest activation within memory less headroom."""
+    view = c.view()
+    headroom = c.config.placement.memory_headroom
+    added: dict[str, list] = {}
+    for p in d.placements:
+        assert view.workers[p.worker_id].state is WorkerState.READY
+        added.setdefault(p.worker_id, []).append(view.sessions[p.session_id])
+    for wid, sessions in added.items():
+        w = view.workers[wid]
+        groups = w.groups
+        for s in sessions:
+            groups = groups_plus(groups, s.spec.compat_key, s.context_frames)
+        act = max(c.model.activation_bytes(g.key.model, min(g.batch, 32)) for g in groups)
+        need = sum(c.full_bytes(s.spec.model) for s in sessions)
+        assert w.used_bytes + need + act + int(headroom * w.memory_bytes) <= w.memory_bytes
+
+
+@PROFILE
+@given(st.data())
+def test_placements_fit_memory_and_target_ready_workers(data):
+    c = random_cluster(data.draw, st, max_pending=12)
+    name = data.draw(st.sampled_from(["turboserve", "static-ll", "static-rr", "autoscale-only", "migrate-only"]))
+    p = get_policy(name)
+    view = c.view()
+    d = p.decide(view, p.initial_memory())
+    _memory_ok(c, d)
+    placed = [x.session_id for x in d.placements]
+    assert len(placed) == len(set(placed))
+    assert set(placed) <= set(view.pending)
+    # pending sessions are placed in arrival order: once one is left, no later one of the
+    # same CompatKey is placed
+    left_keys = set()
+    for sid in view.pending:
+        key = view.sessions[sid].spec.compat_key
+        if sid in placed:
+            assert key not in left_keys
+        else:
+            left_keys.add(key)
+    c.apply(d)
+    for w in c.view().workers.values():
+        for g in w.groups:
+            members = [c.sessions[s] for s in w.sessions if c.sessions[s].state is SessionState.ACTIVE
+                       and c.sessions[s].spec.compat_key == g.key]
+            assert g.batch == len(members)
+
+
+@PROFILE
+@given(st.data())
+def test_min_max_placement_is_optimal_for_one_session(data):
+    c = random_cluster(data.draw, st, max_pending=0, config=TurboConfig())
+    sid = c.add_session(None, spec_=data.draw(st.sampled_from([spec("fake"), spec("big")])),
+                        context=data.draw(st.sampled_from([0, 21])))
+    view = c.view()
+    p = get_policy("turboserve-no-autoscale")
+    d = p.decide(replace(view, config=replace(view.config, rebalance=replace(view.config.rebalance, enabled=False))),
+                 p.initial_memory())
+    s = view.sessions[sid]
+    key = s.spec.compat_key
+    cache = ModelCache(c.model, 32)
+    wi = WhatIf(view, cache)
+    options = []
+    for wid, w in view.workers.items():
+        if w.state is not WorkerState.READY or not wi.fits(wid, key, c.full_bytes(key.model), 0.05):
+            continue
+        after = cycle_ms(groups_plus(w.groups, key, s.context_frames), c.model)
+        others = max((v.load_ms for o, v in view.workers.items() if o != wid), default=0.0)
+        options.append((max(others, after), wid in [o for o, v in view.workers.items()
+                                                   if any(g.key == key for g in v.groups)], wid))
+    placed = {x.session_id: x.worker_id for x in d.placements}
+    if not options:
+        assert sid not in placed
+        return
+    assert sid in placed
+    best = min(o[0] for o in options)
+    chosen = [o for o in options if o[2] == placed[sid]][0]
+    assert math.isclose(chosen[0], best, rel_tol=1e-12, abs_tol=1e-9)
+    if any(o[1] for o in options if math.isclose(o[0], best, rel_tol=1e-12, abs_tol=1e-9)):
+        assert chosen[1], "a worker holding the CompatKey was no worse, yet another was chosen"
+
+
+def test_several_placements_in_one_call_see_each_other():
+    c = FakeCluster()
+    for _ in range(8):
+        c.add_worker()
+    for _ in range(16):
+        c.add_session(None)
+    p = get_policy("turboserve-no-autoscale")
+    d = p.decide(c.view(), p.initial_memory())
+    per = {}
+    for x in d.placements:
+        per[x.worker_id] = per.get(x.worker_id, 0) + 1
+    assert sorted(per.values()) == [2] * 8
+
+
+def test_coalescing_preferred_when_no_worse():
+    """Two workers at the same load, one running the session's CompatKey, the other another
+    key (same model, other chunk length): joining the group costs less than a new round."""
+    c = FakeCluster(FakeLatencyModel(*TWO_SHAPES))
+    a, b = c.add_worker(), c.add_worker()
+    for _ in range(3):
+        c.add_session(a, context=21, spec_=spec("fake", steps=4))
+        c.add_session(b, context=21, spec_=spec("fake", steps=4, frames=8))
+    sid = c.add_session(None, spec_=spec("fake", steps=4))
+    p = get_policy("turboserve-no-autoscale")
+    d = p.decide(c.view(), p.initial_memory())
+    assert d.placements == (Placement(sid, a),)
+
+
+def test_no_room_leaves_pending_and_not_ready_workers_are_skipped():
+    c = FakeCluster(memory_bytes=3 * GB)
+    a = c.add_worker()
+    c.add_worker(WorkerState.STARTING)
+    c.add_worker(WorkerState.DRAINING)
+    c.add_session(a, context=21)
+    c.add_session(a, context=21)
+    sid = c.add_session(None)
+    for name in ("turboserve-no-offload", "static-ll", "static-rr"):
+        p = get_policy(name)
+        d = p.decide(c.view(), p.initial_memory())
+        assert d.placements == (), name
+        assert sid in c.view().pending

@@ -1,0 +1,111 @@
+"""Synthetic generator (deterministic, bursty, heavy-tailed) and rescaling to a GPU count."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from turboserve.profile import load_latency_model
+from turboserve.traces.rescale import (active_intervals, demand_curve, fit_factor, fit_to_gpus, peak_concurrent_active,
+                                       peak_demand)
+from turboserve.traces.synth import SynthConfig, synth_trace
+from turboserve.types import Period, SessionRecord, SessionSpec
+
+MODEL = load_latency_model()
+
+
+def test_deterministic_per_seed():
+    a = synth_trace(SynthConfig(seed=3, hours=0.5), MODEL)
+    b = synth_trace(SynthConfig(seed=3, hours=0.5), MODEL)
+    c = synth_trace(SynthConfig(seed=4, hours=0.5), MODEL)
+    assert a == b and [r.meta for r in a] == [r.meta for r in b]
+    assert a != c
+
+
+def test_shape_sets_chunk_size_and_specs_mix():
+    rs = synth_trace(SynthConfig(seed=1, hours=2, shape="wan1.3b-320p"), MODEL)
+    assert {r.spec.model for r in rs} == {"wan1.3b-320p"}
+    assert {r.spec.frames_per_chunk for r in rs} == {12}
+    steps = [r.spec.steps for r in rs]
+    assert set(steps) == {2, 4} and steps.count(4) > steps.count(2)
+    assert synth_trace(SynthConfig(seed=1), MODEL)[0].spec.frames_per_chunk == 4  # demo91
+
+
+def test_statistical_shape():
+    rs = synth_trace(SynthConfig(seed=0, hours=6, rate_per_min=10), MODEL)
+    assert len(rs) == pytest.approx(6 * 60 * 10, rel=0.25)
+    active = sorted(r.active_seconds for r in rs)
+    median = statistics.median(active)
+    assert 40 < median < 90
+    assert active[-1] > 10 * median  # heavy tail: a few sessions run for many minutes
+    assert all(5.0 - 1e-6 <= a <= 1800.0 + 1e-6 for a in active)
+    assert sum(len(r.periods) > 1 for r in rs) > 0.3 * len(rs)
+    assert all(r.periods[-1].idle_s == 0 for r in rs)
+    # burstiness: per-minute arrival counts are over-dispersed against a Poisson process
+    counts = [0] * 360
+    for r in rs:
+        counts[min(359, int(r.arrival_s // 60))] += 1
+    mean = statistics.mean(counts)
+    assert statistics.pvariance(counts) > 2 * mean
+
+
+def test_daily_cycle_is_quiet_at_the_ends():
+    rs = synth_trace(SynthConfig(seed=2, hours=4, rate_per_min=20, burst_ratio=1.0), MODEL)
+    horizon = 4 * 3600
+    edge = sum(1 for r in rs if r.arrival_s < horizon / 8 or r.arrival_s > 7 * horizon / 8)
+    middle = sum(1 for r in rs if 3 * horizon / 8 < r.arrival_s < 5 * horizon / 8)
+    assert middle > 2 * edge
+    flat = synth_trace(SynthConfig(seed=2, hours=4, rate_per_min=20, burst_ratio=1.0, daily_cycle=False), MODEL)
+    edge_f = sum(1 for r in flat if r.arrival_s < horizon / 8 or r.arrival_s > 7 * horizon / 8)
+    assert edge_f > 1.5 * edge
+
+
+def _rec(i, arrival, *periods, steps=4):
+    return SessionRecord(f"r{i}", arrival, SessionSpec("demo91", frames_per_chunk=4, steps=steps),
+                         tuple(Period(a, b) for a, b in periods))
+
+
+def test_demand_curve_by_hand():
+    cap = MODEL.capacity("demo91", 250.0, 4)
+    rs = [_rec(0, 0.0, (10, 5), (10, 0)), _rec(1, 5.0, (20, 0))]
+    assert active_intervals(rs[0]) == [(0.0, 10.0), (15.0, 25.0)]
+    curve = dict(demand_curve(rs, MODEL, "demo91"))
+    assert curve[0.0] == pytest.approx(1 / cap)
+    assert curve[5.0] == pytest.approx(2 / cap)
+    assert curve[10.0] == pytest.approx(1 / cap)
+    assert curve[25.0] == pytest.approx(0.0)
+    assert peak_concurrent_active(rs) == 2
+    # a session with fewer steps occupies less of a GPU
+    cap2 = MODEL.capacity("demo91", 250.0, 2)
+    assert cap2 > cap
+    assert peak_demand([_rec(0, 0, (5, 0), steps=2)], MODEL, "demo91")[0] == pytest.approx(1 / cap2)
+
+
+def test_infeasible_shape_is_an_error():
+    with pytest.raises(ValueError, match="wan14b-480p.*slo"):
+        fit_to_gpus([_rec(0, 0, (5, 0))], MODEL, "wan14b-480p", 4)
+    # with an explicit SLO it works
+    assert fit_to_gpus([_rec(0, 0, (5, 0))], MODEL, "wan14b-480p", 1, slo_ms=3000.0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), gpus=st.integers(1, 24), shape=st.sampled_from(["demo91", "wan1.3b-320p"]))
+def test_rescale_hits_the_target(seed, gpus, shape):
+    rs = synth_trace(SynthConfig(seed=seed, hours=0.5, rate_per_min=8, shape=shape), MODEL)
+    all_at_once, _ = peak_demand(rs, MODEL, shape, factor=0.0)
+    if all_at_once <= gpus - 1:
+        with pytest.raises(ValueError, match="too small"):
+            fit_to_gpus(rs, MODEL, shape, gpus)
+        return
+    fitted = fit_to_gpus(rs, MODEL, shape, gpus)
+    peak, _ = peak_demand(fitted, MODEL, shape)
+    assert gpus - 1 < peak <= gpus + 1e-9
+    # only arrivals move, by one common factor
+    f = fit_factor(rs, MODEL, shape, gpus)
+    for a, b in zip(rs, fitted):
+        assert a.periods == b.periods and a.spec == b.spec and a.id == b.id
+        assert b.arrival_s == pytest.approx(a.arrival_s * f, rel=1e-3, abs=1e-3)
