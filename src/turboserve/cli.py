@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--model", default=None, help="shape for every session / for --fit-gpus")
     synth.add_argument("--fit-gpus", type=int, default=None)
     synth.add_argument("--daily-cycle", action=argparse.BooleanOptionalAction, default=True)
+    synth.add_argument("--steps-mix", default=None, metavar="STEPS:P,...",
+                       help="mix of denoising step counts, e.g. 4:0.8,2:0.2 (default: all 4)")
     conv = tsub.add_parser("convert", help="map a public request trace onto video sessions")
     conv.add_argument("--format", required=True, choices=["mooncake", "azure", "servegen"])
     conv.add_argument("--out", required=True)

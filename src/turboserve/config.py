@@ -64,6 +64,9 @@ class RebalanceConfig:
     cooldown_s: float = 10.0  # a migrated session is not moved again within this time
     candidate_workers: int = 4  # destinations evaluated per session (least loaded first)
     candidate_sessions: int = 8  # distinct sessions of the bottleneck evaluated per move
+    # Share of the destination's cycle a migrated session waits for the round in progress
+    # there before its own (1 = worst case; 0 if commits align with destination rounds).
+    dst_wait: float = 1.0
     poll_interval_s: float = 5.0  # migrate-only baseline: Llumnix-style polling period
 
 

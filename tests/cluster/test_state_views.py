@@ -110,7 +110,7 @@ def test_incremental_views_equal_brute_force(seq):
             spec = SPECS[n % len(SPECS)]
             cs.add_session(sid, spec, "p", now, chunks_wanted=n if flag else 0)
             t.s[sid] = {"spec": spec, "worker": None, "active": True, "pending": True, "mig": None,
-                        "off": False, "chunks": 0, "left": n if flag else None}
+                        "off": False, "chunks": 0, "left": (n or None) if flag else None}
             t.pending.append(sid)
         elif s is None:
             continue

@@ -27,8 +27,18 @@ CHUNKS = 8
 MEMORY = 2**32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The CI box has 2 cores shared with other test processes; OpenMP's spinning threads
+    # slow a contended run down >10x, one thread keeps it predictable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def gen():
+def gen(one_thread):
     return load_generator("tiny", device="cpu", seed=0)
 
 

@@ -40,10 +40,18 @@ def test_first_chunk_pass_equals_diffusers_forward(tiny):
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
 
 
+@pytest.fixture(scope="module")
+def long_session(tiny):
+    """A session that has run past its attention window (evictions happened)."""
+    s = tiny.start_session("long", tiny.default_spec().with_(seed=12), "a long drive")
+    frames = run(tiny, s, tiny.cfg.window_frames + 2)
+    return s, frames
+
+
 def test_frames_shape_and_determinism(tiny):
     a = tiny.start_session("a", tiny.default_spec(), "waves")
     b = tiny.start_session("b", tiny.default_spec(), "waves")
-    fa, fb = run(tiny, a, 2), run(tiny, b, 2)
+    fa, fb = run(tiny, a, 2), run(tiny, b, 1)
     for x, y in zip(fa, fb):
         assert x.shape == (4, 64, 64, 3) and x.dtype == torch.uint8
         assert torch.equal(x, y)
@@ -55,7 +63,7 @@ def test_coalesced_equals_alone_with_different_cache_lengths(tiny):
     spec = tiny.default_spec()
     old = tiny.start_session("old", spec.with_(seed=1), "a forest at dawn")
     mid = tiny.start_session("mid", spec.with_(seed=2), "city lights")
-    run(tiny, old, 3)
+    run(tiny, old, 2)
     run(tiny, mid, 1)
     new = tiny.start_session("new", spec.with_(seed=3), "a forest at dawn")
     solo = [clone_state(s) for s in (old, mid, new)]
@@ -72,30 +80,33 @@ def test_coalesced_equals_alone_with_different_cache_lengths(tiny):
 
 def test_offload_and_migration_continue_exactly(tiny, tiny_twin):
     s = tiny.start_session("m", tiny.default_spec().with_(seed=5), "a sailing boat")
-    run(tiny, s, 2)
+    run(tiny, s, 1)
     reference = clone_state(s)
-    expected = run(tiny, reference, 3)
+    expected = run(tiny, reference, 2)
     # offload: every tensor copied out to host memory and back, as new objects
     s.tensors = {k: v.to("cpu", copy=True) for k, v in s.tensors.items()}
     s.tensors = {k: v.clone() for k, v in s.tensors.items()}
     assert torch.equal(tiny.generate([s])[0], expected[0])
     # migration: serialised, imported into another instance with the same weights
     moved = ship(s)
-    got = run(tiny_twin, moved, 2)
+    got = run(tiny_twin, moved, 1)
     assert all(torch.equal(x, y) for x, y in zip(got, expected[1:]))
 
 
-def test_rolling_window_keeps_memory_bounded(tiny):
+def test_rolling_window_keeps_memory_bounded(tiny, long_session):
     cfg = tiny.cfg
-    s = tiny.start_session("long", tiny.default_spec(), "a long drive")
-    sizes, frames = [], []
-    for _ in range(cfg.window_frames + 4):
-        frames.append(tiny.generate([s])[0])
-        sizes.append(s.tensors["kv"].shape[2])
+    s, frames = long_session
+    s = clone_state(s)
     capacity = cfg.window_frames - 1  # one latent frame per chunk
     tokens = 16
-    assert max(sizes) == capacity * tokens
-    assert sizes[-1] == sizes[-2] == capacity * tokens  # stays at the window
+    before = s.nbytes()
+    assert s.tensors["kv"].shape[2] == capacity * tokens
+    frames = frames + run(tiny, s, 1)
+    assert s.tensors["kv"].shape[2] == capacity * tokens  # stays at the window
+    # only the VAE's latent history may still grow, up to the decoder's causal reach
+    frame_bytes = s.tensors["vae_hist"][:, :1].numel() * 4
+    assert s.nbytes() - before in (0, frame_bytes)
+    assert s.tensors["vae_hist"].shape[1] <= tiny.decoder.history_frames
     assert s.meta["evicted"] is True
     assert s.meta["frame_pos"][: cfg.sink_frames] == list(range(cfg.sink_frames))  # sink kept
     assert s.meta["frame_pos"][-1] == len(frames) - 1
@@ -124,23 +135,30 @@ def test_rebuild_is_exact_before_eviction(tiny, tiny_twin):
     run(tiny, s, 1)
     ckpt = tiny.checkpoint(s)
     assert ckpt.nbytes() < s.nbytes() / 5  # latents + RNG, not the caches
+    assert set(rebuilt_keys := ckpt.tensors) == {"latents", "vae_hist", "rng"}, rebuilt_keys
     rebuilt = tiny_twin.rebuild(copy.deepcopy(ckpt))
-    for key in ("kv", "xkv", "latents", "rng"):
+    for key in [k for k in s.tensors if k.startswith("vae.")] + ["kv", "xkv", "latents", "vae_hist", "rng"]:
         assert torch.equal(rebuilt.tensors[key], s.tensors[key]), key
     assert torch.equal(tiny_twin.generate([rebuilt])[0], tiny.generate([s])[0])
 
 
-def test_rebuild_after_eviction_within_tolerance(tiny, tiny_twin):
-    """After eviction the cache cannot be recomputed exactly (evicted frames shaped it): the
-    next chunk stays close: mean absolute pixel error under 8 of 255 on random weights."""
-    s = tiny.start_session("e", tiny.default_spec().with_(seed=12), "mountains")
-    run(tiny, s, tiny.cfg.window_frames + 2)
+def test_rebuild_after_eviction_within_tolerance(tiny, tiny_twin, long_session):
+    """After eviction the KV cache cannot be recomputed exactly (evicted frames shaped it
+    through the deeper layers; ~1% relative K/V difference on the tiny random model); the
+    VAE cache still is. Measured: next chunks differ by at most 1 of 255 per pixel, mean
+    <0.01. Bound: max 2, mean 0.05."""
+    s = clone_state(long_session[0])
     rebuilt = tiny_twin.rebuild(tiny.checkpoint(s))
     assert rebuilt.tensors["kv"].shape == s.tensors["kv"].shape
     assert rebuilt.meta["frame_pos"] == s.meta["frame_pos"]
     assert torch.equal(rebuilt.tensors["rng"], s.tensors["rng"])
-    a, b = tiny.generate([s])[0].float(), tiny_twin.generate([rebuilt])[0].float()
-    assert (a - b).abs().mean() < 8.0
+    for key in [k for k in s.tensors if k.startswith("vae.")] + ["latents", "vae_hist", "xkv"]:
+        assert torch.equal(rebuilt.tensors[key], s.tensors[key]), key
+    kv_error = (rebuilt.tensors["kv"] - s.tensors["kv"]).norm() / s.tensors["kv"].norm()
+    assert 0 < kv_error < 0.05
+    for _ in range(2):
+        a, b = tiny.generate([s])[0].float(), tiny_twin.generate([rebuilt])[0].float()
+        assert (a - b).abs().max() <= 2 and (a - b).abs().mean() < 0.05
 
 
 @pytest.mark.parametrize(

@@ -136,24 +136,26 @@ def test_min_max_placement_is_optimal_for_one_session(data):
     key = s.spec.compat_key
     cache = ModelCache(c.model, 32)
     wi = WhatIf(view, cache)
-    options = []
+    options = []  # (resulting max, resulting load on the worker, holds the key, worker)
     for wid, w in view.workers.items():
         if w.state is not WorkerState.READY or not wi.fits(wid, key, c.full_bytes(key.model), 0.05):
             continue
         after = cycle_ms(groups_plus(w.groups, key, s.context_frames), c.model)
         others = max((v.load_ms for o, v in view.workers.items() if o != wid), default=0.0)
-        options.append((max(others, after), wid in [o for o, v in view.workers.items()
-                                                   if any(g.key == key for g in v.groups)], wid))
+        options.append((max(others, after), after, any(g.key == key for g in w.groups), wid))
     placed = {x.session_id: x.worker_id for x in d.placements}
     if not options:
         assert sid not in placed
         return
     assert sid in placed
-    best = min(o[0] for o in options)
-    chosen = [o for o in options if o[2] == placed[sid]][0]
-    assert math.isclose(chosen[0], best, rel_tol=1e-12, abs_tol=1e-9)
-    if any(o[1] for o in options if math.isclose(o[0], best, rel_tol=1e-12, abs_tol=1e-9)):
-        assert chosen[1], "a worker holding the CompatKey was no worse, yet another was chosen"
+    best = min(options)
+    chosen = [o for o in options if o[3] == placed[sid]][0]
+    assert math.isclose(chosen[0], best[0], rel_tol=1e-12, abs_tol=1e-9)
+    assert math.isclose(chosen[1], best[1], rel_tol=1e-12, abs_tol=1e-9)
+    tied = [o for o in options if math.isclose(o[0], best[0], rel_tol=1e-12, abs_tol=1e-9)
+            and math.isclose(o[1], best[1], rel_tol=1e-12, abs_tol=1e-9)]
+    if any(o[2] for o in tied):
+        assert chosen[2], "a worker holding the CompatKey was no worse, yet another was chosen"
 
 
 def test_several_placements_in_one_call_see_each_other():
@@ -174,7 +176,7 @@ def test_coalescing_preferred_when_no_worse():
     """Two workers at the same load, one running the session's CompatKey, the other another
     key (same model, other chunk length): joining the group costs less than a new round."""
     c = FakeCluster(FakeLatencyModel(*TWO_SHAPES))
-    a, b = c.add_worker(), c.add_worker()
+    b, a = c.add_worker(), c.add_worker()
     for _ in range(3):
         c.add_session(a, context=21, spec_=spec("fake", steps=4))
         c.add_session(b, context=21, spec_=spec("fake", steps=4, frames=8))
@@ -182,6 +184,38 @@ def test_coalescing_preferred_when_no_worse():
     p = get_policy("turboserve-no-autoscale")
     d = p.decide(c.view(), p.initial_memory())
     assert d.placements == (Placement(sid, a),)
+
+
+def test_min_max_beats_least_loaded_when_joining_a_group_is_cheaper():
+    c = FakeCluster(FakeLatencyModel(*TWO_SHAPES))
+    b, a = c.add_worker(), c.add_worker()
+    for _ in range(3):
+        c.add_session(a, context=21, spec_=spec("fake", steps=4))  # 98.9 ms, same key
+        c.add_session(b, context=15, spec_=spec("fake", steps=4, frames=8))  # 93.5 ms
+    sid = c.add_session(None, spec_=spec("fake", steps=4))
+    view = c.view()
+    assert view.workers[b].load_ms < view.workers[a].load_ms
+    p = get_policy("turboserve-no-autoscale")
+    assert p.decide(view, p.initial_memory()).placements == (Placement(sid, a),)
+    ll = get_policy("static-ll")
+    assert ll.decide(view, ll.initial_memory()).placements == (Placement(sid, b),)
+
+
+def test_activation_memory_is_reserved():
+    """Room for the state but not for the round's activations: not feasible."""
+    full = 100 * 10**6 + 50 * 10**6 * 21
+    headroom = 0.05
+    act = 200 * 10**6
+    mem = int((2 * full + act) / (1 - headroom)) + 10
+    c = FakeCluster(memory_bytes=mem)
+    w = c.add_worker()
+    c.add_session(w, context=21)
+    sid = c.add_session(None)
+    p = get_policy("static-ll")
+    assert p.decide(c.view(), p.initial_memory()).placements == ()  # 2 sessions need 2 x act
+    c.memory_bytes = mem + int(act / (1 - headroom)) + 10
+    c.workers[w].memory_bytes = c.memory_bytes
+    assert p.decide(c.view(), p.initial_memory()).placements == (Placement(sid, w),)
 
 
 def test_no_room_leaves_pending_and_not_ready_workers_are_skipped():

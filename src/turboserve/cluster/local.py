@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from concurrent.futures import Future
 import threading
 import time
 from dataclasses import dataclass, field
@@ -219,6 +220,31 @@ class LocalTransport:
             cmd()
         except Exception:  # noqa: BLE001 - commands report their own failures; log the rest
             log.exception("worker %s: command failed", w.wid)
+
+    def note_location(self, sid: SessionId, wid: WorkerId | None) -> None:
+        """Record where a session's state now is after a move done through `call`; a
+        prompt set meanwhile is applied there."""
+        with self._lock:
+            if wid is None:
+                self._where.pop(sid, None)
+                return
+            self._where[sid] = wid
+        self._post(wid, lambda e: self._apply_pending_prompt(e, sid))
+
+    def call(self, wid: WorkerId, fn: Callable[[EngineCore], object]) -> "Future":
+        """Run `fn(engine)` on the worker's thread at its next chunk boundary; the future
+        holds what it returns (or raises). For transports that orchestrate engines from
+        outside (the Ray actor host)."""
+        fut: Future = Future()
+
+        def run(engine: EngineCore):
+            try:
+                fut.set_result(fn(engine))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+        if not self._post(wid, run):
+            fut.set_exception(RuntimeError(f"worker {wid} is gone"))
+        return fut
 
     def _post(self, wid: WorkerId | None, cmd: Callable[[EngineCore], None]) -> bool:
         w = self._workers.get(wid) if wid is not None else None

@@ -5,18 +5,31 @@ and chunk deliveries coming back from workers through a transport.
 Out: `ChunkDelivery`s to listeners (the stream hub), `SessionInfo` and `ClusterInfo`
 snapshots for the API and metrics.
 
-`ServingRuntime` is the small interface the HTTP layer depends on; `ClusterRuntime`
-(`cluster/live.py`) implements it with the real `Controller` running the registered policy
-over a transport (`LocalTransport` in-process, or `RayTransport`). Errors a client can fix
-are typed here so the API maps them to status codes without knowing the runtime.
+`ServingRuntime` is the small interface the HTTP layer depends on; `ClusterRuntime` (below)
+implements it with the real `Controller` running the registered policy over a transport
+(`LocalTransport` in-process, or `RayTransport`). Errors a client can fix are typed here so
+the API maps them to status codes without knowing the runtime. `serving/embedded.py`
+assembles a `ClusterRuntime` from a model name, a policy name and a backend.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from ..types import SessionId, SessionSpec, SessionState, WorkerId
+from ..config import TurboConfig
+from ..events import (Event, MigrationFinished, OffloadFinished, RestoreFinished, SessionActivated,
+                      SessionArrived, SessionDeparted, SessionFailed, SessionPaused, Tick, WorkerLost,
+                      WorkerReady)
+from ..types import SessionId, SessionSpec, SessionState, WorkerId, WorkerState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -187,21 +200,6 @@ class ServingRuntime(Protocol):
 # The live implementation: the real Controller and policy over a transport.
 # ---------------------------------------------------------------------------------------
 
-import logging
-import math
-import queue
-import threading
-import time
-from collections import deque
-
-from ..config import TurboConfig
-from ..events import (Event, MigrationFinished, OffloadFinished, RestoreFinished, SessionActivated,
-                      SessionArrived, SessionDeparted, SessionFailed, SessionPaused, Tick, WorkerLost,
-                      WorkerReady)
-from ..types import WorkerState
-
-log = logging.getLogger(__name__)
-
 _LIVE_WORKER_STATES = (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING)
 
 
@@ -333,6 +331,10 @@ class ClusterRuntime:
                     and not self.controller.state.has_session(event.session_id)):
                 return  # already gone (closed twice, failed then closed)
             self.controller.on_event(event)
+            if isinstance(event, SessionArrived) and event.session_id in self.controller.failed:
+                # refused on admission (e.g. a shape the latency model does not know)
+                self._end(event.session_id, SessionState.FAILED, self.controller.failed[event.session_id],
+                          tell_controller=False)
             self._observe(event)
             self._sample_gpus(event.time_s)
 
@@ -535,6 +537,7 @@ class ClusterRuntime:
             t, n = self._gpu_last
             gpu_s = self._gpu_seconds + n * max(0.0, now - t)
             counters = dict(self._counters)
+            counters["releases"] = int(getattr(getattr(self.controller, "counters", None), "workers_released", 0))
             samples = list(getattr(self.controller, "decision_ms", ()) or ())
             migrations = tuple(self._migrations)
         by_state["closed"] = sum(1 for r in self._records.values() if r.final is SessionState.CLOSED)

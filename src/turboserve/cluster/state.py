@@ -200,7 +200,7 @@ class ClusterState:
                 s.migrating_to = None
                 cancelled.append(sid)
                 if not s.active and not s.offloading and s.worker is not None:
-                    self._idle[sid] = s.last_change_s
+                    pass
                 self._srefresh(s)
                 continue
             if s.migrating_to is not None:  # outgoing: release the destination's reservation

@@ -8,10 +8,12 @@ A worker is feasible for a session when it is READY and has room for the session
 at its full attention window (`model.state_bytes(shape, window)`) plus the activations of
 its largest round, never planning `placement.memory_headroom` of its memory. Choosers:
 - `MinMaxChooser` (TurboServe): the feasible worker minimising the resulting maximum
-  predicted latency over the cluster; among equal maxima a worker already holding the
-  session's CompatKey (coalescing), then the lighter resulting load, then provisioning
-  order. Scans workers least loaded first and stops at a provable lower bound, so it
-  rarely looks at more than a few workers.
+  predicted latency over the cluster; among equal maxima the lighter resulting load (the
+  maximum is often set by another, overloaded worker: this keeps spreading); where that
+  ties too, a worker already holding the session's CompatKey (coalescing), then
+  provisioning order. Coalescing mostly wins on its own: joining a group adds less time
+  than starting a new round. Scans workers least loaded first and stops at a provable
+  lower bound, so it rarely looks at more than a few workers.
 - `LeastLoadedChooser` (static-ll, autoscale-only, migrate-only): the feasible worker with
   the lowest current load.
 - `RoundRobinChooser` (static-rr): the next feasible worker in provisioning order after
@@ -46,24 +48,33 @@ class MinMaxChooser:
             return None
         top_load, _, top_wid = top
         second = order.second()
-        best: tuple[float, int, float, int] | None = None
+        # Joining never makes a round faster, and every session adds its fixed per-chunk
+        # cost: a worker's resulting load is at least its load plus that.
+        floor_ms = wi.cache.fixed_ms(key.model)
+        best: tuple[float, float, int, int] | None = None
         best_wid = None
         seen_new_group = False
+        seen: set[tuple] = set()
         for load, rank, wid in order.ascending():
             if wid not in self.ready:
                 continue
             # No later worker can beat `best`: its resulting max is at least max(second,
-            # load), it can at best hold the key, and its own load only grows.
-            if best is not None and (max(second, load), 0, load) >= best[:3]:
+            # load + floor) and its own resulting load at least `load + floor`.
+            low = load + floor_ms
+            if best is not None and (max(second, low), low) > best[:2]:
                 break
             if not wi.fits(wid, key, need_bytes, self.headroom):
                 continue
+            groups = wi.groups(wid)
+            if groups in seen:
+                continue  # same groups as a worker already scored (and ranked before it)
+            seen.add(groups)
             same = wi.group(wid, key) is not None
             if not same and seen_new_group:
                 continue  # a new group adds the same time everywhere: the lighter one won
             new_load = wi.load_with(wid, key, ctx)
             others = second if wid == top_wid else top_load
-            score = (max(others, new_load), 0 if same else 1, new_load, rank)
+            score = (max(others, new_load), new_load, 0 if same else 1, rank)
             if best is None or score < best:
                 best, best_wid = score, wid
             seen_new_group = seen_new_group or not same

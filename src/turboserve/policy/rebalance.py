@@ -9,9 +9,15 @@ load L. For a few of its active sessions (the oldest of each distinct (group, co
 state size): age is the best cheap predictor of a long remaining life under heavy-tailed
 durations, and equal signatures give equal gains) and the `candidate_workers` least-loaded
 feasible destinations, `gain = L - max(L_src', L_dst') - eta * migration_cost_ms`. The best
-move is applied while its gain exceeds `gain_threshold_ms`, up to `max_moves_per_decision`.
+move is applied while its gain exceeds `gain_threshold_ms`, up to `max_moves_per_decision`
+(a group run in r rounds may move r equal sessions at once: see `rebalance_min_max`).
 A positive gain means both ends of the move end below L, so the predicted maximum never
-rises. Sessions migrated within `cooldown_s`, or in transit, are not moved.
+rises. The moved session itself must not become the worst case either: its first chunk on
+the destination waits for the downtime, for the round in progress there (`dst_wait` times
+the destination's cycle; 1 = worst case) and for its own round, and that sum must stay
+within the SLO or below L. Under a tight SLO moves therefore go to markedly lighter
+workers (new ones after a scale-out, above all). Sessions migrated within `cooldown_s`, or in transit,
+are not moved.
 
 Migration cost (`migration_cost_ms`) is the expected downtime of a live migration: the
 session keeps generating on the source while its state is pre-copied over the GPU link;
@@ -39,7 +45,7 @@ from dataclasses import dataclass
 from ..types import CompatKey, SessionId, SessionState, WorkerId, WorkerState
 from .latency import transfer_ms
 from .views import ClusterView, Migration, SessionView
-from .whatif import LoadOrder, ModelCache, WhatIf
+from .whatif import LoadOrder, ModelCache, WhatIf, groups_minus, groups_plus
 
 
 @dataclass(frozen=True)
@@ -54,20 +60,23 @@ class InFlight:
     active: bool
 
 
-def migration_cost_ms(view: ClusterView, cache: ModelCache, s: SessionView, src_load_ms: float) -> float:
-    """Expected downtime (ms) of migrating `s` live over the GPU link: see the module doc."""
+def migration_cost_ms(view: ClusterView, cache: ModelCache, s: SessionView, src_load_ms: float,
+                      parallel: int = 1) -> float:
+    """Expected downtime (ms) of migrating `s` live over the GPU link (see the module doc);
+    `parallel` sessions like it moving together share the link, so each phase carries
+    `parallel` times the bytes."""
     link = view.config.link("gpu")
     shape = s.spec.model
     info = cache.shape(shape)
     total = s.state_bytes or cache.state_bytes(shape, s.context_frames)
-    precopy_ms = transfer_ms(total, link.alpha_ms, link.bandwidth_gbps)
+    precopy_ms = transfer_ms(parallel * total, link.alpha_ms, link.bandwidth_gbps)
     base = cache.state_bytes(shape, 0)
     full = cache.full_state_bytes(shape)
     per_frame = (full - base) / max(1, info.window_frames)
     per_chunk = base + per_frame * info.latent_frames_per_chunk
     chunks = max(1, math.ceil(precopy_ms / max(src_load_ms, 1e-3)))
     delta = min(total, int(per_chunk * chunks))
-    return transfer_ms(delta, link.alpha_ms, link.bandwidth_gbps)
+    return transfer_ms(parallel * delta, link.alpha_ms, link.bandwidth_gbps)
 
 
 def in_flight_record(view: ClusterView, m: Migration) -> InFlight:
@@ -106,22 +115,35 @@ def _cooling(view: ClusterView, s: SessionView) -> bool:
     return view.now_s - s.last_migrated_s < view.config.rebalance.cooldown_s
 
 
-def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId], limit: int) -> list[SessionView]:
-    """Up to `limit` active, movable sessions of `wid`, one per (group, context, bytes),
-    oldest first; independent of set iteration order."""
-    best: dict[tuple, SessionView] = {}
+def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId], limit: int) -> list[list[SessionView]]:
+    """Active, movable sessions of `wid` grouped by (group, context, bytes): sessions with
+    equal signatures give equal gains. Each list is oldest first; lists are ordered by
+    their oldest session; at most `limit` lists. Independent of set iteration order."""
+    by_sig: dict[tuple, list[SessionView]] = {}
     for sid in view.workers[wid].sessions:
         if sid in busy:
             continue
         s = view.sessions.get(sid)
         if s is None or s.worker != wid or s.state is not SessionState.ACTIVE or _cooling(view, s):
             continue
-        sig = (s.spec.compat_key, s.context_frames, s.state_bytes)
-        cur = best.get(sig)
-        if cur is None or (s.arrival_s, s.id) < (cur.arrival_s, cur.id):
-            best[sig] = s
-    out = sorted(best.values(), key=lambda s: (s.arrival_s, s.id))
-    return out[:limit]
+        by_sig.setdefault((s.spec.compat_key, s.context_frames, s.state_bytes), []).append(s)
+    lists = [sorted(v, key=lambda s: (s.arrival_s, s.id)) for v in by_sig.values()]
+    lists.sort(key=lambda v: (v[0].arrival_s, v[0].id))
+    return lists[:limit]
+
+
+def _minus_k(whatif: WhatIf, wid: WorkerId, key: CompatKey, ctx: float, k: int) -> float:
+    groups = whatif.groups(wid)
+    for _ in range(k):
+        groups = groups_minus(groups, key, ctx)
+    return whatif.cache.cycle_ms(groups)
+
+
+def _plus_k(whatif: WhatIf, wid: WorkerId, key: CompatKey, ctx: float, k: int) -> float:
+    groups = whatif.groups(wid)
+    for _ in range(k):
+        groups = groups_plus(groups, key, ctx)
+    return whatif.cache.cycle_ms(groups)
 
 
 def _destinations(whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], exclude: WorkerId,
@@ -141,40 +163,56 @@ def _destinations(whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], exclud
 def rebalance_min_max(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId],
                       busy: set[SessionId], budget: int) -> list[Migration]:
     """TurboServe's min-max moves off the bottleneck; `busy` (sessions in transit or
-    already moved in this call) grows with each move."""
+    already moved in this call) grows with each move.
+
+    A group split into r rounds (batch > max_batch) only gets faster once r sessions leave
+    (the per-round batch is ceil(batch / r)), so up to r equal sessions may move together
+    to one destination, paying the downtime of r transfers sharing the link."""
     cfg = view.config.rebalance
     cache = whatif.cache
+    max_batch = cache.max_batch
     moves: list[Migration] = []
-    for _ in range(budget):
+    while len(moves) < budget:
         top = order.top()
         if top is None:
             break
         peak, _, src = top
         if peak <= 0.0 or view.workers[src].state is WorkerState.STARTING:
             break
-        best = None  # (score, session, destination)
-        for s in _candidates(view, src, busy, cfg.candidate_sessions):
+        best = None  # (score, sessions, destination)
+        for same in _candidates(view, src, busy, cfg.candidate_sessions):
+            s = same[0]
             key = s.spec.compat_key
             ctx = s.context_frames
-            src_after = whatif.load_without(src, key, ctx)
-            cost = cfg.eta * migration_cost_ms(view, cache, s, peak)
-            if peak - src_after - cost <= cfg.gain_threshold_ms:
-                continue  # even a free destination could not pay for the move
+            g = whatif.group(src, key)
+            rounds = -(-g.batch // max_batch) if g is not None else 1
             need = cache.full_state_bytes(key.model)
-            for dst in _destinations(whatif, order, ready, src, key, need, cfg.candidate_workers):
-                dst_after = whatif.load_with(dst, key, ctx)
-                gain = peak - max(src_after, dst_after) - cost
-                # Equal gains (the source side dominates) go to the lighter destination.
-                score = (gain, -dst_after, -s.arrival_s, -order.order_of(dst))
-                if best is None or score > best[0]:
-                    best = (score, s, dst)
+            slo = view.slo_ms(s.spec)
+            for k in range(1, min(len(same), rounds, budget - len(moves)) + 1):
+                src_after = _minus_k(whatif, src, key, ctx, k)
+                downtime = migration_cost_ms(view, cache, s, peak, parallel=k)
+                cost = cfg.eta * downtime
+                if peak - src_after - cost <= cfg.gain_threshold_ms:
+                    continue  # even a free destination could not pay for the move
+                for dst in _destinations(whatif, order, ready, src, key, need * k, cfg.candidate_workers):
+                    dst_after = _plus_k(whatif, dst, key, ctx, k)
+                    # The moved session's first chunk there: downtime, the round in
+                    # progress, then its own. Late only if it is within the SLO anyway.
+                    if downtime + cfg.dst_wait * whatif.load(dst) + dst_after > max(peak, slo):
+                        continue
+                    gain = peak - max(src_after, dst_after) - cost
+                    # Equal gains (the source side dominates) go to the lighter destination,
+                    # then to fewer moves, then to older sessions.
+                    score = (gain, -dst_after, -k, -s.arrival_s, -order.order_of(dst))
+                    if best is None or score > best[0]:
+                        best = (score, same[:k], dst)
         if best is None or best[0][0] <= cfg.gain_threshold_ms:
             break
-        gain, s, dst = best[0][0], best[1], best[2]
-        key = s.spec.compat_key
-        whatif.move(src, dst, key, s.context_frames, s.state_bytes, active=True)
-        busy.add(s.id)
-        moves.append(Migration(s.id, src, dst, predicted_gain_ms=gain))
+        gain, chosen, dst = best[0][0], best[1], best[2]
+        for s in chosen:
+            whatif.move(src, dst, s.spec.compat_key, s.context_frames, s.state_bytes, active=True)
+            busy.add(s.id)
+            moves.append(Migration(s.id, src, dst, predicted_gain_ms=gain))
     return moves
 
 

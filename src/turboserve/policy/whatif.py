@@ -32,6 +32,7 @@ class ModelCache:
         self.max_batch = max_batch
         self._group_ms: dict[GroupLoad, float] = {}
         self._shape: dict[str, ShapeInfo] = {}
+        self._fixed: dict[str, float] = {}
         self._full_state: dict[str, int] = {}
         self._activation: dict[tuple[str, int], int] = {}
         self._capacity: dict[tuple[str, float, int], int] = {}
@@ -53,6 +54,12 @@ class ModelCache:
     def cycle_ms(self, groups: Iterable[GroupLoad]) -> float:
         """`policy.load.cycle_ms`, bit-identical (same summation order)."""
         return sum(self.group_ms(g) for g in groups)
+
+    def fixed_ms(self, shape: str) -> float:
+        v = self._fixed.get(shape)
+        if v is None:
+            v = self._fixed[shape] = float(self.model.fixed_ms(shape))
+        return v
 
     def shape(self, name: str) -> ShapeInfo:
         v = self._shape.get(name)
@@ -153,7 +160,11 @@ class WhatIf:
 
     def load_with(self, wid: WorkerId, key: CompatKey, context: float) -> float:
         """Predicted load if one more active session of `key` runs on `wid`."""
-        return self.cache.cycle_ms(groups_plus(self.groups(wid), key, context))
+        groups = self.groups(wid)
+        if len(groups) == 1 and groups[0].key == key:  # the common case, without copies
+            g = groups[0]
+            return 0 + self.cache.group_ms(GroupLoad(key, g.batch + 1, g.context_sum + context))
+        return self.cache.cycle_ms(groups_plus(groups, key, context))
 
     def load_without(self, wid: WorkerId, key: CompatKey, context: float) -> float:
         """Predicted load if one active session of `key` leaves `wid`."""

@@ -17,6 +17,12 @@ Choices made here (the reference data carry no such fields):
   an estimate (a small decode is less efficient on a GPU, so likely an underestimate).
 - Transfer rates: `copy` (the 480p 6.0 GB cache) for the 480p shapes, `copy_small` for
   the others.
+- `wan14b` was measured up to 9 cached frames only; its longer contexts are clamped there
+  (optimistic at a full window; the shape misses a 750 ms SLO regardless).
+
+Capacity (sessions per GPU at the chunk's playback time, full window, 4 steps) that these
+tables give, round only / with the VAE decode: demo91 41 / 22 (32 measured sessions take
+200 ms), wan1.3b-320p 4 / 2, wan1.3b-480p 1 / 1, wan14b-480p 0 / 0.
 """
 
 from __future__ import annotations
@@ -79,6 +85,12 @@ def build(profiles_dir: str | Path, out_dir: str | Path = SHAPES_DIR) -> list[Pa
                 f"measured KV (self-attention) bytes, linear in context; activation bytes = peak "
                 f"- weights - cached KV; built by turboserve.profile.build_shapes"
             )
+            measured_ctx = max(r.context_frames for r in p.rounds)
+            if measured_ctx + p.shape.latent_frames_per_chunk < window:
+                p.source += (
+                    f"; NOTE: rounds measured up to {measured_ctx:g} cached frames only; longer "
+                    f"contexts are clamped to it, which underestimates a full {window}-frame window"
+                )
             p.device = DEVICE
             p.measured_at = MEASURED_AT
             path = out_dir / f"{name}.json"

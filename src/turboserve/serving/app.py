@@ -149,9 +149,10 @@ def create_app(runtime: ServingRuntime, config: TurboConfig | None = None, *,
             body["stream_chunks"] = stream.next_index
         return body
 
-    def runtime_call(fn, *args, **kwargs):
+    async def runtime_call(fn, *args, **kwargs):
+        # Off the event loop: the call waits for the controller, streams must not.
         try:
-            return fn(*args, **kwargs)
+            return await asyncio.to_thread(fn, *args, **kwargs)
         except UnknownSession:
             raise ApiError(404, "not_found", f"no session {args[0]!r}", field="id") from None
         except SessionConflict as e:
@@ -179,7 +180,7 @@ def create_app(runtime: ServingRuntime, config: TurboConfig | None = None, *,
                                    field="Idempotency-Key")
                 return JSONResponse(response, status_code=201, headers={"Idempotent-Replayed": "true"})
             try:
-                spec = runtime.resolve_spec(body.spec_fields())
+                spec = await asyncio.to_thread(runtime.resolve_spec, body.spec_fields())
             except SpecError as e:  # the model's own limits: its message says what it takes
                 raise ApiError(422, "invalid_field", e.message, field=e.field) from None
             # Staged: the id, token and stream exist only here until the runtime admits the
@@ -215,20 +216,20 @@ def create_app(runtime: ServingRuntime, config: TurboConfig | None = None, *,
     async def get_session(session_id: str, authorization: str | None = Header(None),
                           token: str | None = None):
         authorize(session_id, authorization, token)
-        return session_body(session_id)
+        return await asyncio.to_thread(session_body, session_id)
 
     @app.post("/v1/sessions/{session_id}/prompt")
     async def set_prompt(session_id: str, body: SetPrompt, authorization: str | None = Header(None),
                          token: str | None = None):
         authorize(session_id, authorization, token)
-        runtime_call(runtime.set_prompt, session_id, body.prompt)
-        return session_body(session_id)
+        await runtime_call(runtime.set_prompt, session_id, body.prompt)
+        return await asyncio.to_thread(session_body, session_id)
 
     @app.post("/v1/sessions/{session_id}/pause")
     async def pause(session_id: str, authorization: str | None = Header(None), token: str | None = None):
         authorize(session_id, authorization, token)
-        runtime_call(runtime.pause, session_id)
-        return session_body(session_id)
+        await runtime_call(runtime.pause, session_id)
+        return await asyncio.to_thread(session_body, session_id)
 
     @app.post("/v1/sessions/{session_id}/resume")
     async def resume(session_id: str, request: Request, authorization: str | None = Header(None),
@@ -240,14 +241,14 @@ def create_app(runtime: ServingRuntime, config: TurboConfig | None = None, *,
         except Exception as e:  # pydantic ValidationError: same 422 shape as the others
             errors = getattr(e, "errors", lambda: [])()
             raise from_validation_errors([{**x, "loc": ("body", *x.get("loc", ()))} for x in errors]) from None
-        runtime_call(runtime.resume, session_id, chunks=body.chunks)
-        return session_body(session_id)
+        await runtime_call(runtime.resume, session_id, chunks=body.chunks)
+        return await asyncio.to_thread(session_body, session_id)
 
     @app.delete("/v1/sessions/{session_id}")
     async def close(session_id: str, authorization: str | None = Header(None), token: str | None = None):
         authorize(session_id, authorization, token)
-        runtime_call(runtime.close, session_id)
-        return session_body(session_id)
+        await runtime_call(runtime.close, session_id)
+        return await asyncio.to_thread(session_body, session_id)
 
     # -- stream ---------------------------------------------------------------------------
     @app.websocket("/v1/sessions/{session_id}/stream")
@@ -299,17 +300,17 @@ def create_app(runtime: ServingRuntime, config: TurboConfig | None = None, *,
     @app.get("/v1/models")
     async def models():
         """The served model and the spec a session gets when it asks for nothing."""
-        spec = runtime.resolve_spec({})
+        spec = await asyncio.to_thread(runtime.resolve_spec, {})
         return {"models": [{"name": spec.model, "default_spec": spec.to_dict(),
                             "chunk_seconds": spec.chunk_seconds}]}
 
     @app.get("/v1/cluster")
     async def cluster():
-        return runtime.cluster().to_dict()
+        return (await asyncio.to_thread(runtime.cluster)).to_dict()
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+        return Response(await asyncio.to_thread(metrics.exposition), media_type=CONTENT_TYPE)
 
     @app.get("/healthz")
     async def healthz():

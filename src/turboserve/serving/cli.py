@@ -47,7 +47,7 @@ def run_serve(args) -> int:
     app = create_app(runtime, config)
     print(f"turboserve: serving {args.model} with policy {args.policy} on "
           f"http://{serve.host}:{serve.port} (web page at /, API docs at /docs)", file=sys.stderr)
-    uvicorn.run(app, host=serve.host, port=serve.port, log_level="info", ws="websockets")
+    uvicorn.run(app, host=serve.host, port=serve.port, log_level="info", ws="websockets-sansio")
     return 0
 
 

@@ -75,10 +75,21 @@ def _field_named(message: str) -> str:
     return min(hits)[1] if hits else "spec"
 
 
+def warm_up(generator, chunks: int) -> None:
+    spec = generator.validate_spec(generator.default_spec())
+    state = generator.start_session("warmup", spec, "warm-up")
+    for _ in range(chunks):
+        generator.generate([state])
+
+
 def build_runtime(config: TurboConfig, *, model: str = "tiny", weights: str | None = None,
                   policy: str = "turboserve", backend: str = "local", workers: int | None = None,
                   generator_factory: Callable[[str], object] | None = None,
-                  extra_profiles: Sequence[str | Path] = (), latency_model=None) -> ClusterRuntime:
+                  extra_profiles: Sequence[str | Path] = (), latency_model=None,
+                  warmup_chunks: int = 3) -> ClusterRuntime:
+    """`warmup_chunks`: chunks each engine generates for a throw-away session before it
+    reports ready, so first-call costs (allocator, kernels, lazy imports) never land on a
+    user's chunk."""
     from ..cluster.controller import Controller
     from ..engine.torch_executor import TorchExecutor
     from ..policy.registry import get_policy
@@ -103,9 +114,12 @@ def build_runtime(config: TurboConfig, *, model: str = "tiny", weights: str | No
     if backend == "ray":
         from ..cluster.ray_transport import RayTransport
 
+        import torch
+
         slots = workers or config.cluster.gpus
-        transport = RayTransport(model=model, weights=weights, slots=slots, clock=None,
-                                 max_batch=config.engine.max_batch)
+        gpus = 1.0 if (config.engine.device in ("auto", "cuda") and torch.cuda.is_available()) else 0.0
+        transport = RayTransport(generator_factory, slots=slots, gpus_per_worker=gpus,
+                                 max_batch=config.engine.max_batch, model=latency_model)
         devices = ["ray"] * slots
     elif backend == "local":
         devices = local_devices(config, workers)
@@ -129,6 +143,8 @@ def build_runtime(config: TurboConfig, *, model: str = "tiny", weights: str | No
 
     def make_executor(worker_id: str, device: str):
         gen = generator_factory(device)
+        if warmup_chunks:
+            warm_up(gen, warmup_chunks)
         with ref_lock:
             reference.setdefault("generator", gen)
         return TorchExecutor(gen, device=device)

@@ -223,9 +223,12 @@ async def replay(records: list[SessionRecord], url: str, *, time_scale: float = 
     summary["sessions_failed"] = len(failed)
     report = build_report(
         [run_entry(after.get("policy", "server"), summary, {"source": "loadgen"})],
-        gpu_hours_lb=float("nan"), latency_lb_ms=float("nan"),
+        gpu_hours_lb=0.0, latency_lb_ms=0.0,
         meta={"url": base, "time_scale": time_scale, "wall_s": wall_s, "sessions": len(stats),
               "errors": [s.error for s in failed][:20]})
+    # The oracle bounds need the latency model and the nominal trace: `simulate` reports
+    # them; a client cannot, so they are absent (the table shows '-') rather than zero.
+    report["oracle"] = {"gpu_hours_lb": None, "latency_lb_ms": None}
     return LoadgenResult(report, stats, wall_s)
 
 

@@ -21,7 +21,7 @@ class ServerThread:
             port = free_port(host)
         self.host, self.port = host, port
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                     ws="websockets", lifespan="on"))
+                                                     ws="websockets-sansio", lifespan="on"))
         self._thread = threading.Thread(target=self._server.run, name="uvicorn", daemon=True)
 
     @property

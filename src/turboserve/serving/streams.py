@@ -210,7 +210,7 @@ class StreamHub:
     """All sessions' streams; the runtime's chunk listener feeds it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, replay_chunks: int = 64,
-                 storage_dir: str | Path | None = None, encoder_factory=None):
+                 storage_dir: str | Path | None = None, encoder_factory=None, keep_ended: int = 256):
         if encoder_factory is None:
             from ..video import FragmentedMP4Encoder as encoder_factory
         self._loop = loop
@@ -218,6 +218,8 @@ class StreamHub:
         self._storage = Path(storage_dir) if storage_dir else None
         self._encoder_factory = encoder_factory
         self._streams: dict[str, SessionStream] = {}
+        self._ended: deque[str] = deque()
+        self._keep_ended = keep_ended
         self._lock = threading.Lock()
 
     def open(self, session_id: str, width: int, height: int, fps: float) -> SessionStream:
@@ -248,6 +250,12 @@ class StreamHub:
         stream = self._streams.get(session_id)
         if stream is not None:
             stream.finish(state, reason)
+            # Ended streams stay for late readers, but only the most recent ones: memory
+            # stays bounded on a server that runs for weeks.
+            with self._lock:
+                self._ended.append(session_id)
+                while len(self._ended) > self._keep_ended:
+                    self._streams.pop(self._ended.popleft(), None)
 
     def forget(self, session_id: str) -> None:
         with self._lock:

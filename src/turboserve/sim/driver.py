@@ -74,7 +74,7 @@ def nominal_end_s(records: list[SessionRecord]) -> float:
 class TraceDriver:
     def __init__(self, records: list[SessionRecord], policy_name: str, model: LatencyModel,
                  config: TurboConfig, *, shape: str | None = None, frames: bool = False,
-                 on_outcome: Callable | None = None) -> None:
+                 on_outcome: Callable | None = None, cruise: bool = True) -> None:
         self.records = records
         self.config = config
         self.loop = EventLoop()
@@ -83,12 +83,17 @@ class TraceDriver:
         self.metrics = RunMetrics(slo_ms, playback_ms, Prices(c.price_per_gpu_hour_usd,
                                                               c.spot_price_per_gpu_hour_usd, c.spot_fraction))
         self.transport = SimTransport(self.loop, model, config, self.metrics, frames=frames,
-                                      on_outcome=on_outcome)
+                                      on_outcome=on_outcome, cruise=cruise)
         self.transport.on_idle = self._on_idle
         self.policy_name = policy_name
         if shape is None and records:
             shape = records[0].spec.model
         self.controller = Controller(get_policy(policy_name), model, config, self.transport, shape=shape)
+        state = self.controller.state
+        # cruise (sim/cruise.py): rounds run in one step are counted straight into the
+        # controller's state; allowed only while round completions would not make it decide
+        self.transport.can_cruise = lambda: state.pending_count == 0
+        self.transport.apply_rounds = state.round_completed
         self._period: dict[str, int] = {}  # sid -> index of its current period
         self._period_start: dict[str, float] = {}  # sid -> when its current period began
         self._by_id = {r.id: r for r in records}
@@ -151,7 +156,12 @@ class TraceDriver:
     def _handle(self, now_s: float, item) -> None:
         fn, arg = item
         fn(now_s, arg)
-        self.transport.flush(now_s)
+        transport = self.transport
+        transport.flush(now_s)
+        if transport._cruising and self.controller.state.pending_count:
+            # from now on each round completion makes the controller decide: run rounds
+            # one by one until nothing is pending
+            transport.settle_all(now_s)
 
     # ------------------------------------------------------------------ run
     def run(self, until_s: float | None = None, progress: bool = False) -> SimResult:
@@ -192,6 +202,7 @@ class TraceDriver:
         summary["sessions_unserved"] = self._left
         summary["sessions_failed"] = len(self.controller.failed)
         summary["rounds"] = self.transport.rounds
+        summary["rounds_cruised"] = self.transport.cruised_rounds
         summary["refused_decisions"] = self.controller.counters.refused
         summary["duration_s"] = end_s
         return SimResult(self.policy_name, summary, self.metrics, end_s, self.controller, self.transport,
@@ -224,9 +235,11 @@ class TraceDriver:
 
 def simulate(records: list[SessionRecord], policy_name: str, model: LatencyModel, config: TurboConfig,
              *, until_s: float | None = None, progress: bool = False, shape: str | None = None,
-             frames: bool = False, on_outcome: Callable | None = None) -> SimResult:
-    """Run one policy over the trace; see the module docstring."""
-    driver = TraceDriver(records, policy_name, model, config, shape=shape, frames=frames, on_outcome=on_outcome)
+             frames: bool = False, on_outcome: Callable | None = None, cruise: bool = True) -> SimResult:
+    """Run one policy over the trace; see the module docstring. `cruise=False` runs every
+    round through the heap (the reference the cruise shortcut is tested against)."""
+    driver = TraceDriver(records, policy_name, model, config, shape=shape, frames=frames,
+                         on_outcome=on_outcome, cruise=cruise)
     return driver.run(until_s=until_s, progress=progress)
 
 

@@ -40,6 +40,7 @@ from ..events import (Event, MigrationFinished, OffloadFinished, RestoreFinished
                       SessionFailed, SessionPaused, WorkerReady)
 from ..policy.latency import LatencyModel, transfer_ms
 from ..types import SessionId, SessionSpec, WorkerId
+from . import cruise as cruising
 from .loop import EventLoop
 from .metrics import RunMetrics
 
@@ -47,7 +48,7 @@ log = logging.getLogger("turboserve.sim")
 
 
 class _SimWorker:
-    __slots__ = ("wid", "engine", "ready", "released", "rnd", "waiting_stop", "dirty")
+    __slots__ = ("wid", "engine", "ready", "released", "rnd", "waiting_stop", "dirty", "cruise", "gen")
 
     def __init__(self, wid: WorkerId, engine: EngineCore) -> None:
         self.wid = wid
@@ -57,11 +58,13 @@ class _SimWorker:
         self.rnd: InFlightRound | None = None  # the round in flight, if any
         self.waiting_stop: list[SessionId] = []  # migrations waiting for a chunk boundary here
         self.dirty = False  # may have due work and no round in flight
+        self.cruise: cruising.Cruise | None = None  # identical rounds run in one step
+        self.gen = 0
 
 
 class SimTransport:
     def __init__(self, loop: EventLoop, model: LatencyModel, config: TurboConfig, metrics: RunMetrics,
-                 *, frames: bool = False,
+                 *, frames: bool = False, cruise: bool = True,
                  on_outcome: Callable[[RoundOutcome], None] | None = None) -> None:
         self.loop = loop
         self.model = model
@@ -83,6 +86,16 @@ class SimTransport:
         self._max_batch = config.engine.max_batch
         self._ready_count = 0
         self.rounds = 0
+        # Cruise needs two answers from the controller side (set by the driver): whether
+        # round completions would be ignored now (nothing pending), and a way to count the
+        # chunks of rounds run in one step. Without them, or with per-round hooks or
+        # frames, every round goes through the heap.
+        self.cruise_enabled = cruise and not frames and on_outcome is None
+        self.can_cruise: Callable[[], bool] = lambda: False
+        self.apply_rounds: Callable[[WorkerId, tuple[SessionId, ...], float, int], None] | None = None
+        self._cruising: dict[WorkerId, _SimWorker] = {}
+        self._saturated: dict[str, float] = {}
+        self.cruised_rounds = 0
 
     # ------------------------------------------------------------------ wiring
     def bind(self, emit: Callable[[Event], None]) -> None:
@@ -98,6 +111,12 @@ class SimTransport:
             w.dirty = False
             if w.rnd is None and w.ready and not w.released:
                 self._begin(w, now_s)
+
+    def _settled(self, w: _SimWorker | None, now_s: float) -> _SimWorker | None:
+        """The worker with its engine exact at now_s (ends a cruise); None passes through."""
+        if w is not None and w.cruise is not None:
+            self._settle(w, now_s)
+        return w
 
     def _touch(self, w: _SimWorker) -> None:
         if not w.dirty:
@@ -157,7 +176,7 @@ class SimTransport:
     # ------------------------------------------------------------------ sessions
     def place(self, sid: SessionId, spec: SessionSpec, prompt: str, wid: WorkerId, now_s: float, *,
               from_host: bool, active: bool, chunks_wanted: int) -> None:
-        w = self.workers.get(wid)
+        w = self._settled(self.workers.get(wid), now_s)
         if w is None or w.released:
             return self._emit(SessionFailed(now_s, sid, f"worker {wid!r} is gone", wid))
         eng = w.engine
@@ -191,7 +210,7 @@ class SimTransport:
                 eng.activate(sid, now_s, chunks_wanted)
             return result.duration_ms
         if home is not None and home in self.workers and sid in self.workers[home].engine:
-            blob = self.workers[home].engine.export(sid)
+            blob = self._settled(self.workers[home], now_s).engine.export(sid)
         elif sid in self._host_blobs:
             blob = self._host_blobs.pop(sid)
         else:
@@ -204,6 +223,7 @@ class SimTransport:
         sid, w = arg
         if w.released or sid not in w.engine:
             return  # closed (or its worker went) while the copy ran
+        self._settled(w, now_s)
         w.engine.unhold(sid, now_s)
         nbytes = w.engine.info(sid).state_bytes
         self.metrics.record_restore(nbytes)
@@ -211,7 +231,7 @@ class SimTransport:
         self._touch(w)
 
     def activate(self, sid: SessionId, wid: WorkerId, now_s: float, chunks_wanted: int) -> None:
-        w = self.workers.get(wid)
+        w = self._settled(self.workers.get(wid), now_s)
         if w is None or sid not in w.engine:
             return
         was_active = w.engine.info(sid).active
@@ -221,7 +241,7 @@ class SimTransport:
         self._touch(w)
 
     def pause(self, sid: SessionId, wid: WorkerId, now_s: float) -> None:
-        w = self.workers.get(wid)
+        w = self._settled(self.workers.get(wid), now_s)
         if w is not None and sid in w.engine:
             w.engine.pause(sid, now_s)
             self._first_chunk.discard(sid)
@@ -237,7 +257,7 @@ class SimTransport:
             if sid in src.waiting_stop:
                 src.waiting_stop.remove(sid)
         for w_id in {wid, self._where.pop(sid, None)}:
-            w = self.workers.get(w_id) if w_id is not None else None
+            w = self._settled(self.workers.get(w_id), now_s) if w_id is not None else None
             if w is not None and sid in w.engine:
                 w.engine.remove(sid)
         for w in self.workers.values():  # a reservation left by an aborted migration
@@ -258,6 +278,7 @@ class SimTransport:
         eng = w.engine
         if w.released or sid not in eng:
             return
+        self._settled(w, now_s)
         info = eng.info(sid)
         if info.tier is not Tier.GPU or info.in_flight:
             return
@@ -267,7 +288,7 @@ class SimTransport:
 
     # ------------------------------------------------------------------ migration
     def migrate(self, sid: SessionId, src: WorkerId, dst: WorkerId, now_s: float) -> None:
-        ws, wd = self.workers.get(src), self.workers.get(dst)
+        ws, wd = self._settled(self.workers.get(src), now_s), self._settled(self.workers.get(dst), now_s)
         if ws is None or sid not in ws.engine:
             return self._migration_failed(now_s, sid, src, dst, "src_lost")
         if wd is None or not wd.ready:
@@ -286,6 +307,7 @@ class SimTransport:
         if mig is None:
             return
         m, ws, wd = mig
+        self._settled(ws, now_s)
         if wd.released:
             self._migrations.pop(sid)
             m.abort("dst_lost", now_s)
@@ -297,6 +319,7 @@ class SimTransport:
 
     def _stop_and_copy(self, now_s: float, sid: SessionId) -> None:
         m, ws, wd = self._migrations[sid]
+        self._settled(ws, now_s)
         downtime_ms = m.stop_and_copy(now_s)
         if m.done:
             self._migrations.pop(sid)
@@ -309,6 +332,8 @@ class SimTransport:
         if mig is None:
             return
         m, ws, wd = mig
+        self._settled(ws, now_s)
+        self._settled(wd, now_s)
         if wd.released:
             m.abort("dst_lost", now_s)
         else:
@@ -337,7 +362,92 @@ class SimTransport:
         if rnd is None:
             return
         w.rnd = rnd
+        if self.cruise_enabled and self._try_cruise(w, rnd):
+            return
         self.loop.push(rnd.finish_s, (self._round_done, w))
+
+    # ------------------------------------------------------------------ cruise
+    def _saturated_context(self, shape: str) -> float:
+        v = self._saturated.get(shape)
+        if v is None:
+            try:
+                v = float(self.model.context_after(shape, 1 << 30))
+            except (KeyError, ValueError, LookupError):
+                v = float("nan")  # never equal: no cruise for a shape the model lacks
+            self._saturated[shape] = v
+        return v
+
+    def _try_cruise(self, w: _SimWorker, rnd: InFlightRound) -> bool:
+        if self.apply_rounds is None or not self.can_cruise():
+            return False
+        k = cruising.eligible(w.engine, rnd, self._saturated_context(rnd.plan.key.model))
+        if k <= 0:
+            return False
+        first = self._first_chunk
+        starts: frozenset = frozenset()
+        if first and not first.isdisjoint(rnd.plan.session_ids):
+            starts = frozenset(sid for sid in rnd.plan.session_ids if sid in first)
+            first.difference_update(starts)  # their later chunks are intervals
+        w.gen += 1
+        cr = w.cruise = cruising.Cruise(rnd, k, w.gen, starts)
+        self._cruising[w.wid] = w
+        self.loop.push(cr.end_s, (self._cruise_end, (w, cr.gen)))
+        return True
+
+    def _cruise_end(self, now_s: float, arg: tuple[_SimWorker, int]) -> None:
+        w, gen = arg
+        if w.cruise is not None and w.cruise.gen == gen:
+            self._settle(w, now_s)
+
+    def settle_all(self, now_s: float) -> None:
+        """Make every cruising worker exact at now_s (the controller got a pending session,
+        or the run ends)."""
+        for w in list(self._cruising.values()):
+            self._settle(w, now_s)
+
+    @property
+    def cruising(self) -> int:
+        return len(self._cruising)
+
+    def _settle(self, w: _SimWorker, now_s: float) -> None:
+        cr = w.cruise
+        w.cruise = None
+        self._cruising.pop(w.wid, None)
+        if cr is None:
+            return
+        c, tc = cr.completed_by(now_s)
+        rnd = cr.rnd
+        if c == 0:
+            # round 1 is still in flight: it finishes the normal way
+            self._first_chunk.update(s for s in cr.starts if s in w.engine)
+            self.loop.push(rnd.finish_s, (self._round_done, w))
+            return
+        plan = rnd.plan
+        n = len(plan.session_ids)
+        # round 1 from its own due times, rounds 2..c each one duration after the last
+        t1 = rnd.finish_s
+        metrics = self.metrics
+        dues = rnd.due_s
+        starts = cr.starts
+        if min(dues) == max(dues):
+            lat = (t1 - dues[0]) * 1000.0
+            metrics.record_chunks(lat, n)
+            metrics.record_intervals(lat, n - len(starts))
+        else:
+            for sid, d in zip(plan.session_ids, dues):
+                lat = (t1 - d) * 1000.0
+                metrics.record_chunks(lat, 1)
+                if sid not in starts:
+                    metrics.record_intervals(lat, 1)
+        if c > 1:
+            d_ms = rnd.result.duration_ms
+            metrics.record_chunks(d_ms, n * (c - 1))
+            metrics.record_intervals(d_ms, n * (c - 1))
+        w.rnd = cruising.advance(w.engine, cr, c, tc)
+        self.rounds += c
+        self.cruised_rounds += c
+        self.apply_rounds(w.wid, plan.session_ids, tc, c)
+        self.loop.push(w.rnd.finish_s, (self._round_done, w))
 
     def _round_done(self, now_s: float, w: _SimWorker) -> None:
         rnd = w.rnd
@@ -404,6 +514,7 @@ class SimTransport:
     def record_unfinished(self, end_s: float, only_over_ms: float | None = None) -> int:
         """Chunks due (or in flight) but undelivered at the end: counted with their wait
         (only those waiting longer than `only_over_ms`, when given)."""
+        self.settle_all(end_s)
         n = 0
         waits: list[float] = []
         for w in self.workers.values():

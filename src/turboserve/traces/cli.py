@@ -11,7 +11,7 @@ import math
 from dataclasses import replace
 
 from ..config import load_config
-from .rescale import fit_factor, fit_to_gpus, peak_demand, scale_arrivals
+from .rescale import fit_factor, fit_to_gpus, peak_demand
 from .schema import read_trace, write_trace
 from .stats import format_stats, trace_stats
 from .synth import SynthConfig, synth_trace
@@ -45,6 +45,8 @@ def _synth(args, slo_ms) -> int:
         raise ValueError(f"--hours must be > 0, got {args.hours}")
     model, shape = _model_and_shape(args.model)
     cfg = SynthConfig(hours=args.hours, seed=args.seed, shape=shape, daily_cycle=args.daily_cycle)
+    if getattr(args, "steps_mix", None):
+        cfg = replace(cfg, law=replace(cfg.law, steps_mix=_parse_steps_mix(args.steps_mix)))
     if args.rate is not None:
         if args.rate <= 0:
             raise ValueError(f"--rate must be > 0, got {args.rate}")
@@ -109,3 +111,17 @@ def _stats(args, slo_ms) -> int:
         model, shape = _model_and_shape(args.model)
     print(format_stats(trace_stats(records, model, shape, slo_ms)))
     return 0
+
+
+def _parse_steps_mix(text: str) -> tuple[tuple[int, float], ...]:
+    """`4:0.8,2:0.2` -> ((4, 0.8), (2, 0.2))."""
+    mix = []
+    for part in text.split(","):
+        try:
+            steps, p = part.split(":")
+            mix.append((int(steps), float(p)))
+        except ValueError:
+            raise ValueError(f"--steps-mix wants STEPS:PROBABILITY pairs like 4:0.8,2:0.2, got {part!r}") from None
+    if any(s < 1 or p < 0 for s, p in mix) or sum(p for _, p in mix) <= 0:
+        raise ValueError(f"--steps-mix needs steps >= 1 and probabilities >= 0 summing above 0, got {text!r}")
+    return tuple(mix)

@@ -57,7 +57,9 @@ class SessionLaw:
     idle_median_s: float = 20.0  # lognormal idle gap between active periods
     idle_sigma: float = 1.0
     max_idle_s: float = 600.0
-    steps_mix: tuple[tuple[int, float], ...] = ((4, 0.8), (2, 0.2))  # (steps, probability)
+    # (steps, probability). One step count by default: sessions of different step counts
+    # cannot share a round, so a mix lowers every GPU's capacity (`--steps-mix 4:0.8,2:0.2`).
+    steps_mix: tuple[tuple[int, float], ...] = ((4, 1.0),)
 
 
 class SessionSampler:

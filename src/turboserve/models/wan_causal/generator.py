@@ -21,14 +21,18 @@ Session state (`StreamState.tensors`; `meta` holds the JSON-able rest):
 - meta: `frame_pos` (absolute latent index of each cached frame), `frame_prompts` (the
   prompt each cached frame was generated under), `next_frame`, `evicted`, VAE slot kinds.
 
-Checkpoint = `latents`, `rng` and meta (kilobytes to megabytes against the gigabytes of `kv`).
-Rebuild replays the clean passes over the retained frames chunk by chunk, each under its
-own prompt, and re-decodes them through the VAE. Until the session first evicts a frame this
-reproduces the state exactly (the same computations in the same order). After an eviction
-it cannot: the evicted frames shaped the K/V of the retained ones, and the VAE cache of the
-retained frames depends on the evicted ones too; the rebuilt state is then the one a stream
-holding only the retained frames would have (LongLive's "re-cache"), and outputs continue
-with small differences (tests bound them).
+- `vae_hist` (C, <=R, h, w) float32: the last R decoded latent frames, R = the VAE decoder's
+  causal reach (`vae.causal_reach`, 39 frames for every Wan2.1 VAE shape).
+
+Checkpoint = `latents`, `vae_hist`, `rng` and meta (kilobytes to ~20 MB at 480p, against the
+gigabytes of `kv` and the VAE cache). Rebuild replays the clean passes over the retained
+frames chunk by chunk, each under its own prompt, and decodes `vae_hist` again through the
+VAE. The VAE cache comes back bit for bit (R covers the decoder's reach). The KV cache
+comes back bit for bit until the session first evicts a frame (same computations in the
+same order). After an eviction it cannot: the evicted frames shaped the K/V of the retained
+ones through the deeper layers; the rebuilt cache is the one a stream holding only the
+retained frames would have (LongLive's "re-cache"): ~1% relative difference in K/V on the
+tiny random model, and the video continues with small differences (tests bound them).
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ class WanCausalGenerator:
         c, _, h, w = latent_shape(self.cfg, state.spec, 0)
         state.tensors["kv"] = torch.empty(self.layers, 2, 0, self.heads, self.head_dim, device=self.device, dtype=self.dtype)
         state.tensors["latents"] = torch.empty(c, 0, h, w, device=self.device, dtype=torch.float32)
+        state.tensors["vae_hist"] = torch.empty(c, 0, h, w, device=self.device, dtype=torch.float32)
         state.tensors[RNG_KEY] = rng.to(self.device)
         state.meta.update(frame_pos=[], frame_prompts=[], next_frame=0, evicted=False)
         self.decoder.init_state(state.tensors, state.meta)
@@ -228,6 +233,8 @@ class WanCausalGenerator:
             self._append(s, new_kv, x0[b], positions[b])
             first = s.chunk_index == 0
             video = self.decoder.decode_chunk(x0[b], s.tensors, s.meta)
+            hist = torch.cat([s.tensors["vae_hist"], x0[b].float()], dim=1)
+            s.tensors["vae_hist"] = hist[:, -self.decoder.history_frames :].contiguous()
             frames = video_to_uint8(video)
             outputs.append(pad_first_chunk(frames, spec.frames_per_chunk) if first else frames)
             s.chunk_index += 1
@@ -262,8 +269,7 @@ class WanCausalGenerator:
         meta = {k: state.meta[k] for k in ("frame_pos", "frame_prompts", "next_frame", "evicted", FRAMES_META)}
         return Checkpoint(
             session_id=state.session_id, spec=state.spec, prompt=state.prompt, chunk_index=state.chunk_index,
-            tensors={"latents": state.tensors["latents"].detach().cpu().clone(),
-                     RNG_KEY: state.tensors[RNG_KEY].detach().cpu().clone()},
+            tensors={key: state.tensors[key].detach().cpu().clone() for key in ("latents", "vae_hist", RNG_KEY)},
             meta=dict(meta, frame_pos=list(meta["frame_pos"]), frame_prompts=list(meta["frame_prompts"])),
         )
 
@@ -292,17 +298,13 @@ class WanCausalGenerator:
         state.tensors["latents"] = latents.clone()
         state.meta.update(frame_pos=list(frame_pos), frame_prompts=list(frame_prompts),
                           next_frame=ckpt.meta["next_frame"], evicted=ckpt.meta["evicted"])
-        # warm the VAE's causal cache: exact from frame 0; after an eviction, from the
-        # oldest contiguous run of recent frames as if it started the stream
-        decoded = ckpt.meta[FRAMES_META]
-        if decoded:
-            start = 0
-            if ckpt.meta["evicted"]:
-                start = len(frame_pos) - 1
-                while start > 0 and frame_pos[start - 1] == frame_pos[start] - 1:
-                    start -= 1
-            self.decoder.decode_chunk(latents[:, start:], state.tensors, state.meta)
-            state.meta[FRAMES_META] = decoded
+        # warm the VAE's causal cache by decoding the last frames again: exact, because the
+        # history spans the decoder's whole causal reach (or starts at the stream's frame 0)
+        hist = ckpt.tensors["vae_hist"].to(self.device, torch.float32)
+        if hist.shape[1]:
+            self.decoder.decode_chunk(hist, state.tensors, state.meta)
+        state.tensors["vae_hist"] = hist.clone()
+        state.meta[FRAMES_META] = ckpt.meta[FRAMES_META]
         state.prompt = ckpt.prompt
         state.tensors["xkv"] = self._prompt_kv(ckpt.prompt)
         return state

@@ -1,0 +1,101 @@
+"""Controller decision time per event at 4, 16, 64, 256 GPUs with 8 sessions per GPU.
+
+A population of 8 x N demo91 sessions arrives over the first `--ramp-s` seconds and keeps
+alternating active and idle periods (so arrivals, activations, period ends, offloads,
+restores and migrations all reach the controller), on N GPUs ready from the start. The
+simulator drives the real `Controller` and policy; each policy call's wall time
+(`Controller.decision_ms`, `time.perf_counter` around `policy.decide`) is the sample.
+
+The paper reports 0.25 ms at 4 GPUs and 90 ms at 256 GPUs; our target is p99 < 5 ms at 256.
+
+    python bench/decision_time.py [--gpus 4,16,64,256] [--policy turboserve] [--sim-s 120]
+
+Prints a table and writes JSON (`--json`, default bench/results/decision_time.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from turboserve.config import load_config  # noqa: E402
+from turboserve.profile import load_latency_model  # noqa: E402
+from turboserve.sim.driver import simulate  # noqa: E402
+from turboserve.types import Period, SessionRecord, SessionSpec  # noqa: E402
+
+SHAPE = "demo91"
+SESSIONS_PER_GPU = 8
+
+
+def population(gpus: int, ramp_s: float, sim_s: float, seed: int, model) -> list[SessionRecord]:
+    """8 sessions per GPU arriving over `ramp_s`, active 5-40 s then idle 1-15 s, until `sim_s`."""
+    rng = np.random.default_rng(seed)
+    info = model.shape(SHAPE)
+    spec = SessionSpec(model=SHAPE, fps=info.fps, frames_per_chunk=info.video_frames_per_chunk, steps=info.passes - 1)
+    out = []
+    for i in range(gpus * SESSIONS_PER_GPU):
+        t = float(rng.uniform(0.0, ramp_s))
+        periods = []
+        span = t
+        while span < sim_s:
+            a, idle = float(rng.uniform(5.0, 40.0)), float(rng.uniform(1.0, 15.0))
+            periods.append(Period(a, idle))
+            span += a + idle
+        out.append(SessionRecord(f"d{i:05d}", t, spec.with_(seed=i), tuple(periods)))
+    return out
+
+
+def measure(gpus: int, policy: str, ramp_s: float, sim_s: float, seed: int, model) -> dict:
+    records = population(gpus, ramp_s, sim_s, seed, model)
+    config = load_config(None, [f"cluster.gpus={gpus}", f"autoscale.initial_gpus={gpus}",
+                                f"cluster.min_gpus={gpus}", "sim.progress=false"])
+    t0 = time.perf_counter()
+    res = simulate(records, policy, model, config, until_s=sim_s)
+    wall = time.perf_counter() - t0
+    d = np.asarray(res.controller.decision_ms)
+    c = res.controller.counters
+    return {
+        "gpus": gpus, "sessions": len(records), "policy": policy, "decisions": int(d.size), "events": c.events,
+        "p50_ms": float(np.percentile(d, 50)), "p99_ms": float(np.percentile(d, 99)), "max_ms": float(d.max()),
+        "mean_ms": float(d.mean()), "migrations": res.summary["migrations"], "offloads": res.summary["offloads"],
+        "sim_s": sim_s, "wall_s": wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", default="4,16,64,256")
+    ap.add_argument("--policy", default="turboserve", help="comma-separated policies")
+    ap.add_argument("--ramp-s", type=float, default=20.0)
+    ap.add_argument("--sim-s", type=float, default=90.0, help="simulated seconds per run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", dest="json_out", default=str(REPO / "bench" / "results" / "decision_time.json"))
+    args = ap.parse_args(argv)
+    model = load_latency_model()
+    rows = []
+    print(f"{'policy':<24} {'GPUs':>5} {'sessions':>8} {'decisions':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+          f"{'migr':>5} {'offl':>5} {'wall s':>7}")
+    for policy in args.policy.split(","):
+        for g in (int(x) for x in args.gpus.split(",")):
+            r = measure(g, policy, args.ramp_s, args.sim_s, args.seed, model)
+            rows.append(r)
+            print(f"{policy:<24} {g:>5} {r['sessions']:>8} {r['decisions']:>9} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
+                  f"{r['max_ms']:>8.2f} {r['migrations']:>5} {r['offloads']:>5} {r['wall_s']:>7.1f}", flush=True)
+    print("paper: 0.25 ms at 4 GPUs, 90 ms at 256 GPUs; target p99 < 5 ms at 256")
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.json_out, "w") as f:
+        json.dump({"sessions_per_gpu": SESSIONS_PER_GPU, "shape": SHAPE, "rows": rows}, f, indent=1)
+    print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Simulator speed: wall seconds to replay one hour of a 64-GPU trace, per shape and policy.
+
+The trace is the synthetic bursty one (`turboserve trace synth --hours 1 --fit-gpus 64`),
+fitted per shape. Two figures per run: wall time for the first simulated hour
+(`--until 3600`, the stated target: under 30 s on one core), and optionally (`--full`)
+for the whole replay until the last session leaves (long sessions run past the hour).
+Also reported: rounds, the share run in cruise (identical back-to-back rounds taken in
+one step, `sim/cruise.py`), chunks, and heap items. Python runs on one core.
+
+    python bench/sim_speed.py [--shapes demo91,wan1.3b-320p,wan14b-480p] [--policy static-ll,turboserve]
+
+Prints a table and writes JSON (`--json`, default bench/results/sim_speed.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from sim_matrix import INFEASIBLE_AT_PLAYBACK, make_trace  # noqa: E402
+from turboserve.config import load_config  # noqa: E402
+from turboserve.profile import load_latency_model  # noqa: E402
+from turboserve.sim.cli import map_to_shape  # noqa: E402
+from turboserve.sim.driver import simulate  # noqa: E402
+from turboserve.traces.schema import read_trace  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="demo91,wan1.3b-320p,wan14b-480p")
+    ap.add_argument("--policy", default="static-ll,turboserve-no-autoscale,turboserve")
+    ap.add_argument("--gpus", type=int, default=64)
+    ap.add_argument("--hours", type=float, default=1.0)
+    ap.add_argument("--until", type=float, default=3600.0, help="simulated seconds to time (0 = until all depart)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wan14b-slo-ms", type=float, default=2600.0)
+    ap.add_argument("--no-cruise", action="store_true", help="every round through the heap (for comparison)")
+    ap.add_argument("--cache", default=str(REPO / "runs" / "bench-traces"), help="where made traces are kept (git-ignored)")
+    ap.add_argument("--json", dest="json_out", default=str(REPO / "bench" / "results" / "sim_speed.json"))
+    args = ap.parse_args(argv)
+    model = load_latency_model()
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(f"{'shape':<14} {'policy':<24} {'sim s':>7} {'wall s':>7} {'rounds':>9} {'cruised':>7} {'chunks':>10} "
+          f"{'items':>8} {'rounds/s':>9}")
+    for shape in args.shapes.split(","):
+        slo = args.wan14b_slo_ms if shape in INFEASIBLE_AT_PLAYBACK else None
+        path = make_trace("synthetic", shape, args.gpus, args.hours, args.seed, slo, cache, model)
+        records = map_to_shape(read_trace(path), shape, model)
+        overrides = [f"cluster.gpus={args.gpus}", "sim.progress=false"] + ([f"slo.slo_ms={slo}"] if slo else [])
+        config = load_config(None, overrides)
+        for policy in args.policy.split(","):
+            t0 = time.perf_counter()
+            res = simulate(records, policy, model, config, until_s=args.until or None, cruise=not args.no_cruise)
+            wall = time.perf_counter() - t0
+            s = res.summary
+            row = {"shape": shape, "policy": policy, "gpus": args.gpus, "sessions": len(records),
+                   "slo_ms": slo, "sim_s": res.end_s, "wall_s": wall, "rounds": s["rounds"],
+                   "rounds_cruised": s["rounds_cruised"], "chunks": s["chunks"], "heap_items": res.events,
+                   "cruise": not args.no_cruise}
+            rows.append(row)
+            share = s["rounds_cruised"] / max(1, s["rounds"])
+            print(f"{shape:<14} {policy:<24} {res.end_s:>7.0f} {wall:>7.1f} {s['rounds']:>9} {100 * share:>6.1f}% "
+                  f"{s['chunks']:>10} {res.events:>8} {s['rounds'] / wall:>9.0f}", flush=True)
+    print("target: one hour of a 64-GPU trace in under 30 s on one core")
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.json_out, "w") as f:
+        json.dump({"rows": rows}, f, indent=1)
+    print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The Ray transport on a local Ray (CPU actors, 0 GPUs): workers are actors, the real
+controller and policy drive them, sessions migrate between actor processes through the
+object store, go to host memory and come back, and chunks arrive once each, in order.
+Engines run the fake generator (the real protocol, no model load per actor)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
+import serving_helpers  # noqa: E402
+from serving_helpers import FakeGenerator, tiny_latency_model  # noqa: E402
+
+from turboserve.config import TurboConfig  # noqa: E402
+from turboserve.serving.embedded import build_runtime  # noqa: E402
+from turboserve.types import SessionState  # noqa: E402
+
+from test_runtime_live import Collector, wait_for  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # the actors' processes cannot import the tests' helper module: ship it by value
+    ray.cloudpickle.register_pickle_by_value(serving_helpers)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def test_ray_workers_run_migrate_offload_resume(local_ray, tmp_path):
+    cfg = TurboConfig().with_overrides([
+        f"serve.storage_dir='{tmp_path}'", "sim.tick_s=0.2", "offload.grace_s=0.3",
+        "rebalance.cooldown_s=0.5", "rebalance.gain_threshold_ms=1.0", "rebalance.eta=0.1",
+    ])
+    rt = build_runtime(cfg, backend="ray", workers=2, latency_model=tiny_latency_model(),
+                       generator_factory=lambda device: FakeGenerator(device, delay_s=0.02))
+    col = Collector()
+    rt.add_listener(col.on_chunk, col.on_end)
+    rt.start()
+    try:
+        spec = rt.resolve_spec({})
+        sids = [f"r{i}" for i in range(4)]
+        for sid in sids:
+            rt.create_session(sid, spec, f"prompt {sid}")
+        wait_for(lambda: all(len(col.indices[s]) >= 2 for s in sids), 60, "first chunks")
+        assert {w.device for w in rt.cluster().workers} == {"ray:cpu"}
+        wait_for(lambda: len({rt.session(s).worker for s in sids}) == 2, 30, "sessions on both actors")
+        placed = {s: rt.session(s).worker for s in sids}
+        paused = [s for s in sids if placed[s] == placed[sids[0]]]
+        for sid in paused:
+            rt.pause(sid)
+        wait_for(lambda: rt.cluster().counters["offloads"] >= 1, 30, "an offload")
+        wait_for(lambda: rt.cluster().counters["migrations"] >= 1, 60, "a migration between actors")
+        before = len(col.indices[paused[0]])
+        wait_for(lambda: rt.session(paused[0]).state is SessionState.OFFLOADED, 30, "offloaded")
+        rt.resume(paused[0], chunks=3)
+        wait_for(lambda: len(col.indices[paused[0]]) >= before + 3, 30, "chunks after resume")
+        for sid in sids:
+            rt.close(sid)
+        for sid in sids:
+            idx = col.indices[sid]
+            assert idx == list(range(len(idx))), f"{sid}: {idx}"
+        assert rt.cluster().counters["resumes"] >= 1
+    finally:
+        rt.stop()

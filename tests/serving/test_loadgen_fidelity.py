@@ -1,0 +1,72 @@
+"""`turboserve loadgen` against a live server running the real `tiny` model on 2 CPU
+engines, and fidelity: the same short trace in `simulate` (tiny profile) and live agrees on
+the median per-chunk latency within a loose bound (the benchmark reports the real figure)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from serving_helpers import tiny_latency_model
+from turboserve.cli import main
+from turboserve.config import TurboConfig
+from turboserve.serving.app import create_app
+from turboserve.serving.cli import demo_trace
+from turboserve.serving.embedded import build_runtime
+from turboserve.serving.loadgen import chunks_for
+from turboserve.serving.server import ServerThread
+from turboserve.sim.driver import simulate
+from turboserve.sim.report import REQUIRED_METRICS
+from turboserve.traces.schema import write_trace
+
+# Loose on purpose: 2 shared CPU cores, two engines in one process (GIL), a client and an
+# encoder beside them. `bench/fidelity.py` measures the real agreement.
+P50_RATIO_BOUND = 3.0
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loadgen")
+    cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp / 'rec'}'", "sim.tick_s=0.2"])
+    model = tiny_latency_model()
+    runtime = build_runtime(cfg, model="tiny", workers=2, latency_model=model, warmup_chunks=2)
+    with ServerThread(create_app(runtime, cfg)) as srv:
+        yield srv, cfg, model, tmp
+
+
+def test_loadgen_replays_a_trace_and_agrees_with_simulate(live, capsys):
+    server, cfg, model, tmp = live
+    records = demo_trace(3, seed=1)
+    trace = tmp / "trace.jsonl"
+    write_trace(records, trace)
+    out = tmp / "live.json"
+    assert main(["loadgen", "--trace", str(trace), "--url", server.base_url, "--json", str(out),
+                 "--timeout-s", "120"]) == 0
+    table = capsys.readouterr().out
+    assert "p99 ms" in table and "turboserve" in table
+    report = json.loads(out.read_text())
+    assert set(report) >= {"runs", "oracle", "meta"} and not report["meta"]["errors"]
+    live_metrics = report["runs"][0]["metrics"]
+    assert set(REQUIRED_METRICS) <= set(live_metrics)
+    expected = sum(chunks_for(p.active_s, 0.25) for r in records for p in r.periods)
+    assert live_metrics["chunks"] == expected and live_metrics["unfinished_chunks"] == 0
+    assert live_metrics["gpu_hours"] > 0 and live_metrics["cost_usd"] > 0
+
+    sim = simulate(records, "turboserve", model, cfg.with_overrides(["cluster.gpus=2", "cluster.min_gpus=2"]),
+                   shape="tiny")
+    sim_p50 = sim.summary["p50_chunk_latency_ms"]
+    live_p50 = live_metrics["p50_chunk_latency_ms"]
+    print(f"p50 per-chunk latency: simulate {sim_p50:.1f} ms, live {live_p50:.1f} ms")
+    assert sim.summary["chunks"] == expected
+    assert math.isfinite(live_p50) and live_p50 > 0
+    assert 1 / P50_RATIO_BOUND <= live_p50 / sim_p50 <= P50_RATIO_BOUND
+
+
+def test_loadgen_rejects_bad_arguments(tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    write_trace(demo_trace(1), trace)
+    assert main(["loadgen", "--trace", str(trace), "--url", "ftp://127.0.0.1:1"]) == 2
+    assert "--url" in capsys.readouterr().err
+    assert main(["loadgen", "--trace", str(trace), "--url", "http://127.0.0.1:1", "--time-scale", "0"]) == 2

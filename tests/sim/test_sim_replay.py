@@ -1,0 +1,102 @@
+"""The simulator end to end on a small bursty trace, driving the real controller, policies
+and engines: delivery order, determinism, billing, oracle bounds, and the cruise shortcut."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from turboserve.config import load_config
+from turboserve.policy.registry import FIXED_COUNT, policy_names
+from turboserve.sim import oracle
+from turboserve.sim.driver import simulate
+
+GPUS = 3  # the small trace is fitted to this many GPUs (conftest.py)
+
+# wall-clock and counters that legitimately differ between two runs of the same inputs
+NONDETERMINISTIC = {"decision_ms_p50", "decision_ms_p99", "decision_ms_max", "rounds_cruised"}
+
+
+def _config(*extra):
+    return load_config(None, [f"cluster.gpus={GPUS}", *extra])
+
+
+def _same(a: dict, b: dict) -> dict:
+    diffs = {}
+    for k, va in a.items():
+        if k in NONDETERMINISTIC:
+            continue
+        vb = b[k]
+        if isinstance(va, float):
+            if abs(va - vb) > 1e-6 * max(1.0, abs(va)):
+                diffs[k] = (va, vb)
+        elif va != vb:
+            diffs[k] = (va, vb)
+    return diffs
+
+
+def test_every_due_chunk_is_delivered_once_and_in_order(small_records, model):
+    """Across arrivals, idle periods, offloads, restores and migrations (turboserve uses them
+    all on this trace), each session gets chunks 0..n-1 exactly once, in order, n = what its
+    periods owe."""
+    got: dict[str, list[int]] = defaultdict(list)
+
+    def on_outcome(out):
+        for sid, idx in zip(out.session_ids, out.chunk_indices):
+            got[sid].append(idx)
+
+    res = simulate(small_records, "turboserve", model, _config("sim.tick_s=0.5"), on_outcome=on_outcome)
+    s = res.summary
+    assert s["sessions_unserved"] == 0 and s["sessions_failed"] == 0
+    assert s["migrations"] > 0 and s["offloads"] > 0 and s["resumes"] > 0, s
+    for rec in small_records:
+        owed = sum(rec.chunks_in_period(i) for i in range(len(rec.periods)))
+        assert got[rec.id] == list(range(owed)), rec.id
+    assert s["chunks"] == sum(len(v) for v in got.values())
+
+
+def test_same_seed_gives_the_same_report(small_records, model):
+    a = simulate(small_records, "turboserve", model, _config()).summary
+    b = simulate(small_records, "turboserve", model, _config()).summary
+    assert _same(a, b) == {}
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_cruise_shortcut_changes_no_result(small_records, model, policy):
+    """Identical rounds run in one step give the report of running them one by one."""
+    plain = simulate(small_records, policy, model, _config(), cruise=False)
+    fast = simulate(small_records, policy, model, _config(), cruise=True)
+    assert _same(plain.summary, fast.summary) == {}
+    assert len(plain.controller.decision_ms) == len(fast.controller.decision_ms)
+    if policy in ("static-ll", "turboserve-no-autoscale"):
+        assert fast.summary["rounds_cruised"] > 0  # the shortcut is exercised
+
+
+def test_fixed_count_gpu_hours_and_oracle_bound(small_records, model):
+    cfg = _config()
+    demand = oracle.nominal_demand(small_records)
+    slo = {k: 250.0 for k in demand}
+    lb = oracle.cost_lower_bound_gpu_hours(demand, model, slo, cfg.cluster.gpu_memory_bytes)
+    assert lb > 0
+    for name in policy_names():
+        res = simulate(small_records, name, model, cfg)
+        s = res.summary
+        assert lb <= s["gpu_hours"] + 1e-9, name
+        if name in FIXED_COUNT:
+            assert s["gpus_max"] == GPUS
+            assert s["gpu_hours"] == pytest.approx(GPUS * res.end_s / 3600.0, rel=1e-9)
+        assert s["gpus_max"] <= GPUS  # the ceiling holds for autoscaling policies too
+
+
+def test_starved_sessions_count_as_missed(small_records, model):
+    """GPUs with room for two sessions each: the rest wait in the queue, and the chunks
+    they are owed count as late rather than vanishing from the report."""
+    info = model.shape("demo91")
+    room = info.weights_bytes + 2 * model.state_bytes("demo91", info.window_frames) + 10**6
+    cfg = load_config(None, [f"cluster.gpus={GPUS}", f"cluster.gpu_memory_bytes={room}"])
+    res = simulate(small_records, "static-ll", model, cfg, until_s=60.0)
+    s = res.summary
+    assert s["unfinished_chunks"] > 0
+    assert s["slo_attainment"] < 0.95
+    assert s["max_chunk_latency_ms"] > 10_000.0
