@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -53,8 +53,12 @@ def main(argv=None) -> int:
     if profile is None:
         profile = str(tmp / "tiny-profile.json")
         print(f"profiling tiny on this machine -> {profile}", file=sys.stderr)
+        # Profile under the conditions the live engines run in: each of the N CPU engines
+        # gets cores / N threads (serving/embedded.py does the same).
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         subprocess.run([sys.executable, "-m", "turboserve.cli", "profile", "--model", "tiny", "--device", "cpu",
-                        "--out", profile], check=True)
+                        "--out", profile], check=True, env=env)
     model = load_latency_model([profile])
     records = read_trace(args.trace) if args.trace else demo_trace(args.sessions, seed=args.seed)
     cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp / 'recordings'}'",
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
     runtime.add_listener(on_chunk, lambda *a: None)
     with ServerThread(create_app(runtime, cfg)) as srv:
         live = asyncio.run(replay(records, srv.base_url, timeout_s=900.0)).report["runs"][0]["metrics"]
-    sim = simulate(records, args.policy, model, dataclasses.replace(cfg, serve=cfg.serve), shape="tiny").summary
+    sim = simulate(records, args.policy, model, cfg, shape="tiny").summary
 
     slo = sim["slo_ms"]
     srv_lat = np.asarray(server_side)

@@ -96,6 +96,10 @@ def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: 
     wall = time.perf_counter() - t0
     by = {r["policy"]: r["metrics"] | {"gpus_max": r["gpus"]["max"], "gpus_mean": r["gpus"]["mean"]}
           for r in report["runs"]}
+    if report.get("failed"):
+        # a crashed policy leaves the cell incomplete; report it rather than lose the matrix
+        return {"shape": shape, "gpus": gpus, "trace": kind, "sessions": len(records), "wall_s": wall,
+                "slo_explicit": slo_ms is not None, "failed": report["failed"], "report": report}
     ts, tna = by["turboserve"], by["turboserve-no-autoscale"]
     ll, rr, auto = by["static-ll"], by["static-rr"], by["autoscale-only"]
     lb = report["oracle"]["gpu_hours_lb"]
@@ -131,6 +135,11 @@ def format_rows(cells: list[dict]) -> str:
             "oracle gap", "SLO ts", "SLO ts-na", "wall s")
     rows = [head]
     for c in cells:
+        if c.get("failed"):
+            rows.append((c["shape"], str(c["gpus"]), c["trace"], str(c["sessions"]),
+                         "failed: " + ",".join(f["policy"] for f in c["failed"]), "", "", "", "", "", "",
+                         f"{c['wall_s']:.0f}"))
+            continue
         rows.append((c["shape"] + ("*" if c["slo_explicit"] else ""), str(c["gpus"]), c["trace"], str(c["sessions"]),
                      _change(c["latency_reduction_vs_static_ll"]), _change(c["latency_reduction_vs_static_rr"]),
                      _change(c["cost_reduction_vs_peak_fixed"]) + ("" if c["turboserve_latency_ok_vs_peak_fixed"] else " (worse max)"),
@@ -145,6 +154,8 @@ def format_rows(cells: list[dict]) -> str:
 
 
 def averages(cells: list[dict]) -> dict:
+    cells = [c for c in cells if not c.get("failed")]
+
     def mean(key):
         vals = [c[key] for c in cells if c[key] is not None]
         return sum(vals) / len(vals) if vals else None

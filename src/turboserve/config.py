@@ -78,6 +78,9 @@ class AutoscaleConfig:
     headroom_k: float = 1.0  # extra GPUs per standard deviation of recent demand
     scale_in_hold_s: float = 120.0  # demand must stay low this long before releasing GPUs
     initial_gpus: int = 0  # autoscaling policies' workers ready at time 0; 0 = min_gpus
+    # TurboServe: also provision for demand extrapolated this far ahead along its recent
+    # rise (e.g. the start-up delay); 0 = off (target from current demand and std only)
+    lookahead_s: float = 0.0
     # Ray Serve-style baseline (autoscale-only): desired = ongoing sessions / target per GPU
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0

@@ -154,3 +154,19 @@ def test_a_failing_placement_is_reported_not_raised(h):
     assert "width" in h.of(SessionFailed)[0].reason
     t.place("good", SPEC, "p", "w0", h.now(), from_host=False, active=True, chunks_wanted=2)
     h.wait(lambda: len(h.indices("good")) == 2, "the other session's chunks")
+
+
+def test_releasing_a_worker_keeps_its_offloaded_sessions(h):
+    t = h.transport
+    t.start_worker("w0", h.now(), memory_bytes=64 * MiB, ready=True)
+    t.start_worker("w1", h.now(), memory_bytes=64 * MiB, ready=True)
+    t.place("a", SPEC, "p", "w1", h.now(), from_host=False, active=True, chunks_wanted=2)
+    h.wait(lambda: h.of(SessionPaused), "idle")
+    t.offload("a", "w1", h.now())
+    h.wait(lambda: h.of(OffloadFinished), "the offload")
+    t.release_worker("w1", h.now())  # holds no GPU-resident session: the policy may release it
+    h.wait(lambda: "w1" not in t.worker_devices(), "w1 released")
+    t.place("a", SPEC, "p", "w0", h.now(), from_host=True, active=True, chunks_wanted=2)
+    h.wait(lambda: len(h.indices("a")) >= 4, "chunks after the restore")
+    assert h.indices("a") == [0, 1, 2, 3] and h.chunks["a"][-1][0] == "w0"
+    assert h.of(RestoreFinished)[0].worker_id == "w0" and not h.of(SessionFailed)

@@ -6,7 +6,6 @@ Engines run the fake generator (the real protocol, no model load per actor)."""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,7 @@ def test_ray_workers_run_migrate_offload_resume(local_ray, tmp_path):
     cfg = TurboConfig().with_overrides([
         f"serve.storage_dir='{tmp_path}'", "sim.tick_s=0.2", "offload.grace_s=0.3",
         "rebalance.cooldown_s=0.5", "rebalance.gain_threshold_ms=1.0", "rebalance.eta=0.1",
+        "cluster.gpus=2", "cluster.min_gpus=2",
     ])
     rt = build_runtime(cfg, backend="ray", workers=2, latency_model=tiny_latency_model(),
                        generator_factory=lambda device: FakeGenerator(device, delay_s=0.02))

@@ -38,7 +38,7 @@ class Truth:
             groups: dict = {}
             for sid in members:
                 s = self.s[sid]
-                if s["worker"] == wid and s["active"]:
+                if s["worker"] == wid and s["active"] and not s["off"]:
                     b, c = groups.get(s["spec"].compat_key, (0, 0.0))
                     groups[s["spec"].compat_key] = (b + 1, c + ctx(s))
             workers[wid] = (w["state"], members, used, groups)

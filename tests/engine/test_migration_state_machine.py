@@ -162,3 +162,72 @@ def test_pause_while_held_is_carried_to_the_destination():
     src.pause("s", 0.01)
     mig.commit(0.02)
     assert not dst.info("s").active and not dst.has_due_work()
+
+
+# --- exactly once and in order across migrations, whatever the interleaving ---------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+steps = st.lists(st.sampled_from(["src_begin", "src_finish", "dst_round", "start", "begin_stop", "stop",
+                                  "commit", "abort", "pause", "activate"]), min_size=5, max_size=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps)
+def test_chunks_once_and_in_order_across_migration_phases(seq):
+    src, dst = engines()
+    for sid in ("s", "t"):
+        src.add_session(sid, SPEC, "p", 0.0)
+    got: dict[str, list[int]] = {"s": [], "t": []}
+    now = 0.0
+    rnd = None
+    mig = None
+
+    def record(out):
+        for d in out.deliveries:
+            assert read_tag(d.frames) == (session_tag(d.session_id), d.chunk_index)
+            got[d.session_id].append(d.chunk_index)
+
+    for step in seq:
+        now += 0.1
+        if step == "src_begin" and rnd is None:
+            rnd = src.begin_round(now)
+        elif step == "src_finish" and rnd is not None:
+            record(src.finish_round(rnd, now))
+            rnd = None
+        elif step == "dst_round":
+            r = dst.begin_round(now)
+            if r is not None:
+                record(dst.finish_round(r, now))
+        elif step == "start" and (mig is None or mig.done) and "s" in src:
+            mig = Migration("s", src, dst, link=LINK)
+            mig.start(now)
+        elif mig is None or mig.done:
+            if step in ("pause", "activate"):
+                eng = src if "s" in src else dst
+                eng.pause("s", now) if step == "pause" else eng.activate("s", now)
+            continue
+        elif step == "begin_stop" and mig.phase is Phase.PRECOPY:
+            mig.begin_stop()
+        elif step == "stop" and mig.ready_to_stop():
+            mig.stop_and_copy(now)
+        elif step == "commit" and mig.phase is Phase.STOP_AND_COPY:
+            mig.commit(now)
+        elif step == "abort":
+            mig.abort("dst_lost", now)
+        elif step in ("pause", "activate"):
+            src.pause("s", now) if step == "pause" else src.activate("s", now)
+        assert src.pool.used_bytes <= src.pool.capacity_bytes and dst.pool.used_bytes <= dst.pool.capacity_bytes
+        assert ("s" in src) != ("s" in dst) or (mig is not None and not mig.done)
+
+    if rnd is not None:
+        record(src.finish_round(rnd, now))
+    if mig is not None and not mig.done:
+        mig.abort("dst_lost", now)
+    assert ("s" in src) != ("s" in dst)
+    assert dst.pool.reserved_bytes == 0
+    for sid, idxs in got.items():
+        assert idxs == list(range(len(idxs))), f"{sid}: {idxs}"
+    home = src if "s" in src else dst
+    assert home.info("s").chunk_index == len(got["s"])

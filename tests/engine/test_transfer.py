@@ -9,6 +9,7 @@ running on its source.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -64,6 +65,16 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, port: int, results) -> None:
+    try:
+        _rank_body(rank, port, results)
+    except BaseException:
+        import traceback
+
+        results.put(("error", rank, traceback.format_exc()))
+        raise
+
+
+def _rank_body(rank: int, port: int, results) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -73,7 +84,7 @@ def _rank_main(rank: int, port: int, results) -> None:
     from turboserve.engine.transfer import ack, recv_blob, send_blob
     from turboserve.models.registry import load_generator
 
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=90))
     try:
         gen = load_generator("tiny", device="cpu", seed=0)
         core = EngineCore(f"w{rank}", TorchExecutor(gen, device="cpu"), memory_bytes=2**32, max_batch=8)
@@ -139,8 +150,17 @@ def reference_frames():
 def test_migration_to_another_process_over_gloo(reference_frames):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    mp.spawn(_rank_main, args=(_free_port(), results), nprocs=2, join=True)
-    got = dict((r[0], r[1:]) for r in (results.get(timeout=60), results.get(timeout=60)))
+    procs = mp.spawn(_rank_main, args=(_free_port(), results), nprocs=2, join=False)
+    # Read before joining: a child cannot exit while its queued frames are still unread.
+    try:
+        got = {}
+        for _ in range(2):
+            r = results.get(timeout=120)
+            assert r[0] != "error", f"rank {r[1]} failed:\n{r[2]}"
+            got[r[0]] = r[1:]
+    finally:
+        while not procs.join(timeout=120):
+            pass
     sent, refused, b_still_there, a_still_there, b_shape = got["src"]
     chunk_index, nbytes, refused_id, frames = got["dst"]
     assert chunk_index == CHUNKS_BEFORE and sent == nbytes > 64 * 1024, "the state must stream in pieces"

@@ -50,3 +50,9 @@ def ship(state: StreamState) -> StreamState:
 
 def run(gen, state: StreamState, chunks: int) -> list[torch.Tensor]:
     return [gen.generate([state])[0] for _ in range(chunks)]
+
+
+def small(gen):
+    """A 32x32 spec of the generator's default model: a quarter of the default's cost, the
+    same code paths (tests of behaviour that does not depend on resolution use it)."""
+    return gen.default_spec().with_(width=32, height=32)

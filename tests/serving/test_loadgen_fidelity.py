@@ -1,5 +1,5 @@
-"""`turboserve loadgen` against a live server running the real `tiny` model on 2 CPU
-engines, and fidelity: the same short trace in `simulate` (tiny profile) and live agrees on
+"""`turboserve loadgen` against a live server running the real `tiny` model on a CPU
+engine, and fidelity: the same short trace in `simulate` (tiny profile) and live agrees on
 the median per-chunk latency within a loose bound (the benchmark reports the real figure)."""
 
 from __future__ import annotations
@@ -21,17 +21,21 @@ from turboserve.sim.driver import simulate
 from turboserve.sim.report import REQUIRED_METRICS
 from turboserve.traces.schema import write_trace
 
-# Loose on purpose: 2 shared CPU cores, two engines in one process (GIL), a client and an
-# encoder beside them. `bench/fidelity.py` measures the real agreement.
+# Loose on purpose: the profile was measured on another day's load of 2 shared cores, and a
+# client and an encoder share them with the engine. `bench/fidelity.py` measures the real
+# agreement on a quiet machine.
 P50_RATIO_BOUND = 3.0
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loadgen")
-    cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp / 'rec'}'", "sim.tick_s=0.2"])
+    # One engine with every core, as the profiler measures; `bench/fidelity.py` also runs
+    # several engines with a profile measured at their thread count.
+    cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp / 'rec'}'", "sim.tick_s=0.2",
+                                        "cluster.gpus=1", "cluster.min_gpus=1"])
     model = tiny_latency_model()
-    runtime = build_runtime(cfg, model="tiny", workers=2, latency_model=model, warmup_chunks=2)
+    runtime = build_runtime(cfg, model="tiny", workers=1, latency_model=model, warmup_chunks=2)
     with ServerThread(create_app(runtime, cfg)) as srv:
         yield srv, cfg, model, tmp
 
@@ -51,15 +55,14 @@ def test_loadgen_replays_a_trace_and_agrees_with_simulate(live, capsys):
     live_metrics = report["runs"][0]["metrics"]
     assert set(REQUIRED_METRICS) <= set(live_metrics)
     expected = sum(chunks_for(p.active_s, 0.25) for r in records for p in r.periods)
-    assert live_metrics["chunks"] == expected and live_metrics["unfinished_chunks"] == 0
+    assert (live_metrics["chunks"], live_metrics["unfinished_chunks"]) == (expected, 0)
     assert live_metrics["gpu_hours"] > 0 and live_metrics["cost_usd"] > 0
 
-    sim = simulate(records, "turboserve", model, cfg.with_overrides(["cluster.gpus=2", "cluster.min_gpus=2"]),
-                   shape="tiny")
+    sim = simulate(records, "turboserve", model, cfg, shape="tiny")
     sim_p50 = sim.summary["p50_chunk_latency_ms"]
     live_p50 = live_metrics["p50_chunk_latency_ms"]
     print(f"p50 per-chunk latency: simulate {sim_p50:.1f} ms, live {live_p50:.1f} ms")
-    assert sim.summary["chunks"] == expected
+    assert (sim.summary["chunks"], sim.summary["unfinished_chunks"]) == (expected, 0)
     assert math.isfinite(live_p50) and live_p50 > 0
     assert 1 / P50_RATIO_BOUND <= live_p50 / sim_p50 <= P50_RATIO_BOUND
 

@@ -143,6 +143,19 @@ def test_idempotency_key(http):
     assert d.json()["id"] != a.json()["id"]
 
 
+def test_concurrent_creations_with_one_key_make_one_session(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def post(_):
+        with httpx.Client(base_url=server.base_url, timeout=30) as c:
+            return c.post("/v1/sessions", json={"prompt": "racing", "max_chunks": 1},
+                          headers={"Idempotency-Key": "race-1"})
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(post, range(6)))
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["id"] for r in responses}) == 1
+
+
 def test_token_auth(server, http):
     sid, token, auth = create(http, max_chunks=2)
     assert http.get(f"/v1/sessions/{sid}").status_code == 401

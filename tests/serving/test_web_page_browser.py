@@ -32,7 +32,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
-    cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp}'"])
+    cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp}'", "cluster.gpus=2", "cluster.min_gpus=2"])
     runtime = build_runtime(cfg, model="tiny", workers=2, latency_model=tiny_latency_model(),
                             warmup_chunks=1)
     with ServerThread(create_app(runtime, cfg)) as srv:

@@ -100,7 +100,7 @@ class Controller:
         self.refusals: deque[str] = deque(maxlen=1000)  # most recent refused decision items
         self.failed: dict[SessionId, str] = {}  # sessions ended by an error -> why
         self.now_s = 0.0
-        self._decided_load: dict[WorkerId, float] = {}
+        self._decided_load: dict[WorkerId, tuple[int, float]] = {}  # wid -> (decision no., load)
         self._next_worker = 0
         self._ready = 0
         self._queue: deque[Event] = deque()
@@ -220,12 +220,18 @@ class Controller:
         st = self.state
         if not st.has_worker(ev.worker_id):
             return False
-        st.round_completed(ev.worker_id, ev.session_ids, ev.time_s, ev.rounds)
+        wid = ev.worker_id
+        before = st.worker(wid).load_ms
+        st.round_completed(wid, ev.session_ids, ev.time_s, ev.rounds)
         if st.pending_count:
             return True
-        load = st.worker(ev.worker_id).load_ms
-        before = self._decided_load.get(ev.worker_id, 0.0)
-        return abs(load - before) > LOAD_CHANGE_TO_DECIDE * max(before, 1e-9)
+        # The load this worker had at the last decision: recorded lazily, the first time the
+        # worker reports a round after that decision (its load then is what the decision saw).
+        epoch, base = self._decided_load.get(wid, (-1, 0.0))
+        if epoch != self.counters.decisions:
+            base = before
+            self._decided_load[wid] = (self.counters.decisions, base)
+        return abs(st.worker(wid).load_ms - base) > LOAD_CHANGE_TO_DECIDE * max(base, 1e-9)
 
     def _on_worker_ready(self, ev: WorkerReady) -> bool:
         st = self.state
@@ -302,7 +308,6 @@ class Controller:
             self.on_decision(view, decision)
         if not decision.empty:
             self._apply(decision, now_s)
-        self._decided_load = {wid: wv.load_ms for wid, wv in self.state.view(now_s).workers.items()}
         return decision
 
     def _apply(self, d: Decision, now_s: float) -> None:

@@ -79,6 +79,7 @@ class LocalTransport:
         self._where: dict[SessionId, WorkerId] = {}  # engine holding the session's state
         self._prompts: dict[SessionId, str] = {}  # prompt to apply when the state lands
         self._moving: dict[SessionId, bool] = {}  # in-flight migrations -> closed meanwhile
+        self._parked: dict[SessionId, object] = {}  # host state of sessions whose worker was released
         self._lock = threading.Lock()
         self._closed = False
 
@@ -185,6 +186,7 @@ class LocalTransport:
             except queue.Empty:
                 cmd = _NOTHING
             if cmd is None:
+                self._park_offloaded(w)
                 break
             if cmd is not _NOTHING:
                 self._run(w, cmd)
@@ -214,6 +216,32 @@ class LocalTransport:
             for sid in outcome.became_idle:
                 self._emit(SessionPaused(outcome.finished_s, sid))
         self._free(w)
+
+    def _park_offloaded(self, w: _Worker) -> None:
+        """A released engine may still hold idle sessions in its host tier (the policy only
+        waits for GPU-resident ones): keep their state in the transport until a placement
+        brings them back, so releasing a worker never loses a session."""
+        engine = w.engine
+        for sid in engine.snapshot().offloaded:
+            try:
+                blob = engine.export(sid)
+            except Exception:  # noqa: BLE001
+                log.exception("worker %s: could not keep offloaded session %s", w.wid, sid)
+                self._emit(SessionFailed(self._clock(), sid, f"its worker {w.wid} was released", w.wid))
+                continue
+            with self._lock:
+                self._parked[sid] = blob
+                if self._where.get(sid) == w.wid:
+                    self._where.pop(sid, None)
+
+    def take_parked(self, sid: SessionId):
+        """The state of an offloaded session whose worker was released, or None."""
+        with self._lock:
+            return self._parked.pop(sid, None)
+
+    def park(self, blob) -> None:
+        with self._lock:
+            self._parked[blob.session_id] = blob
 
     def _run(self, w: _Worker, cmd: Callable[[], None]) -> None:
         try:
@@ -271,6 +299,26 @@ class LocalTransport:
                     self._where[sid] = wid
                 self._apply_pending_prompt(engine, sid)
             if not self._post(wid, add):
+                failed(f"worker {wid} is gone")
+            return
+        parked = self.take_parked(sid)
+        if parked is not None:
+            dst_device = self._workers[wid].device if wid in self._workers else "cpu"
+            blob = _copy_to(parked, dst_device)
+
+            def land_parked(dst: EngineCore):
+                try:
+                    dst.import_session(blob, now_s, active=active, chunks_wanted=chunks_wanted,
+                                       due_since_s=now_s)
+                except Exception as e:  # noqa: BLE001
+                    failed(f"restore on {wid} failed: {type(e).__name__}: {e}")
+                    return
+                with self._lock:
+                    self._where[sid] = wid
+                self._apply_pending_prompt(dst, sid)
+                self._emit(RestoreFinished(self._clock(), sid, wid, blob.nbytes))
+            if not self._post(wid, land_parked):
+                self.park(parked)
                 failed(f"worker {wid} is gone")
             return
         holder = self.location(sid)
@@ -387,6 +435,7 @@ class LocalTransport:
         with self._lock:
             if sid in self._moving:
                 self._moving[sid] = True  # the landing side drops it
+            self._parked.pop(sid, None)
         holder = self.location(sid) or wid
 
         def remove(engine: EngineCore):

@@ -16,7 +16,8 @@ offset only shifts event times.
 Moves between actors go through Ray's object store (host memory): migration is hold +
 export on the source (tensors to CPU), import on the destination with the session's due
 time kept, then removal on the source, or an abort that releases the hold. A session
-resumed on another worker than the one holding its host copy moves the same way.
+resumed on another worker than the one holding its host copy moves the same way; the host
+copies of a released worker's offloaded sessions are kept on the driver until resumed.
 Orchestration runs on a small thread pool so the controller never waits on a transfer.
 """
 
@@ -126,6 +127,18 @@ class EngineHost:
         self.transport.note_location(blob.session_id, self.wid)
         return nbytes
 
+    def park_offloaded(self) -> list:
+        """Blobs (CPU) of the sessions in this engine's host tier, removed here: the driver
+        keeps them when the worker is released."""
+        from .local import _copy_to
+
+        def run(engine):
+            return [_copy_to(engine.export(sid), "cpu") for sid in engine.snapshot().offloaded]
+        blobs = self.transport.call(self.wid, run).result(timeout=120)
+        for blob in blobs:
+            self.transport.note_location(blob.session_id, None)
+        return blobs
+
     def shutdown(self):
         self.transport.shutdown()
 
@@ -152,6 +165,8 @@ class RayTransport:
         self._actors: dict[WorkerId, object] = {}
         self._pollers: dict[WorkerId, threading.Event] = {}
         self._where: dict[SessionId, WorkerId] = {}
+        self._last_round_ms: dict[WorkerId, float] = {}
+        self._parked: dict[SessionId, object] = {}  # host state of sessions whose worker was released
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ray-moves")
 
@@ -166,7 +181,8 @@ class RayTransport:
 
     def worker_stats(self) -> dict:
         with self._lock:
-            return {wid: {"device": f"ray:{self._device}", "last_round_ms": 0.0} for wid in self._actors}
+            return {wid: {"device": f"ray:{self._device}", "last_round_ms": self._last_round_ms.get(wid, 0.0)}
+                    for wid in self._actors}
 
     # ------------------------------------------------------------------ workers
     def start_worker(self, wid: WorkerId, now_s: float, *, memory_bytes: int, ready: bool = False) -> None:
@@ -198,12 +214,23 @@ class RayTransport:
                 return
             for kind, item in items:
                 if kind == "round":
+                    self._last_round_ms[wid] = item.duration_ms
                     if self._on_round is not None:
                         self._on_round(wid, item)
                 else:
                     self._emit(item)
 
     def release_worker(self, wid: WorkerId, now_s: float) -> None:
+        actor = self._actor(wid)
+        if actor is not None:
+            # Sessions offloaded there survive the worker: their state stays on the driver.
+            try:
+                for blob in self._ray.get(actor.park_offloaded.remote(), timeout=120):
+                    with self._lock:
+                        self._parked[blob.session_id] = blob
+                        self._where.pop(blob.session_id, None)
+            except Exception as e:  # noqa: BLE001
+                log.warning("worker %s: offloaded sessions could not be kept: %s", wid, e)
         stop = self._pollers.pop(wid, None)
         if stop is not None:
             stop.set()
@@ -227,6 +254,18 @@ class RayTransport:
         dst = self._actor(wid)
         if dst is None:
             self._emit(SessionFailed(self._clock(), sid, f"worker {wid} is gone", wid))
+            return
+        with self._lock:
+            parked = self._parked.pop(sid, None)
+        if parked is not None:
+            def land():
+                try:
+                    nbytes = self._ray.get(dst.import_blob.remote(parked, active, chunks_wanted, now_s))
+                    self._where[sid] = wid
+                    self._emit(RestoreFinished(self._clock(), sid, wid, nbytes))
+                except Exception as e:  # noqa: BLE001
+                    self._emit(SessionFailed(self._clock(), sid, f"restore on {wid} failed: {e}", wid))
+            self._pool.submit(land)
             return
         holder = self._where.get(sid)
         if not from_host or holder == wid:
@@ -290,6 +329,8 @@ class RayTransport:
             actor.pause.remote(sid, now_s)
 
     def close(self, sid: SessionId, wid: WorkerId | None, now_s: float) -> None:
+        with self._lock:
+            self._parked.pop(sid, None)
         actor = self._actor(self._where.pop(sid, None) or wid)
         if actor is not None:
             actor.close.remote(sid, now_s)

@@ -12,7 +12,8 @@ Meaning of the fields (what policies may rely on):
 - worker `sessions`: resident sessions (active and idle) plus incoming migrations;
   `used_bytes`: their state bytes plus reservations for incoming migrations; `groups` /
   `load_ms`: the *active* resident sessions only (a migrating session counts on its
-  source until the migration commits).
+  source until the migration commits; a session woken while its offload is under way
+  does not count: it becomes pending when the offload ends).
 - session `state_bytes`: its state at the full attention window (what placement must
   find room for); `context_frames`: `model.context_after(shape, chunks_done)`.
 - `pending`: sessions that must run and have no GPU (new, resuming from host memory, or
@@ -200,7 +201,7 @@ class ClusterState:
                 s.migrating_to = None
                 cancelled.append(sid)
                 if not s.active and not s.offloading and s.worker is not None:
-                    pass
+                    self._idle[sid] = s.last_change_s
                 self._srefresh(s)
                 continue
             if s.migrating_to is not None:  # outgoing: release the destination's reservation
@@ -305,9 +306,10 @@ class ClusterState:
         if s.worker is None:
             self._srefresh(s)
             return "none"
-        w = self._w[s.worker]
-        self._group_remove(w, s)
-        self._wrefresh(w)
+        if not s.offloading:  # an offloading session is not in its worker's load
+            w = self._w[s.worker]
+            self._group_remove(w, s)
+            self._wrefresh(w)
         if not s.offloading and s.migrating_to is None:
             self._idle[sid] = now_s
         self._srefresh(s)
@@ -328,9 +330,9 @@ class ClusterState:
             s.chunks_done += rounds
             new_ctx = ctx_of(s.spec.model, s.chunks_done)
             if new_ctx != s.context:
-                if s.active and w is not None and s.worker == wid:
+                if s.active and w is not None and s.worker == wid and not s.offloading:
                     g = w.groups[s.key]
-                    w.groups[s.key] = GroupLoad(g.key, g.batch, max(0.0, g.context_sum + new_ctx - s.context))
+                    pass
                     changed = True
                 s.context = new_ctx
             if s.active and not s.unbounded:
@@ -409,10 +411,8 @@ class ClusterState:
         if w is not None:
             w.sessions.discard(sid)
             w.frozen = frozenset(w.sessions)
-            w.used_bytes -= s.state_bytes
-            if s.active:
-                self._group_remove(w, s)
-            self._wrefresh(w, recompute=s.active)
+            w.used_bytes -= s.state_bytes  # (an active one was never put back in the load)
+            self._wrefresh(w, recompute=False)
         s.worker = None
         s.last_change_s = now_s
         if s.active:
@@ -438,9 +438,10 @@ class ClusterState:
             w.sessions.discard(sid)
             w.frozen = frozenset(w.sessions)
             w.used_bytes -= s.state_bytes
-            if s.active:
+            counted = s.active and not s.offloading
+            if counted:
                 self._group_remove(w, s)
-            self._wrefresh(w, recompute=s.active)
+            self._wrefresh(w, recompute=counted)
         return s.worker, dst_id
 
     # ---------------------------------------------------------------- internals
@@ -491,18 +492,16 @@ class ClusterState:
     def _context_after(self, shape: str, chunks: int) -> float:
         table = self._ctx_table.get(shape)
         if table is None:
-            table = self._ctx_table[shape] = [float(self.model.context_after(shape, 0))]
-        if chunks < len(table):
-            return table[chunks]
+            table = self._ctx_table[shape] = self._context_table(shape)
+        return table[chunks] if chunks < len(table) else table[-1]
+
+    def _context_table(self, shape: str) -> list[float]:
+        """Context after 0, 1, ... chunks until it reaches the window (then it stays)."""
         window = float(self.model.shape(shape).window_frames)
-        if table[-1] >= window:
-            return table[-1]  # saturated: the context stays at the window
-        while len(table) <= chunks:
-            v = float(self.model.context_after(shape, len(table)))
-            table.append(v)
-            if v >= window:
-                return v
-        return table[chunks]
+        table = [float(self.model.context_after(shape, 0))]
+        while table[-1] < window and len(table) < 100_000:
+            table.append(float(self.model.context_after(shape, len(table))))
+        return table
 
     def _full_bytes(self, shape: str) -> int:
         nbytes = self._bytes_by_shape.get(shape)

@@ -136,6 +136,10 @@ def run(args) -> int:
     from ..models.registry import load_generator
 
     cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", None))
+    if args.chunks < 1:  # checked before the (slow) model load
+        raise ValueError(f"--chunks must be >= 1, got {args.chunks}")
+    if any(not p.strip() for p in args.prompt):
+        raise ValueError("--prompt must not be empty")
     device = resolve_device(args.device)
     generator = load_generator(args.model, weights=args.weights, device=device, seed=args.seed)
     result = generate_videos(generator, args.prompt, args.chunks, args.out, seed=args.seed,

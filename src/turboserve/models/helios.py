@@ -62,6 +62,7 @@ class HeliosGenerator:
         device: torch.device | str,
         dtype: torch.dtype,
         attention_backend: str | None = None,
+        batch_vae: bool | None = None,
     ):
         self.cfg = cfg
         self.device, self.dtype = resolve_device(device), dtype
@@ -71,6 +72,8 @@ class HeliosGenerator:
             self.transformer.set_attention_backend(attention_backend)
         self.decoder = ChunkDecoder(place_module(vae, self.device, dtype))
         self.text = text_encoder
+        # batched VAE decoding saves launches on a GPU; on a CPU it would cost exactness
+        self.batch_vae = (self.device.type == "cuda") if batch_vae is None else batch_vae
         long_, mid, short = cfg.history_frames
         if min(long_, mid, short) < 1:
             raise ValueError(f"helios history_frames {cfg.history_frames} must all be >= 1")
@@ -165,14 +168,17 @@ class HeliosGenerator:
         for sigma, nxt in zip(sigmas[:-1], sigmas[1:]):
             x = x + (nxt - sigma) * self._flow(x, sigma, history, text, indices)
 
+        if self.batch_vae:
+            videos = self.decoder.decode_chunks([x[b] for b in range(len(states))], [(s.tensors, s.meta) for s in states])
+        else:
+            videos = [self.decoder.decode_chunk(x[b], s.tensors, s.meta) for b, s in enumerate(states)]
         outputs = []
         for b, s in enumerate(states):
-            x0 = x[b]
+            x0, video = x[b], videos[b]
             first = s.chunk_index == 0
             if first:
                 s.tensors["prefix"] = x0[:, :1].clone()
             s.tensors["history"] = torch.cat([s.tensors["history"], x0], dim=1)[:, -sum(self.history_sizes):].contiguous()
-            video = self.decoder.decode_chunk(x0, s.tensors, s.meta)
             vh = torch.cat([s.tensors["vae_hist"], x0], dim=1)
             s.tensors["vae_hist"] = vh[:, -self.decoder.history_frames:].contiguous()
             frames = video_to_uint8(video)

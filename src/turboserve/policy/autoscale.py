@@ -6,11 +6,13 @@ workers to put back in service) and the new timers.
 
 TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std),
 std being the demand's standard deviation over `volatility_window_s`, clamped to
-[min_gpus, cluster.gpus]. Provisioned = READY + STARTING workers (a starting worker already
+[min_gpus, cluster.gpus]. With `lookahead_s` > 0, demand is first extrapolated that far
+along its recent rise (least-squares slope over the last `lookahead_s`; never down), so a
+ramp gets its GPUs one start-up delay early. Provisioned = READY + STARTING workers (a starting worker already
 counts). Above target: first cancel the release of draining workers (those still holding
 the most sessions: nothing to rebuild), then start new ones at once. Below target: only
-after the target has stayed below provisioned for `scale_in_hold_s`, release the
-least-loaded READY workers; with migration they drain by consolidation, without it only
+after the target has stayed below provisioned for `scale_in_hold_s`, release down to the
+target, least-loaded READY workers first (STARTING ones before them: they hold nothing); with migration they drain by consolidation, without it only
 empty workers are released.
 
 Ray Serve (`ray_serve_scale`, the autoscale-only baseline): desired = ceil(ongoing
@@ -57,9 +59,10 @@ def clamp_gpus(view: ClusterView, n: int) -> int:
     return max(lo, min(c.gpus, n))
 
 
-def turboserve_target(view: ClusterView, scan: ClusterScan, std: float) -> int:
+def turboserve_target(view: ClusterView, scan: ClusterScan, std: float, rise_per_s: float = 0.0) -> int:
     a = view.config.autoscale
-    raw = scan.demand_gpus / max(a.target_util, 1e-6) + a.headroom_k * std
+    demand = scan.demand_gpus + rise_per_s * a.lookahead_s
+    raw = demand / max(a.target_util, 1e-6) + a.headroom_k * std
     return clamp_gpus(view, math.ceil(raw - 1e-9))
 
 
@@ -97,11 +100,11 @@ def _pick_release(view: ClusterView, order: LoadOrder, ready: set[WorkerId], cou
 
 def turboserve_scale(view: ClusterView, scan: ClusterScan, order: Callable[[], LoadOrder], std: float,
                      timers: ScaleTimers, *, starved: bool, protected: set[WorkerId],
-                     consolidate: bool) -> tuple[ScaleStep, ScaleTimers]:
+                     consolidate: bool, rise_per_s: float = 0.0) -> tuple[ScaleStep, ScaleTimers]:
     """`starved`: a pending session has no room anywhere even after offloads; with nothing
     starting, one more worker is started whatever the demand estimate says. `protected`:
     workers this decision placed or migrated onto (never released in the same breath)."""
-    target = turboserve_target(view, scan, std)
+    target = turboserve_target(view, scan, std, rise_per_s)
     prov = scan.provisioned
     if starved and not scan.starting:
         target = clamp_gpus(view, max(target, prov + 1))
@@ -120,7 +123,8 @@ def turboserve_scale(view: ClusterView, scan: ClusterScan, order: Callable[[], L
                                 empty_only=not consolidate, empty_first=True)
         if not release:
             return ScaleStep(), timers
-        note = f"demand {scan.demand_gpus:.2f} held below for {view.now_s - since:.0f}s -> target {target}"
+        note = (f"demand {scan.demand_gpus:.2f} held below for {view.now_s - since:.0f}s "
+                f"-> target {target} (provisioned {prov})")
         return ScaleStep(release=release, note=note), ScaleTimers()
     return ScaleStep(), ScaleTimers()
 

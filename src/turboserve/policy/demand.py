@@ -132,6 +132,22 @@ class DemandWindow:
         return replace(self, samples=samples, std=_std([d for _, d in samples]))
 
 
+    def rise_per_s(self, now_s: float, demand: float, span_s: float) -> float:
+        """Least-squares slope (GPUs per second) of demand over the last `span_s`,
+        the current value included; 0 when falling or with too few samples."""
+        pts = [(t, d) for t, d in self.samples if t >= now_s - span_s and t < now_s]
+        pts.append((now_s, demand))
+        if len(pts) < 3:
+            return 0.0
+        n = len(pts)
+        mt = sum(t for t, _ in pts) / n
+        md = sum(d for _, d in pts) / n
+        var = sum((t - mt) ** 2 for t, _ in pts)
+        if var <= 0.0:
+            return 0.0
+        return max(0.0, sum((t - mt) * (d - md) for t, d in pts) / var)
+
+
 def _std(values: list[float]) -> float:
     n = len(values)
     if n < 2:

@@ -27,10 +27,13 @@ zero context, plus the KV frames one chunk appends) times the chunks generated d
 pre-copy (at least one), capped at the whole state. Downtime = alpha-beta transfer time of
 that delta (`policy.latency.transfer_ms`).
 
-Draining (consolidation before scale-in): every active session of a DRAINING worker moves
-to the feasible worker with the lowest resulting load, provided that load stays within the
-session's SLO, regardless of gain; idle ones are offloaded (cheaper) or, without offload,
-migrated by memory alone.
+Draining (consolidation before scale-in): every active session of a DRAINING worker moves,
+regardless of gain, to a feasible worker whose resulting load stays within the session's
+SLO, the one where its first chunk comes soonest (downtime, the round in progress there,
+its own round); with none, it waits (or pauses or ends: a draining worker takes no new
+session). Holding drains to the stricter first-chunk bound of rebalancing measured worse
+on both cost and worst-case latency: GPUs stay rented longer while new sessions crowd the
+others. Idle ones are offloaded (cheaper) or, without offload, migrated by memory alone.
 
 Pairwise (migrate-only, Llumnix-style): the most and the least loaded READY workers are
 paired; the session whose move lowers the pair's maximum the most moves, if that lowers it
@@ -244,12 +247,17 @@ def drain_moves(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[
             key = s.spec.compat_key
             need = cache.full_state_bytes(key.model)
             best = None
+            downtime = migration_cost_ms(view, cache, s, whatif.load(wid)) if active else 0.0
             for dst in _destinations(whatif, order, ready, wid, key, need, cfg.rebalance.candidate_workers):
-                after = whatif.load_with(dst, key, s.context_frames) if active else whatif.load(dst)
-                if active and after > view.slo_ms(s.spec):
-                    continue
-                if best is None or after < best[0]:
-                    best = (after, dst)
+                if not active:
+                    after = first = whatif.load(dst)
+                else:
+                    after = whatif.load_with(dst, key, s.context_frames)
+                    first = downtime + cfg.rebalance.dst_wait * whatif.load(dst) + after
+                    if after > view.slo_ms(s.spec):
+                        continue  # would miss the SLO there: wait (or let it pause or end)
+                if best is None or (first, after) < best[0]:
+                    best = ((first, after), dst)
             if best is None:
                 continue
             whatif.move(wid, best[1], key, s.context_frames, s.state_bytes, active=active)

@@ -139,8 +139,11 @@ class TurboServePolicy:
         scale_out, release, cancel = 0, (), ()
         if use_autoscale:
             protected = {p.worker_id for p in placements} | {m.dst for m in migrations}
+            look = cfg.autoscale.lookahead_s
+            rise = demand.rise_per_s(view.now_s, scan.demand_gpus, look) if look > 0 else 0.0
             step, timers = turboserve_scale(view, scan, order, demand.std, mem.timers, starved=starved,
-                                            protected=protected, consolidate=use_migration)
+                                            protected=protected, consolidate=use_migration,
+                                            rise_per_s=rise)
             scale_out, release, cancel = step.scale_out, step.release, step.cancel_release
             if step.note and (scale_out or release or cancel):
                 notes.append(step.note)

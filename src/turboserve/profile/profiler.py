@@ -3,8 +3,9 @@
 In: a loaded `ChunkGenerator` (any family) and a `ProfilePlan` (batch sizes, context
 lengths, repeats). Out: a `ShapeProfile` (profile/format.py, `turboserve-profile/1`) with
 - `rounds`: wall time of one coalesced round through `TorchExecutor.execute` over batch x
-  context (median of repeats after a warm-up), VAE decode excluded;
-- `fixed_ms`: per-session VAE decode of one chunk (it does not coalesce);
+  context (median of repeats after a warm-up), minus that round's own VAE decode time;
+- `fixed_ms`: median per-session VAE decode of one (non-first) chunk, timed inside those
+  rounds (it does not coalesce: the family decodes session by session);
 - `state_bytes`: one session's state at each measured context;
 - `activation_bytes`: peak transient memory of a round (CUDA only; CPU has no counter);
 - `transfer`: host copy bandwidth (pinned on CUDA), and the executor's own offload,
@@ -12,9 +13,8 @@ lengths, repeats). Out: a `ShapeProfile` (profile/format.py, `turboserve-profile
 
 How a round at context c is measured: B sessions are advanced together to c cached latent
 frames; their states are then snapshotted, and each timed repeat restarts from the
-snapshot, so every repeat runs at exactly context c. Rounds include the VAE decode (the
-family returns pixels), so `round_ms = median(round) - B * vae_ms`, floored at a fraction
-of the measured round. Contexts run from 0 to the steady state of the rolling window
+snapshot, so every repeat runs at exactly context c. The family decodes pixels inside its
+round; the profiler times each decode call there and takes it out of the round. Contexts run from 0 to the steady state of the rolling window
 (window minus one chunk cached), which is what `ProfileLatencyModel` clamps to.
 """
 
@@ -38,7 +38,6 @@ from ..models.base import ChunkGenerator, StreamState
 from ..policy.latency import ShapeInfo
 from .format import RoundPoint, ShapeProfile
 
-MIN_ROUND_FRACTION = 0.05  # round_ms never drops below this share of the measured round
 COPY_PROBE_BYTES = 64 * 2**20  # tensor size for raw copy-bandwidth probes
 
 
@@ -115,6 +114,44 @@ def _sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------- measurement
+class _DecodeTimer:
+    """Times every call of the family's per-session VAE decode (`generator.decoder.
+    decode_chunk`) inside real rounds, by shadowing the method on that one instance while
+    profiling. Subtracting a round's own decode time attributes it exactly, where a
+    separately measured decode would be subtracted with its own noise."""
+
+    def __init__(self, generator: ChunkGenerator, device: torch.device):
+        self.decoder = getattr(generator, "decoder", None)
+        if self.decoder is not None and not hasattr(self.decoder, "decode_chunk"):
+            self.decoder = None
+        self.device = device
+        self.round_ms = 0.0  # decode time inside the current round
+        self.samples_ms: list[float] = []  # per call, while `keep` is set
+        self.keep = False
+
+    def __enter__(self) -> "_DecodeTimer":
+        if self.decoder is not None:
+            original = self.decoder.decode_chunk
+
+            def timed(*args, **kwargs):
+                _sync(self.device)
+                start = time.perf_counter()
+                out = original(*args, **kwargs)
+                _sync(self.device)
+                ms = (time.perf_counter() - start) * 1000.0
+                self.round_ms += ms
+                if self.keep:
+                    self.samples_ms.append(ms)
+                return out
+
+            self.decoder.decode_chunk = timed  # instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.decoder is not None:
+            del self.decoder.decode_chunk
+
+
 class Profiler:
     def __init__(self, generator: ChunkGenerator, *, plan: ProfilePlan, progress: bool = True,
                  log: Callable[[str], None] | None = None):
@@ -127,6 +164,7 @@ class Profiler:
         self.contexts = plan_contexts(self.geo, plan)
         self.log = log or (lambda msg: None)
         self._sid = 0
+        self._decode = _DecodeTimer(generator, self.device)
 
     def _new_sessions(self, ex: TorchExecutor, n: int) -> list[str]:
         sids = []
@@ -138,23 +176,23 @@ class Profiler:
         return sids
 
     def _round(self, ex: TorchExecutor, sids: Sequence[str]) -> float:
+        """One round through the executor; returns its ms without the VAE decode."""
+        self._decode.round_ms = 0.0
         plan = RoundPlan("profile", self.spec.compat_key, tuple(sids), tuple(ex.next_chunk_index(s) for s in sids),
                          tuple(0 for _ in sids))
         res = ex.execute(plan)
         if res.errors:
             raise RuntimeError(f"profiling round failed: {dict(res.errors)}")
-        return res.duration_ms
+        return max(res.duration_ms - self._decode.round_ms, 0.0)
 
     def measure(self) -> ShapeProfile:
         from tqdm import tqdm
 
         plan, geo = self.plan, self.geo
-        total = len(plan.batches) * len(self.contexts) + 3  # + vae, state bytes, transfers
+        total = len(plan.batches) * len(self.contexts) + 2  # + state bytes, transfers
         bar = tqdm(total=total, desc=f"profile {geo.name}", unit="point", disable=not self.progress)
         try:
-            bar.set_postfix_str("vae")
-            vae_ms = self.measure_vae_ms()
-            bar.update(1)
+            self._decode.__enter__()
             raw: list[tuple[int, int, float]] = []
             peak_act: dict[int, int] = {}
             for batch in plan.batches:
@@ -169,8 +207,11 @@ class Profiler:
             transfer = self.measure_transfers()
             bar.update(1)
         finally:
+            self._decode.__exit__()
             bar.close()
-        rounds = [RoundPoint(b, float(c), max(ms - b * vae_ms, MIN_ROUND_FRACTION * ms)) for b, c, ms in raw]
+        samples = self._decode.samples_ms
+        vae_ms = statistics.median(samples) if samples else 0.0
+        rounds = [RoundPoint(b, float(c), ms) for b, c, ms in raw]
         shape = ShapeInfo(
             name=geo.name,
             latent_frames_per_chunk=geo.latent_frames_per_chunk,
@@ -227,7 +268,9 @@ class Profiler:
                     _sync(self.device)
                     torch.cuda.reset_peak_memory_stats(self.device)
                     base = torch.cuda.memory_allocated(self.device)
+                self._decode.keep = target > 0 or len(self.contexts) == 1
                 times.append(self._round(ex, sids))
+                self._decode.keep = False
                 if base is not None:
                     act = max(act or 0, torch.cuda.max_memory_allocated(self.device) - base)
             # The last repeat advanced the sessions one chunk: continue from there.
@@ -239,32 +282,6 @@ class Profiler:
         for s in sids:
             ex.remove_session(s)
         return out
-
-    def measure_vae_ms(self) -> float:
-        """Per-session decode of one chunk's latents with the family's chunk decoder: the
-        per-chunk cost that does not coalesce. 0 if the family has no separate decoder."""
-        decoder = getattr(self.generator, "decoder", None)
-        if decoder is None or not hasattr(decoder, "decode_chunk"):
-            return 0.0
-        from ..models.configs import VAE_SPACE_FACTOR
-
-        z_dim = int(decoder.vae.config.z_dim)
-        lpc = self.geo.latent_frames_per_chunk
-        latents = torch.randn(z_dim, lpc, self.spec.height // VAE_SPACE_FACTOR, self.spec.width // VAE_SPACE_FACTOR)
-        tensors: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {}
-        decoder.init_state(tensors, meta)
-        decoder.decode_chunk(latents, tensors, meta)  # first chunk (and warm-up)
-        times = []
-        for _ in range(max(3, self.plan.repeats)):
-            t_meta = copy.deepcopy(meta)
-            t_tensors = dict(tensors)
-            _sync(self.device)
-            start = time.perf_counter()
-            decoder.decode_chunk(latents, t_tensors, t_meta)  # a steady-state (non-first) chunk
-            _sync(self.device)
-            times.append((time.perf_counter() - start) * 1000.0)
-        return statistics.median(times)
 
     def measure_state_bytes(self) -> list[tuple[float, int]]:
         """One session's state bytes at every chunk step up to the full window (and one past:

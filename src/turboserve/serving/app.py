@@ -22,8 +22,8 @@ import hmac
 import json
 import logging
 import secrets
-import threading
 import uuid
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -49,11 +49,17 @@ TERMINAL = (SessionState.CLOSED, SessionState.FAILED)
 class _Registry:
     """Tokens and idempotency keys of the sessions this server created."""
 
+    MAX_KEYS = 100_000  # idempotency keys remembered (oldest forgotten first)
+
     def __init__(self):
         self.tokens: dict[str, str] = {}  # session id -> token
-        self.by_key: dict[str, tuple[str, str, dict]] = {}  # key -> (fingerprint, sid, response)
-        self.key_locks: dict[str, asyncio.Lock] = {}
-        self.lock = threading.Lock()
+        self.by_key: OrderedDict[str, tuple[str, str, dict]] = OrderedDict()  # key -> (fingerprint, sid, response)
+        self.key_locks: dict[str, asyncio.Lock] = {}  # keys with a creation in progress
+
+    def remember(self, key: str, entry: tuple[str, str, dict]) -> None:
+        self.by_key[key] = entry
+        while len(self.by_key) > self.MAX_KEYS:
+            self.by_key.popitem(last=False)
 
 
 def create_app(runtime: ServingRuntime, config: TurboConfig | None = None, *,
@@ -91,6 +97,7 @@ def create_app(runtime: ServingRuntime, config: TurboConfig | None = None, *,
         finally:
             if manage_runtime:
                 await asyncio.to_thread(runtime.stop)
+            await asyncio.to_thread(hub.close)
 
     app = FastAPI(title="turboserve", version="0.1.0", lifespan=lifespan,
                   description="Streaming video generation: sessions, live streams, cluster state.")
@@ -191,13 +198,18 @@ def create_app(runtime: ServingRuntime, config: TurboConfig | None = None, *,
             hub.open(session_id, spec.width, spec.height, spec.fps)
             state["specs"][session_id] = spec
             try:
-                await asyncio.to_thread(runtime.create_session, session_id, spec, body.prompt,
-                                        max_chunks=body.max_chunks, chunks=body.chunks)
+                info = await asyncio.to_thread(runtime.create_session, session_id, spec, body.prompt,
+                                               max_chunks=body.max_chunks, chunks=body.chunks)
             except CapacityError as e:
                 hub.forget(session_id)
                 state["specs"].pop(session_id, None)
                 metrics.sessions_rejected.labels("capacity").inc()
                 raise ApiError(503, "no_capacity", str(e)) from None
+            if info.state is SessionState.FAILED:  # the scheduler refused it on admission
+                hub.forget(session_id)
+                state["specs"].pop(session_id, None)
+                metrics.sessions_rejected.labels("refused").inc()
+                raise ApiError(503, "refused", f"the scheduler cannot admit this session: {info.error}")
             reg.tokens[session_id] = token
             metrics.sessions_created.inc()
             base = str(request.base_url).rstrip("/")
@@ -206,11 +218,13 @@ def create_app(runtime: ServingRuntime, config: TurboConfig | None = None, *,
                         "status_url": f"{base}/v1/sessions/{session_id}",
                         "stream_url": f"{ws_base}/v1/sessions/{session_id}/stream"}
             if idempotency_key:
-                reg.by_key[idempotency_key] = (fingerprint, session_id, response)
+                reg.remember(idempotency_key, (fingerprint, session_id, response))
             return JSONResponse(response, status_code=201)
         finally:
             if lock is not None:
                 lock.release()
+                if not lock.locked() and not getattr(lock, "_waiters", None):
+                    reg.key_locks.pop(idempotency_key, None)
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str, authorization: str | None = Header(None),

@@ -3,8 +3,8 @@
 In: chunk deliveries from the runtime (`ChunkDelivery`: uint8 frames (T, H, W, 3) plus
 index, latency and worker), on whatever thread the engine runs; session ends.
 Out: for each WebSocket subscriber, an ordered walk over the session's chunks from any
-`from_chunk` still held in the replay buffer (`StreamHub.stream(...)` yields them), and one
-MP4 file per session under the storage directory.
+`from_chunk` still held in the replay buffer (`SessionStream.chunks(...)` yields them), and
+one MP4 file per session under the storage directory.
 
 Why cursors instead of pushing into per-subscriber queues: the producer only appends to
 one bounded deque per session (the replay buffer) and wakes waiters; each subscriber keeps
@@ -20,7 +20,9 @@ import asyncio
 import io
 import logging
 import os
+import queue
 import threading
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +104,7 @@ class SessionStream:
         self._encoder_factory = encoder_factory
         self._encoder = None  # made on the first chunk: frames tell the true size
         self._encode_lock = threading.Lock()  # chunks may come from two engines around a migration
+        self._finished = False  # set by `finish` on the producer side, under the lock
         self.init_segment: bytes | None = None
         self.mime = ""
         self.buffer: deque[StreamChunk] = deque(maxlen=max(1, replay_chunks))
@@ -116,8 +119,8 @@ class SessionStream:
     def on_chunk(self, d: ChunkDelivery) -> None:
         frames = np.ascontiguousarray(d.frames, dtype=np.uint8)
         with self._encode_lock:
-            if self.end is not None:
-                return
+            if self._finished:
+                return  # a chunk racing the session's end: the stream is closed
             if self._encoder is None:
                 self.height, self.width = int(frames.shape[1]), int(frames.shape[2])
                 self._encoder = self._encoder_factory(self.width, self.height, self.fps)
@@ -131,6 +134,7 @@ class SessionStream:
 
     def finish(self, state: str, reason: str = "") -> None:
         with self._encode_lock:
+            self._finished = True
             self._close_recording()
         self._loop.call_soon_threadsafe(self._end, state, reason)
 
@@ -207,10 +211,16 @@ class SessionStream:
 
 
 class StreamHub:
-    """All sessions' streams; the runtime's chunk listener feeds it."""
+    """All sessions' streams; the runtime's listeners feed it.
+
+    Encoding runs on a few encoder threads, never on the engine's: a worker's next round
+    does not wait for video encoding. A session always maps to the same encoder thread, so
+    its chunks (and its end) are handled in order.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, replay_chunks: int = 64,
-                 storage_dir: str | Path | None = None, encoder_factory=None, keep_ended: int = 256):
+                 storage_dir: str | Path | None = None, encoder_factory=None, keep_ended: int = 256,
+                 encoder_threads: int = 2):
         if encoder_factory is None:
             from ..video import FragmentedMP4Encoder as encoder_factory
         self._loop = loop
@@ -221,6 +231,11 @@ class StreamHub:
         self._ended: deque[str] = deque()
         self._keep_ended = keep_ended
         self._lock = threading.Lock()
+        self._queues = [queue.SimpleQueue() for _ in range(max(1, encoder_threads))]
+        self._threads = [threading.Thread(target=self._encode_loop, args=(q,), name=f"encoder-{i}", daemon=True)
+                         for i, q in enumerate(self._queues)]
+        for t in self._threads:
+            t.start()
 
     def open(self, session_id: str, width: int, height: int, fps: float) -> SessionStream:
         with self._lock:
@@ -236,27 +251,53 @@ class StreamHub:
     def get(self, session_id: str) -> SessionStream | None:
         return self._streams.get(session_id)
 
+    def _queue_of(self, session_id: str) -> "queue.SimpleQueue":
+        return self._queues[zlib.crc32(session_id.encode()) % len(self._queues)]
+
     def on_chunk(self, d: ChunkDelivery) -> None:
+        """Runtime listener (engine thread): hand the chunk to its encoder thread."""
         stream = self._streams.get(d.session_id)
         if stream is None:
             log.warning("chunk for unknown session %s dropped", d.session_id)
             return
-        try:
-            stream.on_chunk(d)
-        except Exception:  # one session's encoding failure must not reach the engine thread
-            log.exception("session %s: encoding chunk %d failed", d.session_id, d.chunk_index)
+        self._queue_of(d.session_id).put((stream, d))
 
     def on_end(self, session_id: str, state: str, reason: str = "") -> None:
+        """Runtime listener: the session ended; its stream ends after its last chunk."""
         stream = self._streams.get(session_id)
         if stream is not None:
-            stream.finish(state, reason)
-            # Ended streams stay for late readers, but only the most recent ones: memory
-            # stays bounded on a server that runs for weeks.
-            with self._lock:
-                self._ended.append(session_id)
-                while len(self._ended) > self._keep_ended:
-                    self._streams.pop(self._ended.popleft(), None)
+            self._queue_of(session_id).put((stream, StreamEnd(state, 0, reason)))
+
+    def _encode_loop(self, q: "queue.SimpleQueue") -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            stream, what = item
+            try:
+                if isinstance(what, StreamEnd):
+                    stream.finish(what.state, what.reason)
+                    self._retire(stream.session_id)
+                else:
+                    stream.on_chunk(what)
+            except Exception:  # one session's encoding failure must not stop the others
+                log.exception("session %s: stream update failed", stream.session_id)
+
+    def _retire(self, session_id: str) -> None:
+        # Ended streams stay for late readers, but only the most recent ones: memory stays
+        # bounded on a server that runs for weeks.
+        with self._lock:
+            self._ended.append(session_id)
+            while len(self._ended) > self._keep_ended:
+                self._streams.pop(self._ended.popleft(), None)
 
     def forget(self, session_id: str) -> None:
         with self._lock:
             self._streams.pop(session_id, None)
+
+    def close(self) -> None:
+        """Stop the encoder threads after what is queued (server shutdown)."""
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join(10.0)

@@ -120,8 +120,18 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
                                                max_batch, end_s=until_s)
     runs = []
     results = []
+    failed = []
     for name in policies:
-        res = simulate(records, name, model, config, until_s=until_s, progress=progress, shape=shape)
+        try:
+            res = simulate(records, name, model, config, until_s=until_s, progress=progress, shape=shape)
+        except Exception as e:  # noqa: BLE001 - a crashing policy must not take the others' results
+            import traceback
+
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            why = f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})"
+            print(f"policy {name} failed: {why}", file=sys.stderr)
+            failed.append({"policy": name, "error": why})
+            continue
         series = res.metrics.gpu_series
         ready_t = np.array([s[0] for s in series])
         ready_n = np.array([s[2] for s in series])
@@ -136,6 +146,8 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
         "gpu_hours_lb_throughput": oracle.throughput_lower_bound_gpu_hours(records, model, slo_of, mem, max_batch),
         "latency_lb_gpus": config.cluster.gpus,
     })
+    if failed:
+        report["failed"] = failed
     return report, results
 
 
@@ -180,11 +192,16 @@ def run(args) -> int:
         times, frac = oracle.demand_series(oracle.nominal_demand(records), model,
                                            check_feasible(records, model, config, explicit),
                                            config.cluster.gpu_memory_bytes)
-        end_s = max(r["end_s"] for r in light)
-        price = report["runs"][0]["metrics"]["cost_usd"] / max(report["runs"][0]["metrics"]["gpu_hours"], 1e-12)
+        end_s = max((r["end_s"] for r in light), default=0.0)
+        price = config.cluster.price_per_gpu_hour_usd * (1 - config.cluster.spot_fraction) + \
+            config.cluster.spot_price_per_gpu_hour_usd * config.cluster.spot_fraction
         paths = write_plots(args.plot, {r["policy"]: r["latencies"] for r in light},
                             {r["policy"]: r["gpu_series"] for r in light},
                             {r["policy"]: r["cost_usd"] for r in light}, meta["slo_ms"], end_s,
                             demand=(times, frac), lower_bound_usd=report["oracle"]["gpu_hours_lb"] * price)
         print("wrote " + ", ".join(str(p) for p in paths))
+    if report.get("failed"):
+        print(f"{len(report['failed'])} polic{'y' if len(report['failed']) == 1 else 'ies'} failed: "
+              + ", ".join(f["policy"] for f in report["failed"]), file=sys.stderr)
+        return 1
     return 0

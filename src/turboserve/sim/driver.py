@@ -173,12 +173,12 @@ class TraceDriver:
         loop.push(0.0, (self._tick, None))
         horizon = until_s if until_s is not None else nominal_end_s(self.records) + DRAIN_GRACE_S
         bar = _progress_bar(horizon, self.policy_name) if progress else None
-        on_progress = None
-        if bar is not None:
-            def on_progress(t: float) -> None:
-                bar.n = min(horizon, round(t, 1))
-                bar.refresh()
-        end = loop.run(self._handle, until_s=horizon, on_progress=on_progress)
+
+        def show(t: float) -> None:
+            bar.n = min(horizon, round(t, 1))
+            bar.refresh()
+
+        loop.run(self._handle, until_s=horizon, on_progress=show if bar is not None else None)
         if bar is not None:
             bar.n = bar.total
             bar.close()
@@ -195,7 +195,6 @@ class TraceDriver:
             self._record_queued(end_s, late_ms)
             if starved:
                 self._record_owed(end_s)
-        del end
         self.metrics.set_decision_times(self.controller.decision_ms)
         summary = self.metrics.summary(end_s)
         summary["sessions"] = len(self.records)

@@ -280,7 +280,11 @@ class SimTransport:
             return
         self._settled(w, now_s)
         info = eng.info(sid)
-        if info.tier is not Tier.GPU or info.in_flight:
+        if info.in_flight and w.rnd is not None:  # offload at the chunk boundary
+            self.loop.push(w.rnd.finish_s, (self._offloaded, arg))
+            return
+        if info.tier is not Tier.GPU:  # already on the host tier: nothing left to copy
+            self._emit(OffloadFinished(now_s, sid, w.wid, 0))
             return
         result = eng.offload(sid)
         self.metrics.record_offload(result.nbytes)
@@ -367,32 +371,38 @@ class SimTransport:
         self.loop.push(rnd.finish_s, (self._round_done, w))
 
     # ------------------------------------------------------------------ cruise
-    def _saturated_context(self, shape: str) -> float:
-        v = self._saturated.get(shape)
-        if v is None:
-            try:
-                v = float(self.model.context_after(shape, 1 << 30))
-            except (KeyError, ValueError, LookupError):
-                v = float("nan")  # never equal: no cruise for a shape the model lacks
-            self._saturated[shape] = v
-        return v
-
     def _try_cruise(self, w: _SimWorker, rnd: InFlightRound) -> bool:
         if self.apply_rounds is None or not self.can_cruise():
-            return False
-        k = cruising.eligible(w.engine, rnd, self._saturated_context(rnd.plan.key.model))
-        if k <= 0:
             return False
         first = self._first_chunk
         starts: frozenset = frozenset()
         if first and not first.isdisjoint(rnd.plan.session_ids):
             starts = frozenset(sid for sid in rnd.plan.session_ids if sid in first)
+        cr = cruising.plan_cruise(w.engine, rnd, w.gen + 1, starts)
+        if cr is None:
+            return False
+        if starts:
             first.difference_update(starts)  # their later chunks are intervals
-        w.gen += 1
-        cr = w.cruise = cruising.Cruise(rnd, k, w.gen, starts)
+        w.gen = cr.gen
+        w.cruise = cr
         self._cruising[w.wid] = w
-        self.loop.push(cr.end_s, (self._cruise_end, (w, cr.gen)))
+        push = self.loop.push
+        t = cr.t0
+        for j in range(1, min(len(cr.changing), cr.k) + 1):
+            t = t + cr.dur_ms(j) / 1000.0
+            push(t, (self._cruise_round, (w, cr.gen, j)))
+        push(cr.end_s, (self._cruise_end, (w, cr.gen)))
         return True
+
+    def _cruise_round(self, now_s: float, arg: tuple[_SimWorker, int, int]) -> None:
+        """Round j of a cruise grew some contexts: the controller hears of it now, as it
+        would round by round (its predicted load moved)."""
+        w, gen, j = arg
+        cr = w.cruise
+        if cr is None or cr.gen != gen:
+            return
+        cr.told = j
+        self._emit(RoundCompleted(now_s, w.wid, cr.changing[j - 1], cr.dur_ms(j)))
 
     def _cruise_end(self, now_s: float, arg: tuple[_SimWorker, int]) -> None:
         w, gen = arg
@@ -439,15 +449,26 @@ class SimTransport:
                 metrics.record_chunks(lat, 1)
                 if sid not in starts:
                     metrics.record_intervals(lat, 1)
-        if c > 1:
-            d_ms = rnd.result.duration_ms
-            metrics.record_chunks(d_ms, n * (c - 1))
-            metrics.record_intervals(d_ms, n * (c - 1))
-        w.rnd = cruising.advance(w.engine, cr, c, tc)
+        nd = len(cr.durs_ms)
+        for j in range(2, min(c, nd) + 1):
+            metrics.record_chunks(cr.durs_ms[j - 1], n)
+            metrics.record_intervals(cr.durs_ms[j - 1], n)
+        sat_rounds = c - max(1, nd)
+        if sat_rounds > 0:
+            metrics.record_chunks(cr.sat_ms, n * sat_rounds)
+            metrics.record_intervals(cr.sat_ms, n * sat_rounds)
+        # A round completing exactly now: round-by-round, whatever happens now lands
+        # before the next round is formed, so leave its sessions due (flush begins it).
+        begin_next = tc < now_s
+        w.rnd = cruising.advance(w.engine, cr, c, tc, begin_next)
         self.rounds += c
         self.cruised_rounds += c
-        self.apply_rounds(w.wid, plan.session_ids, tc, c)
-        self.loop.push(w.rnd.finish_s, (self._round_done, w))
+        for count, sids in cruising.untold(cr, c).items():
+            self.apply_rounds(w.wid, tuple(sids), tc, count)
+        if w.rnd is not None:
+            self.loop.push(w.rnd.finish_s, (self._round_done, w))
+        else:
+            self._touch(w)
 
     def _round_done(self, now_s: float, w: _SimWorker) -> None:
         rnd = w.rnd

@@ -67,12 +67,15 @@ class WanCausalGenerator:
         device: torch.device | str,
         dtype: torch.dtype,
         attention_backend: str | None = None,
+        batch_vae: bool | None = None,
     ):
         self.cfg = cfg
         self.device, self.dtype = resolve_device(device), dtype
         self.transformer = place_module(transformer, self.device, dtype)
         self.decoder = ChunkDecoder(place_module(vae, self.device, dtype))
         self.text = text_encoder
+        # batched VAE decoding saves launches on a GPU; on a CPU it would cost exactness
+        self.batch_vae = (self.device.type == "cuda") if batch_vae is None else batch_vae
         self.backend = attention_backend or None
         self._holder = ContextHolder()
         install(self.transformer, self._holder)
@@ -227,12 +230,16 @@ class WanCausalGenerator:
         ctx = self._context(states, positions, xkvs, write=True)
         self._forward(x0, 0.0, ctx)
 
+        firsts = [s.chunk_index == 0 for s in states]
+        if self.batch_vae:
+            videos = self.decoder.decode_chunks([x0[b] for b in range(len(states))], [(s.tensors, s.meta) for s in states])
+        else:
+            videos = [self.decoder.decode_chunk(x0[b], s.tensors, s.meta) for b, s in enumerate(states)]
         outputs = []
         for b, s in enumerate(states):
             new_kv = torch.stack([torch.stack([ctx.new_kv[l][0][b], ctx.new_kv[l][1][b]]) for l in range(self.layers)])
             self._append(s, new_kv, x0[b], positions[b])
-            first = s.chunk_index == 0
-            video = self.decoder.decode_chunk(x0[b], s.tensors, s.meta)
+            first, video = firsts[b], videos[b]
             hist = torch.cat([s.tensors["vae_hist"], x0[b].float()], dim=1)
             s.tensors["vae_hist"] = hist[:, -self.decoder.history_frames :].contiguous()
             frames = video_to_uint8(video)

@@ -1,0 +1,229 @@
+"""Controller + InProcessTransport + real engines: the closed loop places, migrates,
+offloads, resumes, scales out and in, survives a lost worker and refuses bad decisions."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from turboserve.cluster.controller import Controller
+from turboserve.cluster.inprocess import InProcessTransport
+from turboserve.config import TurboConfig
+from turboserve.events import (RoundCompleted, SessionActivated, SessionArrived, SessionDeparted,
+                               SessionPaused, Tick)
+from turboserve.policy.registry import get_policy
+from turboserve.policy.views import ClusterView, Decision, Migration, Placement
+from turboserve.profile import load_latency_model
+from turboserve.types import SessionSpec, SessionState, WorkerState
+
+MODEL = load_latency_model()
+SPEC = SessionSpec(model="wan1.3b-320p", frames_per_chunk=12)  # ~2 sessions per GPU at 750 ms
+DEMO = SessionSpec(model="demo91")
+
+
+class Scripted:
+    """Least-loaded placement onto READY workers, plus whatever the test queues."""
+
+    name = "scripted"
+
+    def __init__(self, gpus: int = 2):
+        self.gpus = gpus
+        self.queue: list[Decision] = []
+        self.calls = 0
+
+    def initial_gpus(self, config):
+        return self.gpus
+
+    def initial_memory(self):
+        return None
+
+    def decide(self, view: ClusterView, memory) -> Decision:
+        self.calls += 1
+        if self.queue:
+            return self.queue.pop(0)
+        ready = [w for w in view.workers.values() if w.state is WorkerState.READY]
+        placements = []
+        load = {w.id: w.load_ms for w in ready}
+        for sid in view.pending:
+            fits = [w for w in ready if w.free_bytes >= view.sessions[sid].state_bytes]
+            if fits:
+                best = min(fits, key=lambda w: (load[w.id], w.id))
+                load[best.id] += 1000.0
+                placements.append(Placement(sid, best.id))
+        return Decision(placements=tuple(placements))
+
+
+def make(policy, gpus=4, **over):
+    sets = [f"cluster.gpus={gpus}", "cluster.min_gpus=1"] + [f"{k}={v}" for k, v in over.items()]
+    cfg = TurboConfig().with_overrides(sets)
+    tr = InProcessTransport(MODEL, cfg)
+    ctl = Controller(policy, MODEL, cfg, tr, shape=SPEC.model)
+    ctl.bootstrap(0.0)
+    return ctl, tr
+
+
+def chunk_log(tr):
+    got = defaultdict(list)
+    for out in tr.outcomes:
+        for sid, idx in zip(out.session_ids, out.chunk_indices):
+            got[sid].append(idx)
+    return got
+
+
+def assert_in_order(tr):
+    for sid, idxs in chunk_log(tr).items():
+        assert idxs == list(range(len(idxs))), f"{sid}: chunks {idxs}"
+
+
+def advance(ctl, tr, t, dt, steps):
+    for _ in range(steps):
+        tr.run_until(t + dt, t)
+        t += dt
+        ctl.on_event(Tick(t))
+    return t
+
+
+def test_turboserve_policy_places_scales_out_and_migrates():
+    ctl, tr = make(get_policy("turboserve"), gpus=4)
+    assert len(ctl.view().workers) == 1  # autoscaled start
+    t = 0.0
+    for i in range(8):
+        ctl.on_event(SessionArrived(t, f"s{i}", SPEC, "p"))
+        t = advance(ctl, tr, t, 2.0, 1)
+    t = advance(ctl, tr, t, 2.0, 20)
+    view = ctl.view()
+    assert not view.pending
+    assert len(view.workers) == 4 and all(w.state is WorkerState.READY for w in view.workers.values())
+    assert ctl.counters.placements == 8 and ctl.counters.refused == 0
+    assert ctl.counters.migrations > 0  # rebalanced onto the workers that came up
+    assert ctl.counters.migration_bytes > 0 and ctl.counters.migration_downtime_ms > 0
+    assert max(w.load_ms for w in view.workers.values()) <= view.slo_ms(SPEC)
+    provisioned = [p for _, p, _ in ctl.worker_samples]
+    assert provisioned == sorted(provisioned) and provisioned[-1] == 4
+    assert len(ctl.decision_ms) == ctl.counters.decisions > 0
+    assert_in_order(tr)
+    # the engines agree with the controller about where every session is
+    for sid, sv in view.sessions.items():
+        assert sid in tr.engines[sv.worker]
+
+
+def test_pause_offload_resume_continues_the_video():
+    ctl, tr = make(get_policy("turboserve"), gpus=2, **{"offload.grace_s": 1.0})
+    ctl.on_event(SessionArrived(0.0, "a", SPEC, "p", chunks_wanted=3))
+    t = advance(ctl, tr, 0.0, 1.0, 10)  # period ends by itself after 3 chunks -> idle -> offloaded
+    sv = ctl.view().sessions["a"]
+    assert sv.state is SessionState.OFFLOADED and sv.chunks_done == 3
+    assert ctl.counters.offloads == 1
+    ctl.on_event(SessionActivated(t, "a", chunks_wanted=2))
+    t = advance(ctl, tr, t, 1.0, 10)
+    assert ctl.counters.resumes == 1 and ctl.counters.restores == 1
+    assert chunk_log(tr)["a"] == [0, 1, 2, 3, 4]
+
+
+def test_bad_decisions_are_refused_not_applied():
+    pol = Scripted(gpus=2)
+    ctl, tr = make(pol, gpus=2)
+    ctl.on_event(SessionArrived(0.0, "a", SPEC, "p"))  # placed least-loaded on w0
+    assert ctl.view().sessions["a"].worker == "w0"
+    pol.queue = [Decision(placements=(Placement("a", "w1"),),  # not pending
+                          migrations=(Migration("a", "w1", "w0"), Migration("a", "w0", "nope")),
+                          offloads=("a",),  # active, not idle
+                          scale_out=5)]  # over cluster.gpus
+    ctl.on_event(Tick(0.1))
+    assert ctl.counters.refused == 5 and len(ctl.refusals) == 5
+    assert ctl.view().sessions["a"].worker == "w0" and len(ctl.view().workers) == 2
+    # a placement onto a full worker is refused too
+    big = SessionSpec(model="wan14b-480p")
+    pol.queue = [Decision(placements=(Placement("b", "w0"),)), Decision(placements=(Placement("c", "w0"),)),
+                 Decision()]
+    ctl.on_event(SessionArrived(0.2, "b", big, "p"))
+    ctl.on_event(SessionArrived(0.3, "c", big, "p"))
+    ctl.on_event(SessionArrived(0.4, "d", big, "p"))
+    assert ctl.view().workers["w0"].free_bytes < ctl.view().sessions["d"].state_bytes
+    before = ctl.counters.refused
+    pol.queue = [Decision(placements=(Placement("d", "w0"),))]
+    ctl.on_event(Tick(0.5))
+    assert ctl.counters.refused == before + 1 and ctl.view().sessions["d"].state is SessionState.QUEUED
+
+
+def test_round_completed_decides_only_on_load_change_or_pending():
+    pol = Scripted(gpus=1)
+    ctl, tr = make(pol, gpus=1)
+    ctl.on_event(SessionArrived(0.0, "a", DEMO, "p"))
+    window = MODEL.shape("demo91").window_frames
+    tr.run_until(30.0, 0.0)  # context grows to the window, then stays
+    calls = pol.calls
+    assert ctl.view().sessions["a"].context_frames == window
+    ctl.on_event(RoundCompleted(31.0, "w0", ("a",), 100.0))
+    assert pol.calls == calls  # nothing pending, load unchanged: no decision
+    ctl.on_event(SessionArrived(31.5, "b", DEMO, "p", chunks_wanted=1))
+    assert pol.calls == calls + 1
+    ctl.on_event(RoundCompleted(32.0, "w0", ("a",), 100.0))
+    assert pol.calls == calls + 1
+    ctl.on_event(RoundCompleted(32.1, "w0", ("a", "b"), 100.0))
+    assert ctl.view().sessions["b"].state is SessionState.IDLE  # its one chunk was delivered
+    assert pol.calls == calls + 2  # the worker's load fell by far more than 1%
+
+
+def test_lost_worker_sessions_are_rebuilt_elsewhere_and_continue():
+    pol = Scripted(gpus=2)
+    ctl, tr = make(pol, gpus=2)
+    ctl.on_event(SessionArrived(0.0, "a", DEMO, "p"))
+    ctl.on_event(SessionArrived(0.0, "b", DEMO, "p"))
+    tr.run_until(2.0, 0.0)
+    wa = ctl.view().sessions["a"].worker
+    n_before = len(chunk_log(tr)["a"])
+    tr.lose_worker(wa, 2.0)
+    view = ctl.view()
+    assert wa not in view.workers and ctl.counters.workers_lost == 1
+    assert view.sessions["a"].worker != wa and view.sessions["a"].state is SessionState.ACTIVE
+    assert ctl.counters.resumes == 1
+    tr.run_until(4.0, 2.0)
+    got = chunk_log(tr)["a"]
+    assert len(got) > n_before and got == list(range(len(got)))
+
+
+def test_release_drains_then_releases_and_failures_stay_local():
+    pol = Scripted(gpus=2)
+    ctl, tr = make(pol, gpus=2)
+    ctl.on_event(SessionArrived(0.0, "a", DEMO, "p"))
+    ctl.on_event(SessionArrived(0.0, "b", DEMO, "p"))
+    pol.queue = [Decision(release=("w1",))]
+    ctl.on_event(Tick(0.1))
+    assert ctl.view().workers["w1"].state is WorkerState.DRAINING  # still holds b
+    pol.queue = [Decision(migrations=(Migration("b", "w1", "w0"),))]
+    ctl.on_event(Tick(0.2))
+    assert "w1" not in ctl.view().workers and "w1" not in tr.engines
+    # released when the migration finished (its modelled duration after 0.2 s)
+    (rel,) = [c for c in tr.commands if c[0] == "release_worker"]
+    assert rel[1] == "w1" and 0.2 < rel[2] < 0.3
+    assert ctl.worker_samples[-1] == (rel[2], 1, 1)
+    # one session's chunk fails: it ends, the other keeps going
+    tr.engines["w0"].executor.inject_failure("a", "nan in latents")
+    tr.run_until(1.0, 0.2)
+    assert ctl.failed == {"a": "nan in latents"} and "a" not in ctl.view().sessions
+    assert "a" not in tr.engines["w0"]
+    assert len(chunk_log(tr)["b"]) > 2
+    ctl.on_event(SessionDeparted(1.0, "b"))
+    assert not ctl.view().sessions and not tr.engines["w0"].table
+
+
+def test_unknown_shape_fails_only_that_session():
+    ctl, tr = make(Scripted(gpus=1), gpus=1)
+    ctl.on_event(SessionArrived(0.0, "bad", SessionSpec(model="nosuch"), "p"))
+    ctl.on_event(SessionArrived(0.0, "good", DEMO, "p"))
+    assert "nosuch" in ctl.failed["bad"]
+    assert ctl.view().sessions["good"].state is SessionState.ACTIVE
+
+
+def test_paused_pending_session_is_not_placed():
+    pol = Scripted(gpus=1)
+    ctl, tr = make(pol, gpus=1)
+    pol.queue = [Decision()]  # the arrival's decision places nothing
+    ctl.on_event(SessionArrived(0.0, "a", DEMO, "p"))
+    ctl.on_event(SessionPaused(0.1, "a"))
+    assert ctl.view().sessions["a"].state is SessionState.OFFLOADED and not ctl.view().pending
+    ctl.on_event(SessionActivated(0.2, "a"))
+    assert ctl.view().sessions["a"].state is SessionState.ACTIVE
+    assert tr.commands[-1][:5] == ("place", "a", "w0", 0.2, False)  # never had state: a new start
