@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'chunks':>10} {'items':>8} {'rounds/cpu-s':>12}")
     for shape in args.shapes.split(","):
         slo = args.wan14b_slo_ms if shape in INFEASIBLE_AT_PLAYBACK else None
+        if slo is not None:
+            print(f"{shape}: infeasible at its {model.shape(shape).chunk_ms:.0f} ms playback time on the profiled "
+                  f"H100; run with an explicit SLO of {slo:.0f} ms", flush=True)
         path = make_trace("synthetic", shape, args.gpus, args.hours, args.seed, slo, cache, model)
         records = map_to_shape(read_trace(path), shape, model)
         overrides = [f"cluster.gpus={args.gpus}", "sim.progress=false"] + ([f"slo.slo_ms={slo}"] if slo else [])

@@ -32,6 +32,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow  # ~20 s: Ray start-up and two actor processes
 def test_ray_workers_run_migrate_offload_resume(local_ray, tmp_path):
     cfg = TurboConfig().with_overrides([
         f"serve.storage_dir='{tmp_path}'", "sim.tick_s=0.2", "offload.grace_s=0.3",

@@ -148,3 +148,25 @@ def test_autoscaling_enables_and_disables_local_engines(tmp_path):
         assert len(rt.transport.worker_devices()) == 1  # the engine thread really stopped
     finally:
         rt.stop()
+
+
+def test_admission_is_bounded_and_a_refusal_leaves_no_trace(tmp_path):
+    from serving_helpers import FakeGenerator
+
+    from turboserve.cluster.runtime import CapacityError, UnknownSession
+
+    cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp_path}'", "serve.max_sessions=1"])
+    rt = build_runtime(cfg, workers=1, latency_model=tiny_latency_model(),
+                       generator_factory=lambda device: FakeGenerator(device, width=64, height=64))
+    rt.start()
+    try:
+        spec = rt.resolve_spec({})
+        rt.create_session("one", spec, "p", max_chunks=2)
+        with pytest.raises(CapacityError, match="serve.max_sessions"):
+            rt.create_session("two", spec, "p")
+        with pytest.raises(UnknownSession):
+            rt.session("two")
+        rt.close("one")
+        assert rt.create_session("three", spec, "p").state in (SessionState.QUEUED, SessionState.ACTIVE)
+    finally:
+        rt.stop()

@@ -277,3 +277,14 @@ def test_every_due_chunk_delivered_exactly_once_in_order(ops):
         assert eng.info(sid).chunk_index == orc.next_chunk[sid]
     for sid, idxs in delivered.items():
         assert idxs == list(range(len(idxs)))
+
+
+def test_chunk_of_a_removed_session_is_dropped_even_if_the_id_returns():
+    eng = make_engine()
+    eng.add_session("s", A, "p", 0.0)
+    rnd = eng.begin_round(0.0)
+    eng.remove("s")
+    eng.add_session("s", A, "new", 0.5)  # a new session under the same id
+    out = eng.finish_round(rnd, rnd.finish_s)
+    assert out.session_ids == () and not out.failed
+    assert eng.info("s").chunk_index == 0 and run_one(eng, 1.0).chunk_indices == (0,)

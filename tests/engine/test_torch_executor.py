@@ -136,25 +136,34 @@ def test_offload_and_resume_matches_solo(gen, ref_a):
     assert_same_video(frames["a"], ref_a)
 
 
-def test_in_process_migration_matches_solo(gen, ref_a):
+def test_in_process_migrations_match_solo(gen, ref_a):
+    """There and back: a device copy to another engine, then a zero-copy handoff back (two
+    engines sharing one device), each at a chunk boundary between rounds."""
     src, dst, clock, frames = engine(gen, "w0"), engine(gen, "w1"), Clock(), {}
     src.add_session("a", spec(gen, 11), "a red kite over the sea", clock(), chunks_wanted=CHUNKS)
     src.add_session("b", spec(gen, 2), "a city at night", clock())
     dst.add_session("c", spec(gen, 3), "a forest", clock())
     drive(src, clock, frames, rounds=3)
     drive(dst, clock, frames, rounds=1)
-    old = {k: t for k, t in src.executor.stream_state("a").tensors.items()}
-    transfer = DeviceTransfer("cpu")
-    report = Migration("a", src, dst, link=LINKS["nvlink"], transfer=transfer).run(clock())
-    assert report.ok, report
+    old = dict(src.executor.stream_state("a").tensors)
+    copy = DeviceTransfer("cpu", always_copy=True)
+    report = Migration("a", src, dst, link=LINKS["nvlink"], transfer=copy).run(clock())
+    assert report.ok and copy.last_copied, report
     assert "a" not in src and "a" in dst and not src.executor.has_session("a")
     moved = dst.executor.stream_state("a").tensors
     assert set(moved) == set(old)
     for k, t in moved.items():  # a real copy: nothing aliases the source's memory
         assert torch.equal(t, old[k])
         assert t.numel() == 0 or t.data_ptr() != old[k].data_ptr()
-    assert transfer.last_nbytes == dst.executor.state_bytes("a")
-    drive(dst, clock, frames, until=lambda: len(frames["a"]) == CHUNKS)
+    assert copy.last_nbytes == dst.executor.state_bytes("a")
+    drive(dst, clock, frames, until=lambda: len(frames["a"]) == 5)
+
+    old = dict(dst.executor.stream_state("a").tensors)
+    back = DeviceTransfer("cpu")
+    report = Migration("a", dst, src, link=LINKS["nvlink"], transfer=back).run(clock())
+    assert report.ok and not back.last_copied, "same device: the state is handed off, not copied"
+    assert all(t.data_ptr() == old[k].data_ptr() for k, t in src.executor.stream_state("a").tensors.items())
+    drive(src, clock, frames, until=lambda: len(frames["a"]) == CHUNKS)
     assert_same_video(frames["a"], ref_a)
 
 

@@ -52,8 +52,14 @@ def test_device_copy_is_an_independent_exact_copy():
     out.payload.tensors["kv"].zero_()
     out.payload.meta["k"].append(3)
     assert src["kv"].abs().sum() > 0 and blob.payload.meta == {"k": [1, 2]}, "the source must be untouched"
-    mover = DeviceTransfer("cpu")
-    assert mover(blob).nbytes == blob.nbytes and mover.last_nbytes == blob.nbytes
+    mover = DeviceTransfer("cpu", always_copy=True)
+    moved = mover(blob)
+    assert mover.last_copied and moved.nbytes == blob.nbytes and mover.last_nbytes == blob.nbytes
+    assert moved.payload.tensors["kv"].data_ptr() != src["kv"].data_ptr()
+    adopt = DeviceTransfer("cpu")
+    handed = adopt(blob)
+    assert not adopt.last_copied and handed.payload.tensors["kv"] is src["kv"], "same device: zero-copy handoff"
+    assert handed.payload is not blob.payload and handed.payload.meta == blob.payload.meta
     with pytest.raises(TransferError, match="no StreamState"):
         device_copy(SessionBlob("s", blob.spec, "p", 0, 0, None), "cpu")
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from turboserve.models.registry import load_generator, model_names
 
-from conftest import run
+from conftest import run, write_tiny_umt5
 
 # diffusers -> original Wan layout: the inverse of diffusers' convert_wan_transformer_to_diffusers
 TO_ORIGINAL = [
@@ -65,8 +65,14 @@ def test_diffusers_folder_roundtrip(source, tmp_path):
     gen.transformer.save_pretrained(tmp_path / "transformer")
     gen.decoder.vae.save_pretrained(tmp_path / "vae")
     loaded = load_generator("tiny", weights=str(tmp_path), seed=999)  # seed unused: weights given
-    assert loaded.weights_source == str(tmp_path)
+    assert loaded.weights_source == str(tmp_path) and loaded.text.kind == "hash"
     assert _same_output(loaded, expected)
+    # with a text encoder in the folder, prompts go through UMT5
+    write_tiny_umt5(tmp_path)
+    with_text = load_generator("tiny", weights=str(tmp_path))
+    assert with_text.text.kind == "umt5"
+    s = with_text.start_session("t", with_text.default_spec(), "a red cat")
+    assert run(with_text, s, 1)[0].shape == (4, 64, 64, 3)
     with pytest.raises(ValueError, match="HeliosTransformer3DModel"):
         load_generator("helios-tiny", weights=str(tmp_path))
 

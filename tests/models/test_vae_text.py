@@ -17,7 +17,7 @@ def decoder():
 
 
 def test_chunked_decode_equals_whole_decode(decoder):
-    z = torch.randn(16, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(16, 5, 4, 4, generator=torch.Generator().manual_seed(0))
     whole = decoder.decode_whole(z)
     tensors, meta = {}, {}
     decoder.init_state(tensors, meta)
@@ -41,7 +41,7 @@ def test_causal_reach_is_enough_to_rebuild_the_cache(decoder):
     """Decoding the last `causal_reach` frames from an empty cache reproduces the cache."""
     reach = causal_reach(decoder.vae.decoder)
     assert 30 < reach < 60
-    z = torch.randn(16, reach + 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(16, reach + 3, 1, 1, generator=torch.Generator().manual_seed(1))
     t1, m1 = _fresh(decoder)
     decoder.decode_chunk(z[:, :-1], t1, m1)
     t2, m2 = _fresh(decoder)
@@ -75,3 +75,19 @@ def test_text_encoder_rejects_bad_input(tmp_path):
         TextEncoder(64, 8).encode(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="text_encoder"):
         TextEncoder(64, 8, weights_dir=tmp_path)
+
+
+def test_umt5_encoder_from_a_pipeline_folder(tmp_path):
+    from conftest import write_tiny_umt5
+
+    write_tiny_umt5(tmp_path)
+    enc = TextEncoder(64, 8, weights_dir=tmp_path)
+    assert enc.kind == "umt5"
+    a = enc.encode("a red cat")
+    assert a.shape == (8, 64)
+    assert torch.equal(a[3:], torch.zeros(5, 64))  # three tokens, the rest zero-padded
+    assert a[:3].abs().sum() > 0
+    assert not torch.equal(enc.encode("a blue sea"), a)
+    assert enc.encode("a red cat") is a  # cached
+    with pytest.raises(ValueError, match="features"):
+        TextEncoder(32, 8, weights_dir=tmp_path)

@@ -332,7 +332,7 @@ class ClusterState:
             if new_ctx != s.context:
                 if s.active and w is not None and s.worker == wid and not s.offloading:
                     g = w.groups[s.key]
-                    pass
+                    w.groups[s.key] = GroupLoad(g.key, g.batch, max(0.0, g.context_sum + new_ctx - s.context))
                     changed = True
                 s.context = new_ctx
             if s.active and not s.unbounded:
@@ -465,7 +465,7 @@ class ClusterState:
     def _detach_incoming(self, d: _Worker, s: _Session) -> None:
         d.sessions.discard(s.id)
         d.frozen = frozenset(d.sessions)
-        d.used_bytes -= s.state_bytes
+        pass
         self._wrefresh(d)
 
     def _group_add(self, w: _Worker, s: _Session) -> None:

@@ -4,9 +4,10 @@ In: a blob exported by `TorchExecutor.export_state`. Out: an equivalent blob who
 live where the destination wants them, or, across processes, the same blob rebuilt on the
 receiving rank.
 
-- `device_copy(blob, device)`: in-process copy (GPU->GPU over NVLink/PCIe, or CPU->CPU).
-  `DeviceTransfer(device)` wraps it as the `transfer(blob) -> blob` function the migration
-  state machine plugs in.
+- `device_copy(blob, device)`: in-process copy (GPU->GPU over NVLink/PCIe, or CPU->CPU);
+  `handoff(blob)`: zero-copy adoption between engines that share a device.
+  `DeviceTransfer(device)` picks between them as the `transfer(blob) -> blob` function the
+  migration state machine plugs in.
 - `send_blob` / `recv_blob`: across processes with `torch.distributed` point-to-point
   (NCCL between GPUs, gloo on CPU). The wire format streams: a fixed 8-byte length, a JSON
   header (ids, spec, prompt, counters, and each tensor's name/shape/dtype), then every
@@ -60,17 +61,36 @@ def device_copy(blob: SessionBlob, device: str | torch.device) -> SessionBlob:
     return _with_tensors(blob, state, tensors)
 
 
+def handoff(blob: SessionBlob) -> SessionBlob:
+    """Zero-copy move between engines on the same device: the destination adopts the
+    source's tensors. Safe because the source holds the session (no chunk writes them) from
+    export until it drops the session at commit, and on an abort the destination never
+    imported them."""
+    state = _payload(blob)
+    return _with_tensors(blob, state, dict(state.tensors))
+
+
 @dataclass
 class DeviceTransfer:
-    """`transfer(blob) -> blob` for the migration state machine: a copy onto `device`."""
+    """`transfer(blob) -> blob` for the migration state machine: the state onto `device`.
+
+    Tensors already on `device` are handed off without a copy (two engines sharing one
+    device: the CPU engines of the embedded server, or two engines on one GPU) unless
+    `always_copy`; anything elsewhere is copied (GPU to GPU over NVLink/PCIe)."""
 
     device: str | torch.device
+    always_copy: bool = False
     last_duration_ms: float = 0.0
     last_nbytes: int = 0
+    last_copied: bool = False
 
     def __call__(self, blob: SessionBlob) -> SessionBlob:
         start = time.perf_counter()
-        out = device_copy(blob, self.device)
+        dst = torch.device(self.device)
+        state = _payload(blob)
+        local = all(_same_device(t.device, dst) for t in state.tensors.values())
+        self.last_copied = self.always_copy or not local
+        out = device_copy(blob, dst) if self.last_copied else handoff(blob)
         self.last_duration_ms = (time.perf_counter() - start) * 1000.0
         self.last_nbytes = out.nbytes
         return out
@@ -192,6 +212,15 @@ class DistributedSendTransfer:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 def _payload(blob: SessionBlob) -> StreamState:
     if not isinstance(blob.payload, StreamState):
         raise TransferError(

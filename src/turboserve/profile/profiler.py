@@ -115,41 +115,54 @@ def _sync(device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------- measurement
 class _DecodeTimer:
-    """Times every call of the family's per-session VAE decode (`generator.decoder.
-    decode_chunk`) inside real rounds, by shadowing the method on that one instance while
-    profiling. Subtracting a round's own decode time attributes it exactly, where a
-    separately measured decode would be subtracted with its own noise."""
+    """Times every call of the family's VAE decode (`generator.decoder.decode_chunk`, one
+    session, and `decode_chunks`, a list of sessions) inside real rounds, by shadowing those
+    methods on that one instance while profiling. Subtracting a round's own decode time
+    attributes it exactly, where a separately measured decode would be subtracted with its
+    own noise. A batched call's time is shared equally by its sessions."""
+
+    METHODS = ("decode_chunk", "decode_chunks")
 
     def __init__(self, generator: ChunkGenerator, device: torch.device):
         self.decoder = getattr(generator, "decoder", None)
-        if self.decoder is not None and not hasattr(self.decoder, "decode_chunk"):
-            self.decoder = None
         self.device = device
         self.round_ms = 0.0  # decode time inside the current round
-        self.samples_ms: list[float] = []  # per call, while `keep` is set
+        self.samples_ms: list[float] = []  # per session decoded, while `keep` is set
         self.keep = False
+        self._shadowed: list[str] = []
+
+    def _wrap(self, original, sessions_of):
+        def timed(*args, **kwargs):
+            _sync(self.device)
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            _sync(self.device)
+            ms = (time.perf_counter() - start) * 1000.0
+            self.round_ms += ms
+            if self.keep:
+                n = max(1, sessions_of(args))
+                self.samples_ms.extend([ms / n] * n)
+            return out
+
+        return timed
 
     def __enter__(self) -> "_DecodeTimer":
-        if self.decoder is not None:
-            original = self.decoder.decode_chunk
-
-            def timed(*args, **kwargs):
-                _sync(self.device)
-                start = time.perf_counter()
-                out = original(*args, **kwargs)
-                _sync(self.device)
-                ms = (time.perf_counter() - start) * 1000.0
-                self.round_ms += ms
-                if self.keep:
-                    self.samples_ms.append(ms)
-                return out
-
-            self.decoder.decode_chunk = timed  # instance attribute shadows the method
+        if self.decoder is None:
+            return self
+        for name in self.METHODS:
+            original = getattr(self.decoder, name, None)
+            if original is None:
+                continue
+            batched = name == "decode_chunks"
+            sessions_of = (lambda args: len(args[0]) if args else 1) if batched else (lambda args: 1)
+            setattr(self.decoder, name, self._wrap(original, sessions_of))  # shadows the method
+            self._shadowed.append(name)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.decoder is not None:
-            del self.decoder.decode_chunk
+        for name in self._shadowed:
+            delattr(self.decoder, name)
+        self._shadowed.clear()
 
 
 class Profiler:
@@ -233,7 +246,8 @@ class Profiler:
                     f"{torch.__version__}, {str(self.generator.dtype).removeprefix('torch.')}; batches "
                     f"{list(plan.batches)}, contexts {self.contexts}, median of {plan.repeats}; "
                     f"rounds exclude the VAE (fixed_ms)"
-                    + ("" if self.device.type == "cuda" else "; CPU: no activation counter, host copies unpinned")),
+                    + ("" if self.device.type == "cuda" else "; CPU: no activation counter, host copies unpinned")
+                    + f"; load average {os.getloadavg()[0]:.1f} at the end (other processes inflate CPU timings)"),
             device=device_name(self.device),
             measured_at=datetime.date.today().isoformat(),
         )
@@ -307,7 +321,7 @@ class Profiler:
         for _ in range(self.geo.window_frames // self.geo.latent_frames_per_chunk):
             self._round(ex, sids)
         off, res, mig = [], [], []
-        transfer = DeviceTransfer(self.device)
+        transfer = DeviceTransfer(self.device, always_copy=True)  # a real device copy
         for _ in range(max(1, self.plan.transfer_repeats)):
             for sid in sids:
                 nbytes = ex.state_bytes(sid)

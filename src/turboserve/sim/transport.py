@@ -256,7 +256,8 @@ class SimTransport:
                 m.abort("session_closed", now_s)
             if sid in src.waiting_stop:
                 src.waiting_stop.remove(sid)
-        for w_id in {wid, self._where.pop(sid, None)}:
+        holder = self._where.pop(sid, None)
+        for w_id in (wid, holder) if holder != wid else (wid,):  # a list, not a set: fixed order
             w = self._settled(self.workers.get(w_id), now_s) if w_id is not None else None
             if w is not None and sid in w.engine:
                 w.engine.remove(sid)

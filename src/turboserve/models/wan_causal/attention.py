@@ -33,13 +33,12 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 class RoundContext:
     """What the processors need for one forward pass over a batch of B sessions."""
 
-    self_kv: list[torch.Tensor]  # per session: (layers, 2, L_b, heads, head_dim) cached K/V
+    self_kv: list[list[torch.Tensor]]  # per session, per layer: (2, L_b, heads, head_dim) cached K/V
     cross_kv: torch.Tensor  # (layers, 2, B, text_len, heads, head_dim) prompt K/V
     rope_cos: torch.Tensor  # (B, S, 1, head_dim) float32, at each session's absolute frames
     rope_sin: torch.Tensor
     write: bool = False  # clean pass: record the chunk's K/V
     new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (B,S,H,D) K, V
-    backend: str | None = None  # diffusers attention backend; None = default
 
 
 class ContextHolder:
@@ -68,6 +67,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class StreamingSelfAttnProcessor:
     """Self-attention of the chunk's tokens over [cached K/V of the session, the chunk]."""
 
+    _attention_backend = None  # set by the model's `set_attention_backend` (diffusers' dispatcher)
+    _parallel_config = None
+
     def __init__(self, layer: int, holder: ContextHolder):
         self.layer, self.holder = layer, holder
 
@@ -83,18 +85,21 @@ class StreamingSelfAttnProcessor:
 
         out = torch.empty_like(query)
         groups: dict[int, list[int]] = {}
-        for b, cache in enumerate(ctx.self_kv):
-            groups.setdefault(cache.shape[2], []).append(b)
+        for b, layers in enumerate(ctx.self_kv):
+            groups.setdefault(layers[self.layer].shape[1], []).append(b)
         for cache_len, members in groups.items():
             idx = members
             q = query[idx]
             if cache_len:
-                cached = torch.stack([ctx.self_kv[b][self.layer] for b in idx])  # (g, 2, L, H, D)
+                if len(idx) == 1:  # a view, no copy
+                    cached = ctx.self_kv[idx[0]][self.layer].unsqueeze(0)  # (1, 2, L, H, D)
+                else:
+                    cached = torch.stack([ctx.self_kv[b][self.layer] for b in idx])  # (g, 2, L, H, D)
                 k = torch.cat([cached[:, 0].to(key.dtype), key[idx]], dim=1)
                 v = torch.cat([cached[:, 1].to(value.dtype), value[idx]], dim=1)
             else:
                 k, v = key[idx], value[idx]
-            res = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=ctx.backend)
+            res = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend)
             out[idx] = res.type_as(out)
         hidden = out.flatten(2, 3)
         hidden = attn.to_out[0](hidden)
@@ -103,6 +108,9 @@ class StreamingSelfAttnProcessor:
 
 class CachedCrossAttnProcessor:
     """Cross-attention over the session's prompt K/V, computed once per prompt."""
+
+    _attention_backend = None
+    _parallel_config = None
 
     def __init__(self, layer: int, holder: ContextHolder):
         self.layer, self.holder = layer, holder
@@ -113,7 +121,7 @@ class CachedCrossAttnProcessor:
         key, value = ctx.cross_kv[self.layer, 0], ctx.cross_kv[self.layer, 1]
         out = dispatch_attention_fn(
             query, key.to(query.dtype), value.to(query.dtype), attn_mask=None, dropout_p=0.0,
-            is_causal=False, backend=ctx.backend,
+            is_causal=False, backend=self._attention_backend,
         )
         hidden = out.flatten(2, 3).type_as(query)
         hidden = attn.to_out[0](hidden)

@@ -12,7 +12,9 @@ the work: `patch_embedding`, `condition_embedder`, `blocks`, `norm_out`/`proj_ou
 replace the attention processors and compute rotary tables at each chunk's absolute frames.
 
 Session state (`StreamState.tensors`; `meta` holds the JSON-able rest):
-- `kv` (layers, 2, L, heads, head_dim): self-attention K/V of the cached frames, rotary applied.
+- `kv.{layer}` (2, L, heads, head_dim): self-attention K/V of the cached frames, rotary
+  applied; one tensor per layer so that appending a chunk reallocates one layer at a time
+  (a single tensor would briefly need twice the cache's memory).
   The cache keeps at most `window_frames - n` latent frames (the chunk's own n complete the
   attention window): the first `sink_frames` of the session forever, then the most recent.
 - `xkv` (layers, 2, text_len, heads, head_dim): the prompt's cross-attention K/V.
@@ -25,7 +27,7 @@ Session state (`StreamState.tensors`; `meta` holds the JSON-able rest):
   causal reach (`vae.causal_reach`, 39 frames for every Wan2.1 VAE shape).
 
 Checkpoint = `latents`, `vae_hist`, `rng` and meta (kilobytes to ~20 MB at 480p, against the
-gigabytes of `kv` and the VAE cache). Rebuild replays the clean passes over the retained
+gigabytes of `kv.*` and the VAE cache). Rebuild replays the clean passes over the retained
 frames chunk by chunk, each under its own prompt, and decodes `vae_hist` again through the
 VAE. The VAE cache comes back bit for bit (R covers the decoder's reach). The KV cache
 comes back bit for bit until the session first evicts a frame (same computations in the
@@ -76,9 +78,10 @@ class WanCausalGenerator:
         self.text = text_encoder
         # batched VAE decoding saves launches on a GPU; on a CPU it would cost exactness
         self.batch_vae = (self.device.type == "cuda") if batch_vae is None else batch_vae
-        self.backend = attention_backend or None
         self._holder = ContextHolder()
         install(self.transformer, self._holder)
+        if attention_backend:  # validated by diffusers (name, installed kernels)
+            self.transformer.set_attention_backend(attention_backend)
         tcfg = self.transformer.config
         self.layers = len(self.transformer.blocks)
         self.heads = int(tcfg.num_attention_heads)
@@ -110,7 +113,8 @@ class WanCausalGenerator:
 
     def _init_tensors(self, state: StreamState, rng: torch.Tensor) -> None:
         c, _, h, w = latent_shape(self.cfg, state.spec, 0)
-        state.tensors["kv"] = torch.empty(self.layers, 2, 0, self.heads, self.head_dim, device=self.device, dtype=self.dtype)
+        for layer in range(self.layers):
+            state.tensors[f"kv.{layer}"] = torch.empty(2, 0, self.heads, self.head_dim, device=self.device, dtype=self.dtype)
         state.tensors["latents"] = torch.empty(c, 0, h, w, device=self.device, dtype=torch.float32)
         state.tensors["vae_hist"] = torch.empty(c, 0, h, w, device=self.device, dtype=torch.float32)
         state.tensors[RNG_KEY] = rng.to(self.device)
@@ -135,7 +139,7 @@ class WanCausalGenerator:
         for s in states:
             if s.spec.compat_key != key:
                 raise ValueError(f"session {s.session_id} ({s.spec.compat_key}) cannot share a round with {key}")
-            kv = s.tensors.get("kv")
+            kv = s.tensors.get("kv.0")
             if kv is None or kv.device != self.device:
                 where = None if kv is None else kv.device
                 raise ValueError(f"session {s.session_id} state is on {where}, the generator on {self.device}")
@@ -160,12 +164,11 @@ class WanCausalGenerator:
         gw = spec.width // VAE_SPACE_FACTOR // self.patch[2]
         tables = [self._rope(p, gh, gw) for p in positions]
         return RoundContext(
-            self_kv=[s.tensors["kv"] for s in states],
+            self_kv=[[s.tensors[f"kv.{layer}"] for layer in range(self.layers)] for s in states],
             cross_kv=torch.stack(xkvs, dim=2),
             rope_cos=torch.stack([t[0] for t in tables]),
             rope_sin=torch.stack([t[1] for t in tables]),
             write=write,
-            backend=self.backend,
         )
 
     @torch.no_grad()
@@ -237,7 +240,7 @@ class WanCausalGenerator:
             videos = [self.decoder.decode_chunk(x0[b], s.tensors, s.meta) for b, s in enumerate(states)]
         outputs = []
         for b, s in enumerate(states):
-            new_kv = torch.stack([torch.stack([ctx.new_kv[l][0][b], ctx.new_kv[l][1][b]]) for l in range(self.layers)])
+            new_kv = [torch.stack([ctx.new_kv[layer][0][b], ctx.new_kv[layer][1][b]]) for layer in range(self.layers)]
             self._append(s, new_kv, x0[b], positions[b])
             first, video = firsts[b], videos[b]
             hist = torch.cat([s.tensors["vae_hist"], x0[b].float()], dim=1)
@@ -247,12 +250,11 @@ class WanCausalGenerator:
             s.chunk_index += 1
         return outputs
 
-    def _append(self, s: StreamState, new_kv: torch.Tensor, x0: torch.Tensor, positions: tuple[int, ...]) -> None:
+    def _append(self, s: StreamState, new_kv: list[torch.Tensor], x0: torch.Tensor, positions: tuple[int, ...]) -> None:
         """Add a chunk's K/V and clean latents to the session's cache, then evict down to the
         window: keep the sink frames and the most recent ones."""
         n = len(positions)
-        tokens = new_kv.shape[2] // n  # tokens per latent frame
-        kv = torch.cat([s.tensors["kv"], new_kv.to(self.dtype)], dim=2)
+        tokens = new_kv[0].shape[1] // n  # tokens per latent frame
         latents = torch.cat([s.tensors["latents"], x0.float()], dim=1)
         frame_pos = s.meta["frame_pos"] + list(positions)
         frame_prompts = s.meta["frame_prompts"] + [s.prompt] * n
@@ -262,12 +264,16 @@ class WanCausalGenerator:
             sink = min(self.cfg.sink_frames, capacity)
             first_recent = count - (capacity - sink)
             keep = list(range(sink)) + list(range(first_recent, count))
-            kv = torch.cat([kv[:, :, : sink * tokens], kv[:, :, first_recent * tokens :]], dim=2).contiguous()
             latents = latents[:, keep].contiguous()
             frame_pos = [frame_pos[i] for i in keep]
             frame_prompts = [frame_prompts[i] for i in keep]
             s.meta["evicted"] = True
-        s.tensors["kv"], s.tensors["latents"] = kv, latents
+        for layer, chunk_kv in enumerate(new_kv):
+            kv = torch.cat([s.tensors[f"kv.{layer}"], chunk_kv.to(self.dtype)], dim=1)
+            if count > capacity:
+                kv = torch.cat([kv[:, : sink * tokens], kv[:, first_recent * tokens :]], dim=1)
+            s.tensors[f"kv.{layer}"] = kv
+        s.tensors["latents"] = latents
         s.meta["frame_pos"], s.meta["frame_prompts"] = frame_pos, frame_prompts
         s.meta["next_frame"] = positions[-1] + 1
 
@@ -299,8 +305,9 @@ class WanCausalGenerator:
             ctx = self._context([state], [positions], [self._prompt_kv(frame_prompts[i])], write=True)
             chunk = latents[:, i:j].unsqueeze(0)
             self._forward(chunk, 0.0, ctx)
-            new_kv = torch.stack([torch.stack([ctx.new_kv[l][0][0], ctx.new_kv[l][1][0]]) for l in range(self.layers)])
-            state.tensors["kv"] = torch.cat([state.tensors["kv"], new_kv.to(self.dtype)], dim=2)
+            for layer in range(self.layers):
+                chunk_kv = torch.stack([ctx.new_kv[layer][0][0], ctx.new_kv[layer][1][0]]).to(self.dtype)
+                state.tensors[f"kv.{layer}"] = torch.cat([state.tensors[f"kv.{layer}"], chunk_kv], dim=1)
             i = j
         state.tensors["latents"] = latents.clone()
         state.meta.update(frame_pos=list(frame_pos), frame_prompts=list(frame_prompts),
