@@ -7,7 +7,9 @@ round time at the same contexts, i.e. B rounds of one session. Gain = (B / coale
 time) / (1 / solo round time). Rounds include every per-session cost the family has.
 
 Shapes (`--shapes`):
-- `tiny`, `helios-tiny`: the test configs, full path (transformer and VAE decode).
+- `tiny`, `helios-tiny`: the test configs, full path (transformer and VAE decode);
+  `tiny-dit`, `helios-tiny-dit`: the same with the VAE decode stubbed out, i.e. the part of
+  the round that coalescing acts on (the VAE decodes session by session).
 - `wan-320p`, `wan-480p`, `helios-320p`, `helios-480p`: 320x576 and 480x832 video (720
   and 1560 tokens per latent frame, the token counts of the paper's 320p-class and 480p
   shapes) with one latent frame per chunk and a REDUCED transformer (width 256 = 2 heads x
@@ -45,6 +47,8 @@ SHAPES = {
     # name: (base config, width, height, transformer overrides or None, stub VAE, default max batch)
     "tiny": ("tiny", 0, 0, None, False, 32),
     "helios-tiny": ("helios-tiny", 0, 0, None, False, 32),
+    "tiny-dit": ("tiny", 0, 0, None, True, 32),  # transformer only: what coalescing acts on
+    "helios-tiny-dit": ("helios-tiny", 0, 0, None, True, 32),
     "wan-320p": ("tiny", 576, 320, {**TINY_WAN, **REDUCED}, True, 8),
     "wan-480p": ("tiny", 832, 480, {**TINY_WAN, **REDUCED}, True, 4),
     "helios-320p": ("helios-tiny", 576, 320, {**TINY_HELIOS, **REDUCED, "rope_dim": (44, 42, 42)}, True, 8),
@@ -103,7 +107,8 @@ def round_times(ex: TorchExecutor, spec, batch: int, rounds: int, tag: str) -> l
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="tiny,helios-tiny,wan-320p,wan-480p,helios-320p,helios-480p")
+    ap.add_argument("--shapes", default="tiny,tiny-dit,helios-tiny,helios-tiny-dit,wan-320p,wan-480p,"
+                                        "helios-320p,helios-480p")
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

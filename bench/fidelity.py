@@ -3,9 +3,11 @@
 In: a latency profile of this machine (`--profile F`, else `turboserve profile --model tiny`
 is run first), a short bursty trace (`--sessions`, `--seed`, or `--trace F`), the number of
 CPU engines. Out: a table of p50/p99/mean per-chunk latency and SLO attainment for the
-simulator, the live server as its clients saw it (`loadgen`), and the live server's own
-per-chunk latencies (due -> delivered, the simulator's definition), with the relative error
-of each against the simulator; `--json OUT` writes the same numbers.
+simulator, the simulator with the profile scaled to the speed the engines actually ran at
+during the replay (`sim xF`: separates the scheduling model's error from a stale profile),
+the live server as its clients saw it (`loadgen`), and the live server's own per-chunk
+latencies (due -> delivered, the simulator's definition), with the relative error of each
+against the simulator; `--json OUT` writes the same numbers.
 
     python bench/fidelity.py --workers 2 --sessions 8 --json runs/fidelity.json
 
@@ -72,14 +74,21 @@ def main(argv=None) -> int:
         with lock:
             server_side.append(d.latency_ms)
     runtime.add_listener(on_chunk, lambda *a: None)
+    rounds = []  # (chunk indices, steps, measured ms) of every round the engines ran
+    runtime.add_round_listener(lambda wid, o: rounds.append((o.chunk_indices, o.key.steps, o.duration_ms)))
     with ServerThread(create_app(runtime, cfg)) as srv:
         live = asyncio.run(replay(records, srv.base_url, timeout_s=900.0)).report["runs"][0]["metrics"]
     sim = simulate(records, args.policy, model, cfg, shape="tiny").summary
+    # The same with the profile scaled to the speed the engines really ran at during the
+    # replay: separates the scheduling/queueing model's error from the profile's staleness.
+    factor = speed_factor(model, rounds)
+    sim_scaled = simulate(records, args.policy, scaled_model(model, factor), cfg, shape="tiny").summary
 
     slo = sim["slo_ms"]
     srv_lat = np.asarray(server_side)
     rows = {
         "simulate": sim,
+        f"sim x{factor:.2f}": sim_scaled,
         "live (client)": live,
         "live (server)": {
             "p50_chunk_latency_ms": float(np.percentile(srv_lat, 50)) if srv_lat.size else float("nan"),
@@ -91,7 +100,8 @@ def main(argv=None) -> int:
     }
     keys = ("p50_chunk_latency_ms", "p99_chunk_latency_ms", "mean_chunk_latency_ms", "slo_attainment", "chunks")
     print(f"{'run':<15}" + "".join(f"{k.replace('_chunk_latency_ms', ' ms'):>16}" for k in keys) + "   p50 err   p99 err")
-    out = {"profile": profile, "sessions": len(records), "workers": args.workers, "runs": {}}
+    out = {"profile": profile, "sessions": len(records), "workers": args.workers, "speed_factor": factor,
+           "runs": {}}
     for name, m in rows.items():
         vals = [m.get(k, float("nan")) for k in keys]
         err50 = m["p50_chunk_latency_ms"] / sim["p50_chunk_latency_ms"] - 1.0
@@ -103,6 +113,27 @@ def main(argv=None) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def speed_factor(model, rounds) -> float:
+    """Measured over predicted time of the engines' rounds (>1: slower than the profile)."""
+    measured = predicted = 0.0
+    for chunk_indices, steps, ms in rounds:
+        ctx = sum(model.context_after("tiny", i) for i in chunk_indices) / len(chunk_indices)
+        predicted += model.round_ms("tiny", len(chunk_indices), ctx, steps) + len(chunk_indices) * model.fixed_ms("tiny")
+        measured += ms
+    return measured / predicted if predicted else 1.0
+
+
+def scaled_model(model, factor: float):
+    from dataclasses import replace
+
+    from turboserve.profile import ProfileLatencyModel
+    from turboserve.profile.format import RoundPoint
+
+    p = model.profile("tiny")
+    return ProfileLatencyModel([replace(p, rounds=[RoundPoint(r.batch, r.context_frames, r.round_ms * factor)
+                                                   for r in p.rounds], fixed_ms=p.fixed_ms * factor)])
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def make_trace(kind: str, shape: str, gpus: int, hours: float, seed: int, slo_ms
         argv = ["trace", "convert", "--format", "mooncake", *common, str(SHARED / "mooncake-conversation.jsonl")]
     elif kind == "servegen":
         files = sorted((SHARED / "servegen-m-small").glob("*.csv"))
-        argv = ["trace", "convert", "--format", "servegen", "--hours", str(hours), *common, *map(str, files)]
+        rate = synth_rate_per_min(model, shape, gpus, slo_ms)
+        argv = ["trace", "convert", "--format", "servegen", "--hours", str(hours), "--rate", f"{rate:.3f}",
+                *common, *map(str, files)]
     else:
         raise ValueError(f"unknown trace kind {kind!r}; expected one of {TRACES}")
     rc = turboserve_main(argv)
@@ -195,7 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         for gpus in clusters:
             for kind in traces:
                 print(f"cell {shape} x {gpus} GPUs x {kind} ...", flush=True)
-                cells.append(run_cell(shape, gpus, kind, hours, args.seed, slo, cache, model))
+                try:
+                    cells.append(run_cell(shape, gpus, kind, hours, args.seed, slo, cache, model))
+                except Exception as e:  # noqa: BLE001 - one cell's failure must not lose the matrix
+                    print(f"cell {shape} x {gpus} GPUs x {kind} failed: {type(e).__name__}: {e}", flush=True)
+                    cells.append({"shape": shape, "gpus": gpus, "trace": kind, "sessions": 0, "wall_s": 0.0,
+                                  "slo_explicit": slo is not None,
+                                  "failed": [{"policy": "(trace)", "error": f"{type(e).__name__}: {e}"}],
+                                  "report": None})
+                    continue
                 print(format_rows(cells[-1:]), flush=True)
     print()
     print(format_rows(cells))

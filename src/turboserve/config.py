@@ -53,6 +53,7 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class PlacementConfig:
     memory_headroom: float = 0.05  # fraction of GPU memory never planned (fragmentation)
+    candidate_workers: int = 32  # min-max placement scores at most this many feasible workers
 
 
 @dataclass(frozen=True)

@@ -227,3 +227,76 @@ def test_paused_pending_session_is_not_placed():
     ctl.on_event(SessionActivated(0.2, "a"))
     assert ctl.view().sessions["a"].state is SessionState.ACTIVE
     assert tr.commands[-1][:5] == ("place", "a", "w0", 0.2, False)  # never had state: a new start
+
+
+class Broken(Scripted):
+    def decide(self, view, memory):
+        raise RuntimeError("policy bug")
+
+
+def test_policy_errors_raise_by_default_and_are_counted_when_asked():
+    ctl, tr = make(Broken(gpus=1), gpus=1)
+    with pytest.raises(RuntimeError, match="policy bug"):
+        ctl.on_event(SessionArrived(0.0, "a", DEMO, "p"))
+    cfg = TurboConfig().with_overrides(["cluster.gpus=1"])
+    tr2 = InProcessTransport(MODEL, cfg)
+    live = Controller(Broken(gpus=1), MODEL, cfg, tr2, raise_policy_errors=False)
+    live.bootstrap(0.0)
+    live.on_event(SessionArrived(0.0, "a", DEMO, "p"))
+    live.on_event(Tick(1.0))
+    assert live.counters.policy_errors == 2 and live.view().pending == ("a",)
+
+
+# --- the closed loop under random events: engines and ClusterState agree, chunks in order ---
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from turboserve.engine.session_table import Tier  # noqa: E402
+
+loop_ops = st.lists(st.tuples(st.sampled_from(["arrive", "arrive", "pause", "activate", "depart", "advance",
+                                               "advance", "lose", "tick"]),
+                              st.integers(0, 30), st.integers(0, 4)), min_size=5, max_size=40)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(loop_ops, st.sampled_from(["turboserve", "static-ll", "migrate-only"]))
+def test_closed_loop_keeps_engines_and_views_consistent(ops, policy_name):
+    ctl, tr = make(get_policy(policy_name), gpus=3, **{"offload.grace_s": 0.5, "cluster.startup_delay_s": 0.0})
+    t = 0.0
+    n = 0
+    for kind, i, k in ops:
+        live = sorted(ctl.view().sessions)
+        sid = live[i % len(live)] if live else None
+        if kind == "arrive":  # a burst of k+1 sessions
+            for _ in range(k + 1):
+                ctl.on_event(SessionArrived(t, f"s{n}", DEMO if i % 3 == 0 else SPEC, "p", chunks_wanted=i % 5))
+                n += 1
+        elif kind == "pause" and sid:
+            ctl.on_event(SessionPaused(t, sid))
+        elif kind == "activate" and sid:
+            ctl.on_event(SessionActivated(t, sid, chunks_wanted=k))
+        elif kind == "depart" and sid:
+            ctl.on_event(SessionDeparted(t, sid))
+        elif kind == "lose" and len(tr.engines) > 1:
+            tr.lose_worker(sorted(tr.engines)[i % len(tr.engines)], t)
+        elif kind == "tick":
+            ctl.on_event(Tick(t))
+        tr.run_until(t + 0.5 * (k + 1), t)
+        t += 0.5 * (k + 1)
+        ctl.on_event(Tick(t))
+
+        view = ctl.view()
+        assert set(view.workers) == set(tr.engines)
+        for wid, wv in view.workers.items():
+            eng = tr.engines[wid]
+            resident = {s for s in eng.table if eng.info(s).tier is Tier.GPU}
+            assert resident == set(wv.sessions), wid
+            assert eng.pool.used_bytes == wv.used_bytes <= wv.memory_bytes
+        for s, sv in view.sessions.items():
+            if sv.worker is not None:
+                info = tr.engines[sv.worker].info(s)
+                assert info.active == (sv.state is SessionState.ACTIVE), s
+                assert info.chunk_index == sv.chunks_done, s
+        assert ctl.counters.refused == 0 or policy_name != "static-ll"
+    assert_in_order(tr)

@@ -87,7 +87,7 @@ def _rank_body(rank: int, port: int, results) -> None:
 
     from turboserve.engine.core import EngineCore
     from turboserve.engine.torch_executor import TorchExecutor
-    from turboserve.engine.transfer import ack, recv_blob, send_blob
+    from turboserve.engine.transfer import DistributedSendTransfer, ack, recv_blob, send_blob
     from turboserve.models.registry import load_generator
 
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=90))
@@ -109,7 +109,10 @@ def _rank_body(rank: int, port: int, results) -> None:
             core.add_session("b", spec.with_(seed=2), "a city at night", 0.0)
             step_all(CHUNKS_BEFORE)
             core.hold("a")
-            sent = send_blob(core.export("a", keep=True), 1, piece_bytes=64 * 1024)
+            mover = DistributedSendTransfer(1, piece_bytes=64 * 1024)  # the source side's transfer()
+            receipt = mover(core.export("a", keep=True))
+            assert receipt.payload is None and receipt.chunk_index == CHUNKS_BEFORE
+            sent = mover.last_nbytes
             core.remove("a")  # committed: the destination acknowledged
             core.hold("b")
             try:

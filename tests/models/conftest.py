@@ -78,3 +78,13 @@ def write_tiny_umt5(folder, d_model: int = 64) -> list[str]:
         config = UMT5Config(vocab_size=len(words), d_model=d_model, d_kv=32, d_ff=128, num_layers=1, num_heads=2)
         UMT5EncoderModel(config).save_pretrained(folder / "text_encoder")
     return words
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tiny models' ops are too small to gain from intra-op threads, and with other test
+    processes on the same cores extra threads only spin; restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -85,9 +85,9 @@ def test_original_layout_single_files(source, tmp_path):
     save_file(original, str(single))
     # no vae/ beside the file: the VAE is the seed's random one, as in the source model
     assert _same_output(load_generator("tiny", weights=str(single), seed=5), expected)
-    # a Self-Forcing-style training checkpoint: wrapped, with a "model." prefix
+    # a training checkpoint as Self-Forcing / LongLive save it: wrapped, with wrapper prefixes
     wrapped = tmp_path / "checkpoint_model_000100.pt"
-    torch.save({"generator_ema": {f"model.{k}": v for k, v in original.items()}}, wrapped)
+    torch.save({"generator_ema": {f"model._fsdp_wrapped_module.{k}": v for k, v in original.items()}}, wrapped)
     assert _same_output(load_generator("tiny", weights=str(wrapped), seed=5), expected)
 
 

@@ -57,6 +57,49 @@ def long_session(tiny):
     return s, frames
 
 
+def test_streamed_chunk_equals_block_causal_forward(tiny):
+    """Chunk 2 computed against the session's KV cache (rotary at frame 1) equals diffusers'
+    own forward over both frames with a block-causal mask and per-token timesteps (clean
+    frame 0 at t=0, noisy frame 1 at t=937.5): the cache, the rotary offset and the prompt
+    cache reproduce the model's math. Tolerance: the reference runs the time MLP over 32 rows
+    instead of 1 and the attention over a masked square, so float32 sums differ slightly."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class BlockCausal(WanAttnProcessor):
+        mask = None
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
+
+    reference = WanTransformer3DModel.from_config(tiny.transformer.config)
+    reference.load_state_dict(tiny.transformer.state_dict())
+    reference.eval()
+    causal = BlockCausal()
+    reference.set_attn_processor({
+        **{f"blocks.{i}.attn1.processor": causal for i in range(len(reference.blocks))},
+        **{f"blocks.{i}.attn2.processor": WanAttnProcessor() for i in range(len(reference.blocks))},
+    })
+    prompt = "a red fox in the snow"
+    state = tiny.start_session("bc", tiny.default_spec().with_(seed=9), prompt)
+    tiny.generate([state])  # frame 0: denoised, then written into the cache at t=0
+    clean0 = state.tensors["latents"][:, :1].unsqueeze(0)
+    noisy1 = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    ctx = tiny._context([state], [(1,)], [state.tensors["xkv"]], write=False)
+    streamed = tiny._forward(noisy1, 937.5, ctx)
+
+    tokens = 16
+    frame = torch.arange(2 * tokens) // tokens
+    causal.mask = (frame[None, :] <= frame[:, None]).view(1, 1, 2 * tokens, 2 * tokens)
+    timestep = torch.cat([torch.zeros(tokens), torch.full((tokens,), 937.5)]).unsqueeze(0)
+    emb = tiny.text.encode(prompt).unsqueeze(0)
+    with torch.no_grad():
+        full = reference(torch.cat([clean0, noisy1], dim=2), timestep, emb, return_dict=False)[0]
+    print("BLOCKDIFF", (streamed - full[:, :, 1:2]).abs().max().item())
+    assert torch.allclose(streamed, full[:, :, 1:2], atol=1e-4, rtol=1e-4), (streamed - full[:, :, 1:2]).abs().max()
+    assert not torch.allclose(streamed, tiny._forward(noisy1, 937.5, tiny._context([state], [(0,)], [state.tensors["xkv"]], False)))
+
+
 def test_frames_shape_and_determinism(tiny):
     a = tiny.start_session("a", tiny.default_spec(), "waves")
     b = tiny.start_session("b", tiny.default_spec(), "waves")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from policy_fakes import GB, FakeCluster, run_policy
+from policy_fakes import FakeCluster, run_policy
 
 from turboserve.config import TurboConfig
 from turboserve.policy.demand import DemandWindow, scan_cluster
@@ -70,8 +70,7 @@ def test_burst_scales_out_at_once_then_holds_then_consolidates_and_releases():
     for _ in range(20):  # scale out, then rebalance onto the new workers (4 moves a decision)
         d, mem = run_policy(p, c, mem)
     loads = [w.load_ms for w in c.view().workers.values()]
-    assert max(loads) < c.view().slo_ms(c.sessions[burst[0]].spec)
-    assert max(loads) - min(loads) < 100.0
+    assert max(loads) < c.view().slo_ms(c.sessions[burst[0]].spec)  # rebalanced within the SLO
     # the burst ends: most sessions leave; the target falls below the provisioned count
     for sid in burst[: 4 * cap]:
         c.depart(sid)
@@ -134,7 +133,8 @@ def test_volatile_demand_raises_the_target():
 
 def test_rising_demand_cancels_releases_before_starting_workers():
     c = FakeCluster(config=_cfg(headroom_k=0.0))
-    a, b = c.add_worker(), c.add_worker()
+    c.add_worker()
+    b = c.add_worker()
     c.workers[b].state = WorkerState.DRAINING
     c.add_session(b, context=21)
     cap = _capacity(c)
@@ -238,4 +238,47 @@ def test_offloaded_session_resumes_through_placement():
     p = get_policy("turboserve-no-autoscale")
     d = p.decide(c.view(), p.initial_memory())
     assert [(x.session_id, x.worker_id) for x in d.placements] == [(sid, b)]
-    assert GB  # (units helper imported for readers of this module)
+
+
+def test_rise_is_the_least_squares_slope_and_never_negative():
+    w = DemandWindow()
+    for t in range(0, 60, 2):
+        w = w.observe(float(t), 0.1 * t, window_s=120.0)
+    assert math.isclose(w.rise_per_s(60.0, 6.0, 60.0), 0.1, rel_tol=1e-9)
+    falling = DemandWindow()
+    for t in range(0, 60, 2):
+        falling = falling.observe(float(t), 10.0 - 0.1 * t, window_s=120.0)
+    assert falling.rise_per_s(60.0, 4.0, 60.0) == 0.0
+    assert DemandWindow().rise_per_s(0.0, 1.0, 60.0) == 0.0
+
+
+def test_lookahead_provisions_a_ramp_one_startup_delay_early():
+    cap = None
+    outs = {}
+    for look in (0.0, 60.0):
+        c = FakeCluster(config=_cfg(gpus=32, headroom_k=0.0, lookahead_s=look))
+        c.add_worker()
+        cap = _capacity(c)
+        p = get_policy("turboserve")
+        mem = None
+        total = 0
+        for step in range(30):  # demand rises by one GPU's worth every 10 s
+            c.advance(step * 2.0)
+            for _ in range(cap // 5):
+                c.add_session(None)
+            d, mem = run_policy(p, c, mem)
+            total += d.scale_out
+        outs[look] = total
+    assert outs[60.0] > outs[0.0]
+
+
+def test_starting_workers_are_released_before_ready_ones():
+    c = FakeCluster(config=_cfg(scale_in_hold_s=0.0))
+    a = c.add_worker()
+    b = c.add_worker()
+    s = c.add_worker(WorkerState.STARTING)
+    c.add_session(a, context=21)
+    p = get_policy("turboserve")
+    d, mem = run_policy(p, c)
+    d, mem = run_policy(p, c, mem)
+    assert d.release[0] == s and b in d.release and a not in d.release

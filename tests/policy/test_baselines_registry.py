@@ -43,7 +43,7 @@ def test_static_rr_cycles_across_calls_and_skips_full_workers():
 
 def test_static_rr_ignores_load():
     c = FakeCluster(config=_cfg(gpus=2))
-    a, b = c.add_worker(), c.add_worker()
+    a, _ = c.add_worker(), c.add_worker()
     for _ in range(10):
         c.add_session(a, context=21)
     sid = c.add_session(None)

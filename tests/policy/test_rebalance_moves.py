@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy_fakes import GB, FakeCluster, FakeLatencyModel, TWO_SHAPES, fake_shape, random_cluster, spec
+from policy_fakes import GB, FakeCluster, FakeLatencyModel, fake_shape, random_cluster, spec
 
 from turboserve.config import TurboConfig
 from turboserve.policy.registry import get_policy
@@ -214,3 +214,25 @@ def test_draining_waits_when_no_worker_stays_within_the_slo():
     c.workers[d].state = WorkerState.DRAINING
     p = get_policy("turboserve-no-autoscale")
     assert p.decide(c.view(), p.initial_memory()).migrations == ()
+
+
+def test_a_move_never_makes_the_moved_sessions_first_chunk_late_while_the_slo_holds():
+    """Bottleneck within the SLO, destination at half its load: the moved session would
+    wait for the destination's round in progress, then its own, and miss the SLO."""
+    cfg = replace(TurboConfig(), slo=replace(TurboConfig().slo, slo_ms=420.0))
+    c = FakeCluster(config=cfg)
+    a, b = c.add_worker(), c.add_worker()
+    for _ in range(12):
+        c.add_session(a, context=21)  # 402 ms: within the 420 ms SLO
+    for _ in range(7):
+        c.add_session(b, context=21)  # 244 ms
+    view = c.view()
+    assert view.workers[a].load_ms <= 420.0
+    p = get_policy("turboserve-no-autoscale")
+    assert p.decide(view, p.initial_memory()).migrations == ()
+    # with commits aligned to the destination's rounds (no wait), the same move pays off
+    c.config = replace(cfg, rebalance=replace(cfg.rebalance, dst_wait=0.0))
+    assert p.decide(c.view(), p.initial_memory()).migrations != ()
+    # and once the bottleneck misses the SLO on every chunk, the gain alone decides
+    c.config = replace(cfg, slo=replace(cfg.slo, slo_ms=300.0))
+    assert p.decide(c.view(), p.initial_memory()).migrations != ()

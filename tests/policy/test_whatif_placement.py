@@ -231,3 +231,18 @@ def test_no_room_leaves_pending_and_not_ready_workers_are_skipped():
         d = p.decide(c.view(), p.initial_memory())
         assert d.placements == (), name
         assert sid in c.view().pending
+
+
+def test_placement_scores_at_most_candidate_workers():
+    """With a budget of one scored worker the choice is the lightest feasible one, even
+    where a heavier worker holding the key would have been better."""
+    c = FakeCluster(FakeLatencyModel(*TWO_SHAPES))
+    b, a = c.add_worker(), c.add_worker()
+    for _ in range(3):
+        c.add_session(a, context=21, spec_=spec("fake", steps=4))
+        c.add_session(b, context=15, spec_=spec("fake", steps=4, frames=8))
+    sid = c.add_session(None, spec_=spec("fake", steps=4))
+    p = get_policy("turboserve-no-autoscale")
+    assert p.decide(c.view(), p.initial_memory()).placements == (Placement(sid, a),)
+    c.config = replace(c.config, placement=replace(c.config.placement, candidate_workers=1))
+    assert p.decide(c.view(), p.initial_memory()).placements == (Placement(sid, b),)

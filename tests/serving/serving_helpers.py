@@ -105,34 +105,26 @@ def tiny_latency_model():
     return model
 
 
-def calibrated_tiny_model(chunks: int = 3, warmup: int = 2):
-    """The tiny profile scaled to this machine *now*: one engine's measured time for a few
-    chunks over the profile's prediction for the same chunks (DESIGN: a profile scaled to another
-    device, with the factor stated). A shared 2-core box runs 2-4x slower under load than
-    when its profile was measured; comparing the simulator and the live server needs both
-    to see the same machine. Returns (model, factor)."""
+def scaled_model(base, shape: str, factor: float):
+    """`base`'s profile of `shape` with every round and fixed cost times `factor` (DESIGN: a
+    profile scaled to another device, with the factor stated)."""
     from dataclasses import replace
 
-    from turboserve.models.registry import load_generator
     from turboserve.profile import ProfileLatencyModel
     from turboserve.profile.format import RoundPoint
 
-    base = tiny_latency_model()
-    info = base.shape("tiny")
-    gen = load_generator("tiny", device="cpu")
-    spec = gen.validate_spec(gen.default_spec())
-    state = gen.start_session("calibration", spec, "calibration")
-    for _ in range(warmup):  # first calls pay for allocation and lazy initialisation
-        gen.generate([state])
-    predicted_ms = 0.0
-    t0 = time.perf_counter()
-    for i in range(chunks):
-        context = base.context_after("tiny", warmup + i)
-        predicted_ms += base.round_ms("tiny", 1, context, spec.steps) + base.fixed_ms("tiny")
-        gen.generate([state])
-    measured_ms = (time.perf_counter() - t0) * 1000.0
-    factor = measured_ms / predicted_ms
-    p = base.profile("tiny")
+    p = base.profile(shape)
     scaled = replace(p, rounds=[RoundPoint(r.batch, r.context_frames, r.round_ms * factor) for r in p.rounds],
-                     fixed_ms=p.fixed_ms * factor, source=f"{p.source}; scaled x{factor:.3f} to this machine now")
-    return ProfileLatencyModel([scaled]), factor
+                     fixed_ms=p.fixed_ms * factor, source=f"{p.source}; scaled x{factor:.3f}")
+    return ProfileLatencyModel([scaled])
+
+
+def speed_factor(model, shape: str, rounds) -> float:
+    """Measured over predicted time of the rounds `(batch chunk indices, steps, ms)` an
+    engine ran: how much slower (>1) or faster this machine ran than its profile."""
+    measured = predicted = 0.0
+    for chunk_indices, steps, ms in rounds:
+        ctx = sum(model.context_after(shape, i) for i in chunk_indices) / len(chunk_indices)
+        predicted += model.round_ms(shape, len(chunk_indices), ctx, steps) + len(chunk_indices) * model.fixed_ms(shape)
+        measured += ms
+    return measured / predicted if predicted else 1.0

@@ -71,6 +71,7 @@ class ControllerCounters:
     sessions_lost: int = 0  # lost their GPU state with a worker (rebuilt later)
     events: int = 0
     decisions: int = 0
+    policy_errors: int = 0  # policy calls that raised (only counted when not re-raised)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -81,10 +82,14 @@ class ControllerCounters:
 class Controller:
     def __init__(self, policy: Policy, model: LatencyModel, config: TurboConfig, transport: Transport,
                  *, shape: str | None = None, worker_memory_bytes: int | None = None,
-                 on_decision: Callable[[ClusterView, Decision], None] | None = None) -> None:
+                 on_decision: Callable[[ClusterView, Decision], None] | None = None,
+                 raise_policy_errors: bool = True) -> None:
         """`worker_memory_bytes`: GPU memory per worker for session state; default: the
         configured GPU memory less the weights of `shape` (when given and known to the
-        model). `on_decision` is called after each policy call (tests, tracing)."""
+        model). `on_decision` is called after each policy call (tests, tracing). With
+        `raise_policy_errors=False` (a live server) a policy that raises is logged and
+        counted (`counters.policy_errors`) and the event goes on with no decision; by
+        default it raises, so that simulations and tests never hide a broken policy."""
         self.policy = policy
         self.model = model
         self.config = config
@@ -94,6 +99,7 @@ class Controller:
         self.worker_memory_bytes = (worker_memory_bytes if worker_memory_bytes is not None
                                     else _worker_memory(model, config, shape))
         self.on_decision = on_decision
+        self.raise_policy_errors = raise_policy_errors
         self.decision_ms: list[float] = []  # wall time of each policy call
         self.counters = ControllerCounters()
         self.worker_samples: list[tuple[float, int, int]] = []  # (time_s, provisioned, ready)
@@ -237,10 +243,11 @@ class Controller:
         st = self.state
         if not st.has_worker(ev.worker_id):
             return False
-        if st.worker(ev.worker_id).state is WorkerState.STARTING:
-            st.set_worker_state(ev.worker_id, WorkerState.READY, ev.time_s)
-            self._ready += 1
-            self._sample_workers(ev.time_s)
+        if st.worker(ev.worker_id).state is not WorkerState.STARTING:
+            return False  # already up (bootstrap workers are ready at once)
+        st.set_worker_state(ev.worker_id, WorkerState.READY, ev.time_s)
+        self._ready += 1
+        self._sample_workers(ev.time_s)
         return True
 
     def _on_worker_lost(self, ev: WorkerLost) -> bool:
@@ -300,7 +307,15 @@ class Controller:
     def _decide(self, now_s: float) -> Decision:
         view = self.state.view(now_s)
         t0 = time.perf_counter()
-        decision = self.policy.decide(view, self.memory)
+        try:
+            decision = self.policy.decide(view, self.memory)
+        except Exception:
+            if self.raise_policy_errors:
+                raise
+            self.counters.policy_errors += 1
+            log.exception("policy %s failed at t=%.3fs; no decision this event",
+                          getattr(self.policy, "name", "?"), now_s)
+            return Decision(memory=self.memory)
         self.decision_ms.append((time.perf_counter() - t0) * 1000.0)
         self.counters.decisions += 1
         self.memory = decision.memory

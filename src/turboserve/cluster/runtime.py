@@ -240,6 +240,7 @@ class ClusterRuntime:
         self._records: dict[SessionId, _Record] = {}
         self._live = 0  # sessions admitted and not ended
         self._chunk_listeners: list[ChunkListener] = []
+        self._round_listeners: list[Callable[[WorkerId, Any], None]] = []
         self._end_listeners: list[EndListener] = []
         self._migrations: deque[MigrationInfo] = deque(maxlen=max_migrations_kept)
         self._counters = {"migrations": 0, "migrations_aborted": 0, "migration_bytes": 0,
@@ -287,6 +288,11 @@ class ClusterRuntime:
     def add_listener(self, on_chunk: ChunkListener, on_end: EndListener) -> None:
         self._chunk_listeners.append(on_chunk)
         self._end_listeners.append(on_end)
+
+    def add_round_listener(self, on_round: Callable[[WorkerId, Any], None]) -> None:
+        """Every finished round (`engine.core.RoundOutcome`: batch, measured duration),
+        on the worker's thread; for benchmarks that calibrate or trace the engines."""
+        self._round_listeners.append(on_round)
 
     # ------------------------------------------------------------------ event loop
     def _post(self, event: Event) -> None:
@@ -376,6 +382,11 @@ class ClusterRuntime:
 
     # ------------------------------------------------------------------ rounds (engine threads)
     def _on_round(self, worker_id: WorkerId, outcome) -> None:
+        for listener in self._round_listeners:
+            try:
+                listener(worker_id, outcome)
+            except Exception:  # noqa: BLE001 - listeners must not break the engine
+                log.exception("round listener failed")
         frames = outcome.frames or (None,) * len(outcome.session_ids)
         fin = outcome.finished_s
         for sid, idx, due, fr in zip(outcome.session_ids, outcome.chunk_indices, outcome.due_s, frames):

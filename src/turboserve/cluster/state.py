@@ -465,7 +465,7 @@ class ClusterState:
     def _detach_incoming(self, d: _Worker, s: _Session) -> None:
         d.sessions.discard(s.id)
         d.frozen = frozenset(d.sessions)
-        pass
+        d.used_bytes -= s.state_bytes
         self._wrefresh(d)
 
     def _group_add(self, w: _Worker, s: _Session) -> None:

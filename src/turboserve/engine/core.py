@@ -170,9 +170,7 @@ class EngineCore:
         _check_wanted(chunks_wanted)
         estimate = getattr(self.executor, "estimate_bytes", None)
         if estimate is not None:
-            need = estimate(spec)
-            if not self.pool.fits(need - self.pool.reserved_for(sid)):
-                self.pool._raise_full(sid, need)
+            self.pool.require(sid, estimate(spec))
         nbytes = self.executor.add_session(sid, spec, prompt)
         try:
             self.pool.allocate(sid, nbytes)
@@ -194,8 +192,7 @@ class EngineCore:
         if sid in self.table:
             raise SessionError(f"session {sid!r} is already on engine {self.worker_id!r}")
         _check_wanted(chunks_wanted)
-        if not self.pool.fits(blob.nbytes - self.pool.reserved_for(sid)):
-            self.pool._raise_full(sid, blob.nbytes)
+        self.pool.require(sid, blob.nbytes)
         nbytes = self.executor.import_state(blob)
         try:
             self.pool.allocate(sid, nbytes)
@@ -276,8 +273,7 @@ class EngineCore:
         entry = self.table.get(sid)
         if entry.tier is not Tier.HOST:
             raise SessionError(f"session {sid!r} is not offloaded on {self.worker_id!r}")
-        if not self.pool.fits(entry.state_bytes):
-            self.pool._raise_full(sid, entry.state_bytes)
+        self.pool.require(sid, entry.state_bytes)
         result = self.executor.restore(sid)
         self.pool.to_gpu(sid)
         entry.tier = Tier.GPU
@@ -502,7 +498,9 @@ class EngineCore:
         try:
             self.remove(sid)
         except Exception:  # noqa: BLE001 - a broken session must not take the engine down
-            self.table.find(sid) and self.table.pop(sid)
+            # the executor could not drop it; forget it here all the same
+            if sid in self.table:
+                self.table.pop(sid)
             self.pool.free(sid)
             self.former.unmark(sid)
 

@@ -45,6 +45,12 @@ class StatePool:
     def fits(self, nbytes: int) -> bool:
         return nbytes <= self.free_bytes
 
+    def require(self, sid: SessionId, nbytes: int) -> None:
+        """Raise `PoolFullError` unless `nbytes` fit, counting the session's own reservation."""
+        need = nbytes - self._reserved.get(sid, 0)
+        if need > self.free_bytes:
+            self._raise_full(sid, need)
+
     def tier_of(self, sid: SessionId) -> str | None:
         if sid in self._gpu:
             return "gpu"

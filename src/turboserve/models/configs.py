@@ -11,10 +11,13 @@ holds (W/16)*(H/16) tokens and decodes to 4 video frames.
 
 `tiny` was sized by measurement on the 2-core CPU this project is tested on (torch 2.13,
 float32): 64x64 video, one latent frame (4 video frames, 16 tokens) per chunk. One chunk at
-batch 1 (4 denoising passes + 1 clean pass + VAE decode of one latent frame) takes
-~45-60 ms with a full window; the VAE is ~35 ms of that (its full-resolution layers dominate).
-At 96x96 the VAE alone is ~75 ms per latent frame and at 128x128 ~135 ms, so 64x64 is
-the largest square size that keeps a chunk well under 150 ms.
+batch 1 with a full attention window (4 denoising passes + 1 clean pass + VAE decode of one
+latent frame) takes 43 ms (min; median 47 ms, one torch thread), of which the VAE is
+37 ms: its full-resolution layers dominate. The VAE alone costs 36 ms per latent frame at
+64x64, 76 ms at 96x96 and 134 ms at 128x128, so 64x64 is the largest square size that keeps
+a chunk well under 150 ms. (`python3 -c` timing of `generate` on copies of a warmed-up
+session; with other jobs on the machine, two torch threads oversubscribe and times
+become erratic.)
 """
 
 from __future__ import annotations

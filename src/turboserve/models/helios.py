@@ -7,8 +7,9 @@ uint8 frames (T, H, W, 3) on the CPU; each state advanced in place.
 Unlike `wan-causal` there is no KV cache: every pass feeds the model the chunk's noisy
 latents *and* the session's recent clean latents at three scales, as its forward takes them
 (`latents_history_long/mid/short`, patched 4x8x8, 2x4x4 and 1x2x2, with explicit frame
-indices), so per-chunk compute includes the history tokens and the state is only the
-history itself (megabytes). As in diffusers' Helios pipeline (`keep_first_frame`), the short
+indices), so per-chunk compute includes the history tokens and the model's state is only
+the history itself (megabytes); the VAE decoder's causal cache, which both families keep
+per session, comes on top (see `vae.py`: ~1.2 GB in bf16 at 384x640). As in diffusers' Helios pipeline (`keep_first_frame`), the short
 history is prefixed with the session's first generated latent frame, the history starts as
 zeros, and the frame indices are positions inside that fixed window (the same every chunk).
 Because the window has a fixed size, every session of a round has the same token count and

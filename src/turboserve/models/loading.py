@@ -13,7 +13,7 @@ folder has them, the text encoder's folder.
   original key layout; offline it needs a config folder, which we write from the file's own
   tensor shapes (width, depth, FFN and text widths, patch) with the head size taken from the
   named config. `.pt` training checkpoints are unwrapped first (`generator_ema`, `generator`,
-  `state_dict`, `model` entries; `model.` / `model.diffusion_model.` key prefixes). If the
+  `state_dict`, `model` entries; `model.`, `model.diffusion_model.`, FSDP/DDP key prefixes). If the
   file's folder is a pipeline folder, its `vae/` and text encoder are used too.
 """
 
@@ -110,7 +110,9 @@ def _load_folder(cfg: ModelConfig, folder: Path, seed: int) -> LoadedWeights:
 
 
 # -- original-layout single files ---------------------------------------------------------
-_PREFIXES = ("model.diffusion_model.", "_fsdp_wrapped_module.", "model.")
+# Training wrappers' key prefixes (Lightning-style, FSDP, DDP); original Wan keys start
+# with none of them, so they are stripped repeatedly.
+_PREFIXES = ("model.diffusion_model.", "_fsdp_wrapped_module.", "module.", "generator.", "model.")
 
 
 def read_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -129,10 +131,13 @@ def read_original_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} does not hold a transformer state dict")
     out = {}
     for key, value in sd.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+                    break
         out[key] = value
     if "patch_embedding.weight" not in out or "head.head.weight" not in out:
         raise ValueError(f"{path} is not an original-layout Wan transformer (no patch_embedding/head.head weights)")

@@ -1,27 +1,29 @@
 """Scale: how many GPUs to rent, and which to give back.
 
-In: a `ClusterScan` (demand in GPUs, workers by state), a `LoadOrder` maker (built only when
-workers are to be released), the autoscaler's timers from the policy's memory. Out: a `ScaleStep` (workers to start, to release, draining
-workers to put back in service) and the new timers.
+In: a `ClusterScan` (demand in GPUs, workers by state), a `LoadOrder` maker (built only
+when workers are to be released), the autoscaler's timers from the policy's memory. Out: a
+`ScaleStep` (workers to start, to release, draining workers to put back in service) and
+the new timers.
 
 TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std),
 std being the demand's standard deviation over `volatility_window_s`, clamped to
 [min_gpus, cluster.gpus]. With `lookahead_s` > 0, demand is first extrapolated that far
 along its recent rise (least-squares slope over the last `lookahead_s`; never down), so a
-ramp gets its GPUs one start-up delay early. Provisioned = READY + STARTING workers (a starting worker already
-counts). Above target: first cancel the release of draining workers (those still holding
-the most sessions: nothing to rebuild), then start new ones at once. Below target: only
-after the target has stayed below provisioned for `scale_in_hold_s`, release down to the
-target, least-loaded READY workers first (STARTING ones before them: they hold nothing); with migration they drain by consolidation, without it only
-empty workers are released.
+ramp gets its GPUs one start-up delay early. Provisioned = READY + STARTING workers (a
+starting worker already counts). Above target: first cancel the release of draining
+workers (those still holding the most sessions: nothing to rebuild), then start new ones
+at once. Below target: only after the target has stayed below provisioned for
+`scale_in_hold_s`, release down to the target, least-loaded READY workers first (STARTING
+ones before them: they hold nothing); with migration they drain by consolidation, without
+it only empty workers are released.
 
 Ray Serve (`ray_serve_scale`, the autoscale-only baseline): desired = ceil(ongoing
 sessions / target per GPU), where ongoing = active + pending sessions and the target is
 `target_sessions_per_gpu`, or else the capacity at the SLO of each session's shape (so a
 mix of shapes sums its per-session shares). Upscale to desired once desired > current has
 held `upscale_delay_s`; downscale once desired < current has held `downscale_delay_s`.
-Released workers take no new sessions and go once empty (Ray's graceful drain); empty
-ones are released first.
+Released workers take no new sessions and go once empty (Ray's graceful drain); empty ones
+are released first.
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ class StaticPolicy:
             chooser = LeastLoadedChooser(whatif, LazyOrder(view, whatif)(), ready, headroom)
             placements, _ = place_pending(view, whatif, chooser)
             cursor = mem.cursor
-        new_mem = mem if (cache is mem.cache and cursor == mem.cursor) else replace(mem, cache=cache, cursor=cursor)
+        unchanged = cache is mem.cache and cursor == mem.cursor
+        new_mem = mem if unchanged else replace(mem, cache=cache, cursor=cursor)
         return Decision(placements=tuple(placements), memory=new_mem)
 
 
@@ -110,7 +111,8 @@ class AutoscaleOnlyPolicy:
             placements, _ = place_pending(view, whatif, chooser)
         step, timers = ray_serve_scale(view, scan, order, mem.timers,
                                        protected={p.worker_id for p in placements})
-        new_mem = mem if (cache is mem.cache and timers == mem.timers) else replace(mem, cache=cache, timers=timers)
+        unchanged = cache is mem.cache and timers == mem.timers
+        new_mem = mem if unchanged else replace(mem, cache=cache, timers=timers)
         return Decision(placements=tuple(placements), scale_out=step.scale_out, release=step.release,
                         cancel_release=step.cancel_release, memory=new_mem,
                         notes=(step.note,) if step.note else ())

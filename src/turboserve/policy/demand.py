@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from ..types import CompatKey, SessionState, WorkerId, WorkerState
+from ..types import CompatKey, WorkerId, WorkerState
 from .views import ClusterView
 from .whatif import ModelCache
 
@@ -31,7 +31,8 @@ def key_slo_ms(view: ClusterView, cache: ModelCache, key: CompatKey) -> float:
     return 1000.0 * frames / fps
 
 
-def gpus_per_session(view: ClusterView, cache: ModelCache, key: CompatKey, slo_ms: float | None = None) -> float:
+def gpus_per_session(view: ClusterView, cache: ModelCache, key: CompatKey,
+                     slo_ms: float | None = None) -> float:
     """Share of one GPU a session of this group needs at the SLO, with perfect packing."""
     slo = slo_ms if slo_ms is not None else key_slo_ms(view, cache, key)
     cap = cache.capacity(key.model, slo, key.steps)
@@ -65,6 +66,14 @@ class ClusterScan:
 def scan_cluster(view: ClusterView, cache: ModelCache) -> ClusterScan:
     scan = ClusterScan()
     share: dict[CompatKey, float] = {}
+    # Per-worker results keyed by the worker's view record: the controller replaces a
+    # record on every change, so an identical object means identical groups. The SLO
+    # setting is part of the key (it changes every share).
+    memos = cache.worker_scan
+    slo_key = view.config.slo.slo_ms
+    memo = memos.get(slo_key)
+    if memo is None or len(memo) > 2 * len(view.workers) + 16:
+        memo = memos[slo_key] = {}  # new setting, or many workers gone: start afresh
     demand = 0.0
     active = 0
     max_load = 0.0
@@ -83,14 +92,24 @@ def scan_cluster(view: ClusterView, cache: ModelCache) -> ClusterScan:
             continue  # released or lost workers hold no load (the controller drops them)
         if w.load_ms > max_load:
             max_load = w.load_ms
+        hit = memo.get(wid)
+        if hit is not None and hit[0] is w:  # same record as last call: nothing changed
+            demand += hit[1]
+            active += hit[2]
+            continue
+        w_demand = 0.0
+        w_active = 0
         for g in w.groups:
             if g.batch <= 0:
                 continue
             s = share.get(g.key)
             if s is None:
                 s = share[g.key] = gpus_per_session(view, cache, g.key)
-            demand += g.batch * s
-            active += g.batch
+            w_demand += g.batch * s
+            w_active += g.batch
+        memo[wid] = (w, w_demand, w_active)
+        demand += w_demand
+        active += w_active
     sessions = view.sessions
     for sid in view.pending:
         sv = sessions.get(sid)
@@ -155,7 +174,3 @@ def _std(values: list[float]) -> float:
     mean = sum(values) / n
     return math.sqrt(max(0.0, sum((v - mean) ** 2 for v in values) / n))
 
-
-def is_movable(state: SessionState) -> bool:
-    """A session a decision may migrate or offload: resident and not already in transit."""
-    return state is SessionState.ACTIVE or state is SessionState.IDLE

@@ -13,7 +13,10 @@ its largest round, never planning `placement.memory_headroom` of its memory. Cho
   ties too, a worker already holding the session's CompatKey (coalescing), then
   provisioning order. Coalescing mostly wins on its own: joining a group adds less time
   than starting a new round. Scans workers least loaded first and stops at a provable
-  lower bound, so it rarely looks at more than a few workers.
+  lower bound, or after scoring `placement.candidate_workers` feasible workers: in a
+  balanced cluster hundreds of workers sit within one session's cost of each other, and
+  scoring them all would cost milliseconds for a choice among near-equals (exact whenever
+  the bound stops the scan first, as in every cluster of up to that many workers).
 - `LeastLoadedChooser` (static-ll, autoscale-only, migrate-only): the feasible worker with
   the lowest current load.
 - `RoundRobinChooser` (static-rr): the next feasible worker in provisioning order after
@@ -34,11 +37,13 @@ class Chooser(Protocol):
 
 
 class MinMaxChooser:
-    def __init__(self, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], headroom_frac: float):
+    def __init__(self, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], headroom_frac: float,
+                 max_scored: int = 32):
         self.whatif = whatif
         self.order = order
         self.ready = ready
         self.headroom = headroom_frac
+        self.max_scored = max(1, max_scored)
 
     def choose(self, session: SessionView, key: CompatKey, need_bytes: int) -> WorkerId | None:
         wi, order = self.whatif, self.order
@@ -55,9 +60,12 @@ class MinMaxChooser:
         best_wid = None
         seen_new_group = False
         seen: set[tuple] = set()
+        budget = self.max_scored
         for load, rank, wid in order.ascending():
             if wid not in self.ready:
                 continue
+            if budget <= 0:
+                break  # the lightest workers were scored: a heavier one rarely wins
             # No later worker can beat `best`: its resulting max is at least max(second,
             # load + floor) and its own resulting load at least `load + floor`.
             low = load + floor_ms
@@ -73,6 +81,7 @@ class MinMaxChooser:
             if not same and seen_new_group:
                 continue  # a new group adds the same time everywhere: the lighter one won
             new_load = wi.load_with(wid, key, ctx)
+            budget -= 1
             others = second if wid == top_wid else top_load
             score = (max(others, new_load), new_load, 0 if same else 1, rank)
             if best is None or score < best:
@@ -118,7 +127,8 @@ class RoundRobinChooser:
         return None
 
 
-def place_pending(view: ClusterView, whatif: WhatIf, chooser: Chooser) -> tuple[list[Placement], list[SessionId]]:
+def place_pending(view: ClusterView, whatif: WhatIf,
+                  chooser: Chooser) -> tuple[list[Placement], list[SessionId]]:
     """Place every pending session the chooser finds room for, in arrival order.
 
     Returns (placements, still-pending session ids). Once a CompatKey found no room, later

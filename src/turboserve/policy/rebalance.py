@@ -12,12 +12,13 @@ feasible destinations, `gain = L - max(L_src', L_dst') - eta * migration_cost_ms
 move is applied while its gain exceeds `gain_threshold_ms`, up to `max_moves_per_decision`
 (a group run in r rounds may move r equal sessions at once: see `rebalance_min_max`).
 A positive gain means both ends of the move end below L, so the predicted maximum never
-rises. The moved session itself must not become the worst case either: its first chunk on
-the destination waits for the downtime, for the round in progress there (`dst_wait` times
-the destination's cycle; 1 = worst case) and for its own round, and that sum must stay
-within the SLO or below L. Under a tight SLO moves therefore go to markedly lighter
-workers (new ones after a scale-out, above all). Sessions migrated within `cooldown_s`, or in transit,
-are not moved.
+rises. While the bottleneck still meets the SLO, the moved session must not miss it
+either: its first chunk on the destination waits for the downtime, for the round in
+progress there (`dst_wait` times the destination's cycle; 1 = worst case) and for its own
+round, and that sum must stay within the SLO; so moves then go to markedly lighter workers
+(new ones after a scale-out, above all). Once the bottleneck misses the SLO on every chunk,
+one late chunk of the moved session is the lesser harm, and only the gain decides.
+Sessions migrated within `cooldown_s`, or in transit, are not moved.
 
 Migration cost (`migration_cost_ms`) is the expected downtime of a live migration: the
 session keeps generating on the source while its state is pre-copied over the GPU link;
@@ -31,9 +32,9 @@ Draining (consolidation before scale-in): every active session of a DRAINING wor
 regardless of gain, to a feasible worker whose resulting load stays within the session's
 SLO, the one where its first chunk comes soonest (downtime, the round in progress there,
 its own round); with none, it waits (or pauses or ends: a draining worker takes no new
-session). Holding drains to the stricter first-chunk bound of rebalancing measured worse
-on both cost and worst-case latency: GPUs stay rented longer while new sessions crowd the
-others. Idle ones are offloaded (cheaper) or, without offload, migrated by memory alone.
+session). Holding drains to the stricter first-chunk bound of rebalancing did worse in
+simulation on both cost and worst-case latency: GPUs stay rented longer while new sessions
+crowd the others. Idle ones are offloaded (cheaper) or, without offload, migrated by memory alone.
 
 Pairwise (migrate-only, Llumnix-style): the most and the least loaded READY workers are
 paired; the session whose move lowers the pair's maximum the most moves, if that lowers it
@@ -118,7 +119,8 @@ def _cooling(view: ClusterView, s: SessionView) -> bool:
     return view.now_s - s.last_migrated_s < view.config.rebalance.cooldown_s
 
 
-def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId], limit: int) -> list[list[SessionView]]:
+def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId],
+                limit: int) -> list[list[SessionView]]:
     """Active, movable sessions of `wid` grouped by (group, context, bytes): sessions with
     equal signatures give equal gains. Each list is oldest first; lists are ordered by
     their oldest session; at most `limit` lists. Independent of set iteration order."""
@@ -200,8 +202,9 @@ def rebalance_min_max(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready
                 for dst in _destinations(whatif, order, ready, src, key, need * k, cfg.candidate_workers):
                     dst_after = _plus_k(whatif, dst, key, ctx, k)
                     # The moved session's first chunk there: downtime, the round in
-                    # progress, then its own. Late only if it is within the SLO anyway.
-                    if downtime + cfg.dst_wait * whatif.load(dst) + dst_after > max(peak, slo):
+                    # progress, then its own. While the bottleneck meets the SLO, a move
+                    # must not make that one chunk late.
+                    if peak <= slo and downtime + cfg.dst_wait * whatif.load(dst) + dst_after > slo:
                         continue
                     gain = peak - max(src_after, dst_after) - cost
                     # Equal gains (the source side dominates) go to the lighter destination,

@@ -105,7 +105,8 @@ class TurboServePolicy:
         # 2. place
         placements, unplaced = [], list(view.pending)
         if view.pending and ready:
-            chooser = MinMaxChooser(whatif, order(), ready, cfg.placement.memory_headroom)
+            chooser = MinMaxChooser(whatif, order(), ready, cfg.placement.memory_headroom,
+                                    cfg.placement.candidate_workers)
             placements, unplaced = place_pending(view, whatif, chooser)
 
         # 3. offload

@@ -33,6 +33,9 @@ class ModelCache:
         self._group_ms: dict[GroupLoad, float] = {}
         self._shape: dict[str, ShapeInfo] = {}
         self._fixed: dict[str, float] = {}
+        # Per-worker scan results, reused while the worker's view record is the same
+        # object (the controller replaces a record on every change): see `demand`.
+        self.worker_scan: dict = {}
         self._full_state: dict[str, int] = {}
         self._activation: dict[tuple[str, int], int] = {}
         self._capacity: dict[tuple[str, float, int], int] = {}
@@ -209,9 +212,6 @@ class WhatIf:
         self.remove(src, key, context, nbytes, active)
         self.add(dst, key, context, nbytes, active)
 
-    def changed(self) -> Iterator[WorkerId]:
-        return iter(set(self._used) | set(self._groups))
-
     def _set_groups(self, wid: WorkerId, groups: tuple[GroupLoad, ...]) -> None:
         self._groups[wid] = groups
         load = self.cache.cycle_ms(groups)
@@ -239,9 +239,6 @@ class LoadOrder:
     def __len__(self) -> int:
         return len(self._sorted)
 
-    def __contains__(self, wid: WorkerId) -> bool:
-        return wid in self._entry
-
     def update(self, wid: WorkerId, load: float) -> None:
         old = self._entry.get(wid)
         if old is None:
@@ -262,17 +259,9 @@ class LoadOrder:
     def top(self) -> tuple[float, int, WorkerId] | None:
         return self._sorted[-1] if self._sorted else None
 
-    def max_excluding(self, wid: WorkerId) -> float:
-        """The highest load among workers other than `wid` (0 when there is none)."""
-        s = self._sorted
-        if not s:
-            return 0.0
-        if s[-1][2] != wid:
-            return s[-1][0]
-        return s[-2][0] if len(s) > 1 else 0.0
-
     def second(self) -> float:
-        """The second-highest load: a lower bound of `max_excluding` for every worker."""
+        """The second-highest load: for any worker, a lower bound of the highest load among
+        the others."""
         return self._sorted[-2][0] if len(self._sorted) > 1 else 0.0
 
     def order_of(self, wid: WorkerId) -> int:

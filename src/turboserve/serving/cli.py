@@ -53,8 +53,9 @@ def run_serve(args) -> int:
 
 def demo_trace(sessions: int, *, seed: int = 0, model: str = "tiny", fps: float = 16.0,
                frames_per_chunk: int = 4) -> list[SessionRecord]:
-    """A short bursty trace: two bursts of arrivals a few seconds apart, sessions of one to
-    three active periods of 1.5-4 s of video with idle gaps of 0.5-2.5 s."""
+    """A short bursty trace: two bursts of arrivals 10 s apart, sessions of one to three
+    active periods of 1-2.5 s of video with idle gaps of 1-3 s (sized for the `tiny` model
+    on two CPU engines: bursts load both, the gaps let idle sessions go to host memory)."""
     if sessions < 1:
         raise ValueError(f"--sessions must be >= 1, got {sessions}")
     rng = np.random.default_rng(seed)
@@ -65,11 +66,11 @@ def demo_trace(sessions: int, *, seed: int = 0, model: str = "tiny", fps: float 
     records = []
     first_burst = (sessions + 1) // 2
     for i in range(sessions):
-        burst_start = 0.0 if i < first_burst else 5.0
-        arrival = burst_start + float(rng.uniform(0.0, 1.0))
+        burst_start = 0.0 if i < first_burst else 10.0
+        arrival = burst_start + float(rng.uniform(0.0, 1.5))
         periods = []
         for p in range(int(rng.integers(1, 4))):
-            periods.append(Period(active_s=float(rng.uniform(1.5, 4.0)), idle_s=float(rng.uniform(0.5, 2.5))))
+            periods.append(Period(active_s=float(rng.uniform(1.0, 2.5)), idle_s=float(rng.uniform(1.0, 3.0))))
         periods[-1] = Period(periods[-1].active_s, 0.0)
         records.append(SessionRecord(f"demo-{i}", arrival, spec.with_(seed=i), tuple(periods),
                                      prompt=prompts[i % len(prompts)]))

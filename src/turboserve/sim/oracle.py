@@ -12,6 +12,14 @@ Both use the trace's *nominal* schedule (as `traces.rescale` does): a period of 
 is active for n chunks of playback time, then idle for its `idle_s`: the demand of
 sessions whose every chunk comes in real time. It does not depend on any policy's
 choices, so one bound serves every run of a trace.
+
+Caveat: the engine makes a session's next chunk due as soon as the previous one is
+delivered, so a session served faster than real time finishes its period early and idles
+until its viewer catches up: its GPUs see less concurrency than the nominal active load.
+The two bounds above are therefore exact for real-time-paced serving, not strict for such
+runs (a run may show a worst case below `latency_lb_ms`). `throughput_lower_bound_gpu_hours`
+(every chunk at the best chunks-per-GPU-second within the SLO, no time structure) is
+strict under either pacing, and looser.
 """
 
 from __future__ import annotations

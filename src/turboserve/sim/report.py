@@ -100,7 +100,10 @@ def format_table(report: dict) -> str:
     lb_h = o.get("gpu_hours_lb")
     lb_ms = o.get("latency_lb_ms")
     lines.append("")
-    lines.append(f"oracle: cost lower bound {lb_h:.2f} GPU-h" if lb_h is not None else "oracle: cost lower bound -")
+    thr = o.get("gpu_hours_lb_throughput")
+    lines.append((f"oracle: cost lower bound {lb_h:.2f} GPU-h (nominal active load)" if lb_h is not None
+                  else "oracle: cost lower bound -")
+                 + (f"; {thr:.2f} GPU-h from throughput alone" if isinstance(thr, (int, float)) else ""))
     lines.append(f"oracle: latency lower bound {lb_ms:.0f} ms at the GPU ceiling"
                  if lb_ms is not None else "oracle: latency lower bound -")
     return "\n".join(lines)

@@ -56,6 +56,10 @@ from ..vae import FRAMES_META, ChunkDecoder
 from .attention import ContextHolder, RoundContext, install, prompt_kv, rope_tables
 
 
+_ROPE_CACHE_ENTRIES = 256
+_ROPE_CACHE_MAX_TABLE_BYTES = 1 << 20
+
+
 class WanCausalGenerator:
     family = "wan-causal"
 
@@ -150,9 +154,12 @@ class WanCausalGenerator:
         if hit is None:
             cos, sin = rope_tables(self.transformer.rope, torch.tensor(positions), gh, gw)
             hit = (cos.to(self.device), sin.to(self.device))
-            self._rope_cache[key] = hit
-            while len(self._rope_cache) > 512:
-                self._rope_cache.popitem(last=False)
+            # Small tables (tiny shapes, where recomputing would dominate) are kept; large
+            # ones (MBs at 480p) are rebuilt per round: positions move on every chunk anyway.
+            if cos.numel() * 8 <= _ROPE_CACHE_MAX_TABLE_BYTES:
+                self._rope_cache[key] = hit
+                while len(self._rope_cache) > _ROPE_CACHE_ENTRIES:
+                    self._rope_cache.popitem(last=False)
         else:
             self._rope_cache.move_to_end(key)
         return hit
@@ -230,7 +237,7 @@ class WanCausalGenerator:
                 eps = torch.stack([draw_noise(s.tensors, shape) for s in states]).to(self.device)
                 x = (1.0 - nxt) * x0 + nxt * eps
         # clean pass: the denoised chunk at t=0 writes its K/V into every session's cache
-        ctx = self._context(states, positions, xkvs, write=True)
+        ctx.write = True  # same caches, prompts and rotary tables as the denoising passes
         self._forward(x0, 0.0, ctx)
 
         firsts = [s.chunk_index == 0 for s in states]
