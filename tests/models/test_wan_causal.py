@@ -95,7 +95,6 @@ def test_streamed_chunk_equals_block_causal_forward(tiny):
     emb = tiny.text.encode(prompt).unsqueeze(0)
     with torch.no_grad():
         full = reference(torch.cat([clean0, noisy1], dim=2), timestep, emb, return_dict=False)[0]
-    print("BLOCKDIFF", (streamed - full[:, :, 1:2]).abs().max().item())
     assert torch.allclose(streamed, full[:, :, 1:2], atol=1e-4, rtol=1e-4), (streamed - full[:, :, 1:2]).abs().max()
     assert not torch.allclose(streamed, tiny._forward(noisy1, 937.5, tiny._context([state], [(0,)], [state.tensors["xkv"]], False)))
 

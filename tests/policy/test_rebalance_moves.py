@@ -223,9 +223,9 @@ def test_a_move_never_makes_the_moved_sessions_first_chunk_late_while_the_slo_ho
     c = FakeCluster(config=cfg)
     a, b = c.add_worker(), c.add_worker()
     for _ in range(12):
-        c.add_session(a, context=21)  # 402 ms: within the 420 ms SLO
+        c.add_session(a, context=21)  # 336 ms: within the 420 ms SLO
     for _ in range(7):
-        c.add_session(b, context=21)  # 244 ms
+        c.add_session(b, context=21)  # 204 ms; joining it: 4 + 204 + 230 > 420
     view = c.view()
     assert view.workers[a].load_ms <= 420.0
     p = get_policy("turboserve-no-autoscale")

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -34,6 +33,7 @@ from .executor import ChunkOutput, RoundPlan, RoundResult, SessionBlob, Transfer
 DEFAULT_RECYCLE_BYTES = 2 * 2**30  # most freed tier-copy buffer bytes kept for reuse, per tier
 DEVICE_TIER = "device"
 HOST_TIER = "host"
+_OWNER = "_turboserve_tier_owner"  # tensor attribute: the executor token that allocated it
 
 
 class ExecutorError(RuntimeError):
@@ -45,9 +45,8 @@ class _Entry:
     state: StreamState
     tier: str  # DEVICE_TIER or HOST_TIER
     ready: Any = None  # torch.cuda.Event marking the end of the last copy; None = ready now
-    # ids of the tensors the executor allocated for this state (tier copies): only these may
-    # be recycled, and only while no export or checkpoint has handed them out (`exposed`).
-    owned: dict[int, weakref.ref] = field(default_factory=dict)  # id -> weak ref (ids get reused)
+    # Only tensors this executor allocated (tagged with its `_token`) may be recycled, and
+    # only while no export, checkpoint or inspection has handed them out (`exposed`).
     exposed: bool = False
 
 
@@ -102,6 +101,7 @@ class TorchExecutor:
         self._entries: dict[SessionId, _Entry] = {}
         # Side stream for tier copies: lets offload/restore overlap the compute stream.
         self._copy_stream = torch.cuda.Stream(device=self.device) if self.is_cuda else None
+        self._token = object()  # tags the copy buffers this executor allocates
         self._host_pool = _BufferPool(recycle_bytes)
         self._device_pool = None if self.is_cuda else _BufferPool(recycle_bytes)
 
@@ -252,13 +252,15 @@ class TorchExecutor:
         to_host = entry.tier == DEVICE_TIER
         dst_pool = self._host_pool if to_host else self._device_pool
         src_pool = self._device_pool if to_host else self._host_pool
-        recyclable = [] if entry.exposed else [t for t in tensors.values() if _is_owned(entry, t)]
+        token = self._token
+        recyclable = [] if entry.exposed else [t for t in tensors.values() if getattr(t, _OWNER, None) is token]
         out: dict[str, torch.Tensor] = {}
         if self._copy_stream is None:
             for name, t in tensors.items():
                 buf = dst_pool.take(t.shape, t.dtype) if dst_pool is not None else None
                 if buf is None:
                     buf = torch.empty(t.shape, dtype=t.dtype, device=dst)
+                    setattr(buf, _OWNER, token)
                 buf.copy_(t)
                 out[name] = buf
             event = None
@@ -277,6 +279,7 @@ class TorchExecutor:
                             buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
                         else:
                             buf = torch.empty(t.shape, dtype=t.dtype, device=dst)
+                        setattr(buf, _OWNER, token)
                     buf.copy_(t, non_blocking=True)
                     if t.is_cuda:
                         t.record_stream(side)  # the source may be freed only after the copy
@@ -292,7 +295,6 @@ class TorchExecutor:
                 src_pool.give(t)
         entry.state.tensors = out
         entry.ready = event
-        entry.owned = {id(t): weakref.ref(t) for t in out.values()}
         entry.exposed = False
 
     def _wait_on_compute_stream(self, entry: _Entry) -> None:
@@ -363,11 +365,6 @@ class TorchExecutor:
             return self._entries[session_id]
         except KeyError:
             raise ExecutorError(f"unknown session {session_id!r} on this executor") from None
-
-
-def _is_owned(entry: _Entry, t: torch.Tensor) -> bool:
-    ref = entry.owned.get(id(t))
-    return ref is not None and ref() is t
 
 
 def _shallow_snapshot(st: StreamState) -> tuple:

@@ -179,13 +179,3 @@ def causal_reach(decoder: Any) -> int:
         elif isinstance(module, WanCausalConv3d) and id(module) not in upsampler_convs:
             reach += (module.kernel_size[0] - 1) / rate
     return int(reach) + 2
-
-
-def build_vae(config: dict[str, Any], *, seed: int, device: torch.device, dtype: torch.dtype):
-    """A randomly initialised `AutoencoderKLWan` (deterministic in `seed`)."""
-    from diffusers import AutoencoderKLWan
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKLWan(**config)
-    return vae.to(device=device, dtype=dtype).eval()
