@@ -266,3 +266,27 @@ def test_rebuild_from_checkpoint(gen, ref_a):
             assert_same_video(got[:chunks_before], ref_a[:chunks_before])
             diff = np.abs(np.stack(got[chunks_before:]).astype(float) - np.stack(ref_a[chunks_before:])).mean()
             assert diff < 8.0, f"mean abs pixel difference {diff:.2f} after a re-cache rebuild"
+
+
+def test_helios_tiny_coalesced_offloaded_and_migrated_matches_solo():
+    """The other family (state = latent history, no KV cache) through the same mechanisms:
+    coalesced with a session of a different age, offloaded and restored, then moved to
+    another engine by a device copy."""
+    hgen = load_generator("helios-tiny", device="cpu", seed=0)
+    chunks = 5
+    want = solo(hgen, 7, "a lighthouse", chunks=chunks)
+    src, dst, clock, frames = engine(hgen, "h0"), engine(hgen, "h1"), Clock(), {}
+    src.add_session("old", spec(hgen, 8), "waves", clock())
+    drive(src, clock, frames, rounds=2)
+    src.add_session("a", spec(hgen, 7), "a lighthouse", clock(), chunks_wanted=chunks)
+    batches: list = []
+    drive(src, clock, frames, rounds=2, batches=batches)
+    assert all(len(b) == 2 for b in batches)
+    src.offload("a")
+    drive(src, clock, frames, rounds=1)
+    src.restore("a", clock())
+    drive(src, clock, frames, rounds=1)
+    report = Migration("a", src, dst, link=LINKS["nvlink"], transfer=DeviceTransfer("cpu", always_copy=True)).run(clock())
+    assert report.ok, report
+    drive(dst, clock, frames, until=lambda: len(frames["a"]) == chunks)
+    assert_same_video(frames["a"], want)

@@ -267,9 +267,12 @@ class TorchExecutor:
         else:
             compute = torch.cuda.current_stream(self.device)
             side = self._copy_stream
-            # The copy must see the compute stream's last writes (and any earlier copy of this state).
-            side.wait_stream(compute)
-            if entry.ready is not None:
+            if to_host:
+                # The copy must see the compute stream's last writes to the state. A restore
+                # reads host buffers only the side stream wrote, so it does not wait for the
+                # round in flight: that is the overlap.
+                side.wait_stream(compute)
+            if entry.ready is not None:  # an earlier copy of this state (same stream: cheap)
                 side.wait_event(entry.ready)
             with torch.cuda.stream(side):
                 for name, t in tensors.items():
