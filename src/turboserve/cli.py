@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> "module:function"; each function takes the parsed args and returns an int
@@ -132,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as e:
-        from .config import ConfigError  # noqa: F401  (ConfigError is a ValueError)
-
+    except (UserError, FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+        if os.environ.get("TURBOSERVE_DEBUG"):
+            raise
         print(f"turboserve {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ import torch
 
 from turboserve.models.base import ChunkGenerator
 
-from conftest import clone_state, run, ship, small
+from model_helpers import clone_state, run, ship, small
 
 
 def test_is_a_chunk_generator_with_small_state(helios, tiny):

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from turboserve.models.registry import load_generator, model_names
 
-from conftest import run, write_tiny_umt5
+from model_helpers import run, write_tiny_umt5
 
 # diffusers -> original Wan layout: the inverse of diffusers' convert_wan_transformer_to_diffusers
 TO_ORIGINAL = [

@@ -8,7 +8,7 @@ import torch
 
 from turboserve.models.registry import load_generator
 
-from conftest import clone_state, run
+from model_helpers import clone_state, run
 
 pytestmark = [
     pytest.mark.gpu,

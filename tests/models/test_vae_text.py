@@ -78,7 +78,7 @@ def test_text_encoder_rejects_bad_input(tmp_path):
 
 
 def test_umt5_encoder_from_a_pipeline_folder(tmp_path):
-    from conftest import write_tiny_umt5
+    from model_helpers import write_tiny_umt5
 
     write_tiny_umt5(tmp_path)
     enc = TextEncoder(64, 8, weights_dir=tmp_path)

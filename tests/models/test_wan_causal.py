@@ -12,7 +12,7 @@ from turboserve.models.base import ChunkGenerator
 from turboserve.models.wan_causal.attention import ContextHolder, RoundContext
 from turboserve.types import SessionSpec
 
-from conftest import clone_state, run, ship, small
+from model_helpers import clone_state, run, ship, small
 
 
 def kv_tokens(state) -> int:

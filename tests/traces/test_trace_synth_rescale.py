@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from turboserve.profile import load_latency_model
 from turboserve.traces.rescale import (active_intervals, demand_curve, fit_factor, fit_to_gpus, peak_concurrent_active,
                                        peak_demand)
-from turboserve.traces.synth import SynthConfig, synth_trace
+from turboserve.traces.synth import SessionLaw, SynthConfig, synth_trace
 from turboserve.types import Period, SessionRecord, SessionSpec
 
 MODEL = load_latency_model()
@@ -26,7 +26,9 @@ def test_deterministic_per_seed():
 
 
 def test_shape_sets_chunk_size_and_specs_mix():
-    rs = synth_trace(SynthConfig(seed=1, hours=2, shape="wan1.3b-320p"), MODEL)
+    assert {r.spec.steps for r in synth_trace(SynthConfig(seed=1, hours=0.5), MODEL)} == {4}  # default
+    mixed = SessionLaw(steps_mix=((4, 0.8), (2, 0.2)))
+    rs = synth_trace(SynthConfig(seed=1, hours=2, shape="wan1.3b-320p", law=mixed), MODEL)
     assert {r.spec.model for r in rs} == {"wan1.3b-320p"}
     assert {r.spec.frames_per_chunk for r in rs} == {12}
     steps = [r.spec.steps for r in rs]
