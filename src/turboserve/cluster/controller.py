@@ -359,12 +359,13 @@ class Controller:
         if not st.fits(sid, wid):
             return self._refuse(f"place {sid} -> {wid}: not enough free memory")
         from_host = st.placed_ever(sid)
+        due_since_s = st.pending_since(sid)
         st.place(sid, wid, now_s)
         self.counters.placements += 1
         self.counters.resumes += 1 if from_host else 0
         sv = st.session(sid)
         self.transport.place(sid, sv.spec, st.prompt(sid), wid, now_s, from_host=from_host,
-                             active=True, chunks_wanted=st.chunks_wanted(sid))
+                             active=True, chunks_wanted=st.chunks_wanted(sid), due_since_s=due_since_s)
 
     def _migrate(self, sid: SessionId, src: WorkerId, dst: WorkerId, now_s: float) -> None:
         st = self.state

@@ -88,7 +88,8 @@ class InProcessTransport:
                 log.warning("released worker %s still held session %s", wid, sid)
 
     def place(self, sid: SessionId, spec: SessionSpec, prompt: str, wid: WorkerId, now_s: float, *,
-              from_host: bool, active: bool, chunks_wanted: int) -> None:
+              from_host: bool, active: bool, chunks_wanted: int,
+              due_since_s: float | None = None) -> None:
         self.commands.append(("place", sid, wid, now_s, from_host))
         eng = self.engines.get(wid)
         if eng is None:

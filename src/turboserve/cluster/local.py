@@ -283,7 +283,9 @@ class LocalTransport:
 
     # ------------------------------------------------------------------ sessions
     def place(self, sid: SessionId, spec: SessionSpec, prompt: str, wid: WorkerId, now_s: float, *,
-              from_host: bool, active: bool, chunks_wanted: int) -> None:
+              from_host: bool, active: bool, chunks_wanted: int,
+              due_since_s: float | None = None) -> None:
+        due = now_s if due_since_s is None else min(due_since_s, now_s)  # waited for a GPU since
         def failed(why: str):
             self._emit(SessionFailed(self._clock(), sid, why, wid))
 
@@ -291,7 +293,7 @@ class LocalTransport:
             def add(engine: EngineCore):
                 try:
                     engine.add_session(sid, spec, prompt, self._clock(), active=active,
-                                       chunks_wanted=chunks_wanted, due_since_s=now_s)
+                                       chunks_wanted=chunks_wanted, due_since_s=due)
                 except Exception as e:  # noqa: BLE001 - no memory, a spec the model refuses
                     failed(f"placement on {wid} failed: {type(e).__name__}: {e}")
                     return
@@ -309,7 +311,7 @@ class LocalTransport:
             def land_parked(dst: EngineCore):
                 try:
                     dst.import_session(blob, now_s, active=active, chunks_wanted=chunks_wanted,
-                                       due_since_s=now_s)
+                                       due_since_s=due)
                 except Exception as e:  # noqa: BLE001
                     failed(f"restore on {wid} failed: {type(e).__name__}: {e}")
                     return
@@ -331,7 +333,7 @@ class LocalTransport:
                     return
                 self._apply_pending_prompt(engine, sid)
                 if active:
-                    engine.activate(sid, now_s, chunks_wanted)
+                    engine.activate(sid, now_s, chunks_wanted, due_since_s=due)
                 self._emit(RestoreFinished(self._clock(), sid, wid, result.nbytes))
             self._post(wid, restore)
             return
@@ -346,7 +348,7 @@ class LocalTransport:
             def land(dst: EngineCore):
                 try:
                     dst.import_session(blob, now_s, active=active, chunks_wanted=chunks_wanted,
-                                       due_since_s=now_s)
+                                       due_since_s=due)
                 except Exception as e:  # noqa: BLE001
                     failed(f"restore on {wid} failed: {type(e).__name__}: {e}")
                     return

@@ -250,7 +250,8 @@ class RayTransport:
             return self._actors.get(wid) if wid is not None else None
 
     def place(self, sid: SessionId, spec: SessionSpec, prompt: str, wid: WorkerId, now_s: float, *,
-              from_host: bool, active: bool, chunks_wanted: int) -> None:
+              from_host: bool, active: bool, chunks_wanted: int,
+              due_since_s: float | None = None) -> None:
         dst = self._actor(wid)
         if dst is None:
             self._emit(SessionFailed(self._clock(), sid, f"worker {wid} is gone", wid))

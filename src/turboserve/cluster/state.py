@@ -41,7 +41,7 @@ class StateError(ValueError):
 class _Session:
     __slots__ = ("id", "spec", "key", "prompt", "arrival_s", "active", "unbounded", "left",
                  "worker", "pending", "migrating_to", "offloading", "placed_ever", "chunks_done",
-                 "context", "state_bytes", "last_change_s", "last_migrated_s")
+                 "context", "state_bytes", "last_change_s", "last_migrated_s", "pending_since_s")
 
     def __init__(self, sid: SessionId, spec: SessionSpec, prompt: str, now_s: float,
                  state_bytes: int) -> None:
@@ -63,6 +63,7 @@ class _Session:
         self.state_bytes = state_bytes
         self.last_change_s = now_s
         self.last_migrated_s = float("-inf")
+        self.pending_since_s = now_s  # when it last started waiting for a GPU
 
     @property
     def state(self) -> SessionState:
@@ -213,7 +214,7 @@ class ClusterState:
             s.offloading = False
             self._idle.pop(sid, None)
             if s.active:
-                self._add_pending(s)
+                self._add_pending(s, now_s)
             s.last_change_s = now_s
             self._srefresh(s)
             lost.append(sid)
@@ -234,7 +235,7 @@ class ClusterState:
         s.unbounded = chunks_wanted == 0
         s.left = chunks_wanted
         self._s[sid] = s
-        self._add_pending(s)
+        self._add_pending(s, now_s)
         self._srefresh(s)
 
     def place(self, sid: SessionId, wid: WorkerId, now_s: float) -> None:
@@ -256,6 +257,10 @@ class ClusterState:
             self._group_add(w, s)
         self._wrefresh(w)
         self._srefresh(s)
+
+    def pending_since(self, sid: SessionId) -> float:
+        """When the session started waiting for a GPU: its chunk has been due since then."""
+        return self._s[sid].pending_since_s
 
     def fits(self, sid: SessionId, wid: WorkerId) -> bool:
         w = self._w.get(wid)
@@ -284,7 +289,7 @@ class ClusterState:
             self._wrefresh(w)
             self._srefresh(s)
             return "engine"
-        self._add_pending(s)
+        self._add_pending(s, now_s)
         self._srefresh(s)
         return "pending"
 
@@ -416,7 +421,7 @@ class ClusterState:
         s.worker = None
         s.last_change_s = now_s
         if s.active:
-            self._add_pending(s)
+            self._add_pending(s, now_s)
         self._srefresh(s)
         return True
 
@@ -457,7 +462,9 @@ class ClusterState:
         except KeyError:
             raise StateError(f"unknown worker {wid!r}") from None
 
-    def _add_pending(self, s: _Session) -> None:
+    def _add_pending(self, s: _Session, now_s: float) -> None:
+        if not s.pending:
+            s.pending_since_s = now_s
         s.pending = True
         self._pending[s.id] = None
         self._pending_tuple = None

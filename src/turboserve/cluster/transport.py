@@ -50,8 +50,11 @@ class Transport(Protocol):
         ...
 
     def place(self, sid: SessionId, spec: SessionSpec, prompt: str, wid: WorkerId, now_s: float, *,
-              from_host: bool, active: bool, chunks_wanted: int) -> None:
-        """Put a session on a worker (new, or restored from host memory / checkpoint)."""
+              from_host: bool, active: bool, chunks_wanted: int,
+              due_since_s: float | None = None) -> None:
+        """Put a session on a worker (new, or restored from host memory / checkpoint).
+        `due_since_s`: since when its first chunk has been due (it waited for a GPU); that
+        wait counts in the chunk's latency. None = now."""
         ...
 
     def migrate(self, sid: SessionId, src: WorkerId, dst: WorkerId, now_s: float) -> None:

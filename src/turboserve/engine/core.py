@@ -207,16 +207,18 @@ class EngineCore:
             self._start_period(entry, chunks_wanted, now_s if due_since_s is None else due_since_s)
         return nbytes
 
-    def activate(self, sid: SessionId, now_s: float, chunks_wanted: int = 0) -> None:
+    def activate(self, sid: SessionId, now_s: float, chunks_wanted: int = 0, *,
+                 due_since_s: float | None = None) -> None:
         """The session wants chunks again (a new active period of `chunks_wanted` chunks;
-        0 = until paused). On an active session this only resets what the period owes."""
+        0 = until paused). On an active session this only resets what the period owes.
+        `due_since_s` backdates the first chunk's due time (the session waited for a GPU)."""
         _check_wanted(chunks_wanted)
         entry = self.table.get(sid)
         if entry.active:
             entry.unbounded = chunks_wanted == 0
             entry.chunks_remaining = chunks_wanted
             return
-        self._start_period(entry, chunks_wanted, now_s)
+        self._start_period(entry, chunks_wanted, now_s if due_since_s is None else min(due_since_s, now_s))
 
     def pause(self, sid: SessionId, now_s: float) -> None:
         """The session owes nothing until activated again; idempotent. A chunk already in

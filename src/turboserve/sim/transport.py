@@ -175,7 +175,9 @@ class SimTransport:
 
     # ------------------------------------------------------------------ sessions
     def place(self, sid: SessionId, spec: SessionSpec, prompt: str, wid: WorkerId, now_s: float, *,
-              from_host: bool, active: bool, chunks_wanted: int) -> None:
+              from_host: bool, active: bool, chunks_wanted: int,
+              due_since_s: float | None = None) -> None:
+        due = now_s if due_since_s is None else min(due_since_s, now_s)  # waited for a GPU since
         w = self._settled(self.workers.get(wid), now_s)
         if w is None or w.released:
             return self._emit(SessionFailed(now_s, sid, f"worker {wid!r} is gone", wid))
@@ -183,13 +185,13 @@ class SimTransport:
         try:
             if not from_host:
                 eng.add_session(sid, spec, prompt, now_s, active=active, chunks_wanted=chunks_wanted,
-                                due_since_s=now_s)
+                                due_since_s=due)
                 self._where[sid] = wid
                 if active:
                     self._first_chunk.add(sid)
                     self._touch(w)
                 return
-            restore_ms = self._bring_back(sid, w, now_s, active, chunks_wanted)
+            restore_ms = self._bring_back(sid, w, now_s, active, chunks_wanted, due)
         except PoolFullError as e:
             return self._emit(SessionFailed(now_s, sid, f"out of GPU memory on {wid}: {e}", wid))
         except Exception as e:  # noqa: BLE001 - one session's failure must not stop the run
@@ -200,14 +202,15 @@ class SimTransport:
         eng.hold(sid)
         self.loop.push(now_s + restore_ms / 1000.0, (self._restored, (sid, w)))
 
-    def _bring_back(self, sid: SessionId, w: _SimWorker, now_s: float, active: bool, chunks_wanted: int) -> float:
+    def _bring_back(self, sid: SessionId, w: _SimWorker, now_s: float, active: bool, chunks_wanted: int,
+                    due: float) -> float:
         """Put an off-GPU session's state on `w`'s GPU tier; returns the copy time (ms)."""
         eng = w.engine
         home = self._where.get(sid)
         if home == w.wid and sid in eng:
             result = eng.restore(sid, now_s)
             if active:
-                eng.activate(sid, now_s, chunks_wanted)
+                eng.activate(sid, now_s, chunks_wanted, due_since_s=due)
             return result.duration_ms
         if home is not None and home in self.workers and sid in self.workers[home].engine:
             blob = self._settled(self.workers[home], now_s).engine.export(sid)
@@ -215,7 +218,7 @@ class SimTransport:
             blob = self._host_blobs.pop(sid)
         else:
             raise LookupError(f"session {sid!r} has no host copy to restore from")
-        eng.import_session(blob, now_s, active=active, chunks_wanted=chunks_wanted, due_since_s=now_s)
+        eng.import_session(blob, now_s, active=active, chunks_wanted=chunks_wanted, due_since_s=due)
         self._where[sid] = w.wid
         return transfer_ms(blob.nbytes, self._host_link.alpha_ms, self._host_link.bandwidth_gbps)
 
