@@ -26,21 +26,18 @@ Prints a table and writes JSON (`--json`, default bench/results/coalescing.json)
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from _common import (  # first: puts src/ on sys.path
+    add_device_and_json, banner, describe_device, run_round, write_results,
+)
 
-import torch  # noqa: E402
+import torch
 
-from turboserve.engine.executor import RoundPlan  # noqa: E402
-from turboserve.engine.torch_executor import TorchExecutor  # noqa: E402
-from turboserve.models.configs import TINY_HELIOS, TINY_WAN, get_config  # noqa: E402
+from turboserve.engine.torch_executor import TorchExecutor
+from turboserve.models.configs import TINY_HELIOS, TINY_WAN, get_config
 
 REDUCED = {"num_attention_heads": 2, "attention_head_dim": 128, "ffn_dim": 1024, "num_layers": 2}
 SHAPES = {
@@ -91,9 +88,7 @@ def round_times(ex: TorchExecutor, spec, batch: int, rounds: int, tag: str) -> l
         ex.add_session(sid, spec.with_(seed=i), f"prompt {i % 5}")
 
     def one() -> float:
-        plan = RoundPlan("bench", spec.compat_key, tuple(sids), tuple(ex.next_chunk_index(s) for s in sids),
-                         (0,) * batch)
-        res = ex.execute(plan)
+        res = run_round(ex, spec, tuple(sids))
         if res.errors:
             raise RuntimeError(dict(res.errors))
         return res.duration_ms
@@ -111,13 +106,11 @@ def main() -> int:
                                         "helios-320p,helios-480p")
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", default=str(REPO / "bench" / "results" / "coalescing.json"))
+    add_device_and_json(ap, "coalescing.json")
     args = ap.parse_args()
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"coalescing on {where}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}" + ("" if device.type == "cuda" else "; no GPU here: CPU figures"))
+    where = describe_device(device)
+    print(banner("coalescing", where) + ("" if device.type == "cuda" else "; no GPU here: CPU figures"))
     batches = [int(b) for b in args.batches.split(",")]
     results = {}
     print(f"{'shape':<12} {'batch':>5} {'round ms':>9} {'chunks/s':>9} {'sequential':>10} {'gain':>6}")
@@ -143,11 +136,7 @@ def main() -> int:
                           "transformer": {k: v for k, v in (transformer or get_config(base).transformer).items()
                                           if k in ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers")},
                           "seconds": time.perf_counter() - t0}
-    out = {"device": where, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "load_average": os.getloadavg()[0], "gpu": device.type == "cuda", "rounds": args.rounds, "shapes": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, where, device.type == "cuda", {"rounds": args.rounds, "shapes": results})
     return 0
 
 

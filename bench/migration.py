@@ -24,33 +24,30 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import socket
 import statistics
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from _common import (  # first: puts src/ on sys.path
+    add_device_and_json, banner, describe_device, synthetic_tensors, write_results,
+)
 
-import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.multiprocessing as mp
 
-from turboserve.config import LINKS  # noqa: E402
-from turboserve.engine.executor import SessionBlob  # noqa: E402
-from turboserve.models.base import StreamState  # noqa: E402
-from turboserve.types import SessionSpec  # noqa: E402
+from turboserve.config import LINKS
+from turboserve.engine.executor import SessionBlob
+from turboserve.models.base import StreamState
+from turboserve.types import SessionSpec
 
 SPEC = SessionSpec(model="tiny", width=64, height=64, fps=16.0, frames_per_chunk=4, steps=4)
 
 
 def synthetic_blob(sid: str, nbytes: int, device: str) -> SessionBlob:
-    elems = max(1, (nbytes - 4096 - 5056) // 4)
-    tensors = {"kv": torch.randn(elems, device=device), "latents": torch.randn(1024, device=device),
-               "rng": torch.randint(0, 255, (5056,), dtype=torch.uint8, device=device)}
-    st = StreamState(sid, SPEC, "bench", chunk_index=3, tensors=tensors, meta={"frame_pos": [0, 1, 2]})
+    st = StreamState(sid, SPEC, "bench", chunk_index=3, tensors=synthetic_tensors(nbytes, device),
+                     meta={"frame_pos": [0, 1, 2]})
     return SessionBlob(sid, SPEC, "bench", 3, st.nbytes(), st)
 
 
@@ -147,17 +144,15 @@ def main() -> int:
     ap.add_argument("--sizes-mib", default="1,16,64,256")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--piece-mib", type=float, default=64.0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-gloo", action="store_true")
-    ap.add_argument("--json", default=str(REPO / "bench" / "results" / "migration.json"))
+    add_device_and_json(ap, "migration.json")
     args = ap.parse_args()
     from turboserve.models.registry import load_generator
 
     sizes = [int(float(x) * 2**20) for x in args.sizes_mib.split(",")]
     gen = load_generator("tiny", device=args.device, seed=0)
-    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    print(f"migration downtime on {where}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}" + ("" if torch.cuda.is_available() else "; no GPU here: "
+    where = describe_device(args.device)
+    print(banner("migration downtime", where) + ("" if torch.cuda.is_available() else "; no GPU here: "
           "in-process = host memcpy, cross-process = gloo over loopback TCP"))
     local = in_process(gen, args.device, sizes, args.repeats, always_copy=True)
     shared = in_process(gen, args.device, sizes, args.repeats, always_copy=False)
@@ -169,13 +164,9 @@ def main() -> int:
         print(f"{r['state_bytes'] / 2**20:>9.1f} {r['downtime_ms']:>9.2f} {r['gbps']:>6.2f} "
               f"{shared[i]['downtime_ms']:>10.3f} "
               + (f"{g['downtime_ms']:>9.1f} {g['gbps']:>6.2f}" if g else f"{'-':>9} {'-':>6}"))
-    out = {"device": where, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "load_average": os.getloadavg()[0], "gpu": torch.cuda.is_available(),
-           "piece_bytes": int(args.piece_mib * 2**20), "in_process_copy": local,
-           "in_process_handoff": shared, "gloo": remote}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, where, torch.cuda.is_available(),
+                  {"piece_bytes": int(args.piece_mib * 2**20), "in_process_copy": local,
+                   "in_process_handoff": shared, "gloo": remote})
     return 0
 
 

@@ -19,22 +19,20 @@ Prints a table and writes JSON (`--json`, default bench/results/offload.json).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from _common import (  # first: puts src/ on sys.path
+    add_device_and_json, banner, describe_device, run_round, synthetic_tensors, write_results,
+)
 
-import torch  # noqa: E402
+import torch
 
-from turboserve.engine.executor import RoundPlan, SessionBlob  # noqa: E402
-from turboserve.engine.torch_executor import TorchExecutor  # noqa: E402
-from turboserve.models.base import StreamState  # noqa: E402
-from turboserve.models.registry import load_generator  # noqa: E402
+from turboserve.engine.executor import SessionBlob
+from turboserve.engine.torch_executor import TorchExecutor
+from turboserve.models.base import StreamState
+from turboserve.models.registry import load_generator
 
 TARGET = 0.90
 
@@ -42,12 +40,7 @@ TARGET = 0.90
 def synthetic_state(sid: str, spec, nbytes: int, device: torch.device) -> StreamState:
     """A state of ~nbytes: one big KV-like tensor (bf16 on CUDA, f32 on CPU) and small extras."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elems = max(1, (nbytes - 4096 - 5056) // torch.tensor([], dtype=dtype).element_size())
-    tensors = {
-        "kv": torch.randn(elems, device=device).to(dtype),
-        "latents": torch.randn(1024, device=device),
-        "rng": torch.randint(0, 255, (5056,), dtype=torch.uint8, device=device),
-    }
+    tensors = synthetic_tensors(nbytes, device, dtype)
     return StreamState(sid, spec, "bench", chunk_index=0, tensors=tensors, meta={})
 
 
@@ -126,8 +119,7 @@ def measure_overlap(gen, ex: TorchExecutor, nbytes: int) -> dict:
     sids = tuple(f"r{i}" for i in range(4))
 
     def round_ms() -> float:
-        plan = RoundPlan("bench", spec.compat_key, sids, tuple(ex.next_chunk_index(s) for s in sids), (0,) * 4)
-        return ex.execute(plan).duration_ms
+        return run_round(ex, spec, sids).duration_ms
 
     for _ in range(2):
         round_ms()
@@ -149,16 +141,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", default="2,16,64,256")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", default=str(REPO / "bench" / "results" / "offload.json"))
+    add_device_and_json(ap, "offload.json")
     args = ap.parse_args()
     device = torch.device(args.device)
     gen = load_generator("tiny", device=device, seed=0)
     ex = TorchExecutor(gen, device=device)
     spec = gen.default_spec()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"offload/resume on {where}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    where = describe_device(device)
+    print(banner("offload/resume", where))
     if device.type != "cuda":
         print("no GPU: 'device' and 'host' tiers are both CPU memory; the reference is a host memcpy "
               "between preallocated buffers, not PCIe")
@@ -179,12 +169,8 @@ def main() -> int:
         overlap = measure_overlap(gen, ex, int(max(float(x) for x in args.sizes_mib.split(",")) * 2**20))
         print(f"overlap: round {overlap['round_ms']:.1f} ms alone, {overlap['round_with_restore_ms']:.1f} ms "
               f"with a {overlap['restore_bytes'] / 2**20:.0f} MiB restore in flight")
-    out = {"device": where, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "load_average": os.getloadavg()[0], "gpu": device.type == "cuda", "rows": rows,
-           "worst_ratio": worst, "target": TARGET, "overlap": overlap}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, where, device.type == "cuda",
+                  {"rows": rows, "worst_ratio": worst, "target": TARGET, "overlap": overlap})
     return 0
 
 

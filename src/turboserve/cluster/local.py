@@ -303,12 +303,11 @@ class LocalTransport:
             if not self._post(wid, add):
                 failed(f"worker {wid} is gone")
             return
-        parked = self.take_parked(sid)
-        if parked is not None:
-            dst_device = self._workers[wid].device if wid in self._workers else "cpu"
-            blob = _copy_to(parked, dst_device)
+        def landing(parked_blob) -> Callable[[EngineCore], None]:
+            """A command for `wid` that imports a host copy of the session there."""
+            blob = _copy_to(parked_blob, self._workers[wid].device if wid in self._workers else "cpu")
 
-            def land_parked(dst: EngineCore):
+            def land(dst: EngineCore):
                 try:
                     dst.import_session(blob, now_s, active=active, chunks_wanted=chunks_wanted,
                                        due_since_s=due)
@@ -319,7 +318,11 @@ class LocalTransport:
                     self._where[sid] = wid
                 self._apply_pending_prompt(dst, sid)
                 self._emit(RestoreFinished(self._clock(), sid, wid, blob.nbytes))
-            if not self._post(wid, land_parked):
+            return land
+
+        parked = self.take_parked(sid)
+        if parked is not None:
+            if not self._post(wid, landing(parked)):
                 self.park(parked)
                 failed(f"worker {wid} is gone")
             return
@@ -342,21 +345,7 @@ class LocalTransport:
             blob = engine.export(sid)
             with self._lock:
                 self._where.pop(sid, None)
-            dst_device = self._workers[wid].device if wid in self._workers else "cpu"
-            blob = _copy_to(blob, dst_device)
-
-            def land(dst: EngineCore):
-                try:
-                    dst.import_session(blob, now_s, active=active, chunks_wanted=chunks_wanted,
-                                       due_since_s=due)
-                except Exception as e:  # noqa: BLE001
-                    failed(f"restore on {wid} failed: {type(e).__name__}: {e}")
-                    return
-                with self._lock:
-                    self._where[sid] = wid
-                self._apply_pending_prompt(dst, sid)
-                self._emit(RestoreFinished(self._clock(), sid, wid, blob.nbytes))
-            if not self._post(wid, land):
+            if not self._post(wid, landing(blob)):
                 failed(f"worker {wid} is gone")
         if not self._post(holder, export):
             failed(f"the worker holding its state ({holder}) is gone")

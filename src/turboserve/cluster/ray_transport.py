@@ -256,17 +256,20 @@ class RayTransport:
         if dst is None:
             self._emit(SessionFailed(self._clock(), sid, f"worker {wid} is gone", wid))
             return
+
+        def land(fetch_blob: Callable[[], object]) -> None:
+            """On the pool: import the session's host copy (`fetch_blob()`) on `wid`."""
+            try:
+                nbytes = self._ray.get(dst.import_blob.remote(fetch_blob(), active, chunks_wanted, now_s))
+                self._where[sid] = wid
+                self._emit(RestoreFinished(self._clock(), sid, wid, nbytes))
+            except Exception as e:  # noqa: BLE001
+                self._emit(SessionFailed(self._clock(), sid, f"restore on {wid} failed: {e}", wid))
+
         with self._lock:
             parked = self._parked.pop(sid, None)
         if parked is not None:
-            def land():
-                try:
-                    nbytes = self._ray.get(dst.import_blob.remote(parked, active, chunks_wanted, now_s))
-                    self._where[sid] = wid
-                    self._emit(RestoreFinished(self._clock(), sid, wid, nbytes))
-                except Exception as e:  # noqa: BLE001
-                    self._emit(SessionFailed(self._clock(), sid, f"restore on {wid} failed: {e}", wid))
-            self._pool.submit(land)
+            self._pool.submit(land, lambda: parked)
             return
         holder = self._where.get(sid)
         if not from_host or holder == wid:
@@ -274,19 +277,11 @@ class RayTransport:
             dst.place.remote(sid, spec, prompt, now_s, from_host, active, chunks_wanted)
             return
         src = self._actor(holder)
-
-        def move():
-            try:
-                blob, _active, _wanted, _due = self._ray.get(src.hold_and_export.remote(sid, keep=False))
-                nbytes = self._ray.get(dst.import_blob.remote(blob, active, chunks_wanted, now_s))
-                self._where[sid] = wid
-                self._emit(RestoreFinished(self._clock(), sid, wid, nbytes))
-            except Exception as e:  # noqa: BLE001
-                self._emit(SessionFailed(self._clock(), sid, f"restore on {wid} failed: {e}", wid))
         if src is None:
             self._emit(SessionFailed(self._clock(), sid, f"the worker holding its state ({holder}) is gone", wid))
             return
-        self._pool.submit(move)
+        # the blob is the first of what hold_and_export returns
+        self._pool.submit(land, lambda: self._ray.get(src.hold_and_export.remote(sid, keep=False))[0])
 
     def migrate(self, sid: SessionId, src: WorkerId, dst: WorkerId, now_s: float) -> None:
         a, b = self._actor(src), self._actor(dst)

@@ -40,61 +40,36 @@ import torch
 from ..types import SessionSpec
 from .base import Checkpoint, StreamState
 from .common import (
-    RNG_KEY, draw_noise, few_step_sigmas, latent_shape, new_rng_state, pad_first_chunk,
-    place_module, resolve_device, validate_spec, video_to_uint8,
+    RNG_KEY, GeneratorBase, check_prompt, draw_noise, few_step_sigmas, latent_shape, new_rng_state,
 )
-from .configs import VAE_TIME_FACTOR, ModelConfig
-from .text import TextEncoder
-from .vae import FRAMES_META, ChunkDecoder
+from .configs import ModelConfig
+from .vae import FRAMES_META
 
 MAX_LATENT_FRAMES_PER_CHUNK = 16
 
 
-class HeliosGenerator:
+class HeliosGenerator(GeneratorBase):
     family = "helios"
+    state_probe_key = "history"
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        transformer: Any,
-        vae: Any,
-        text_encoder: TextEncoder,
-        *,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        attention_backend: str | None = None,
-        batch_vae: bool | None = None,
-    ):
-        self.cfg = cfg
-        self.device, self.dtype = resolve_device(device), dtype
-        self.transformer = place_module(transformer, self.device, dtype)
-        _make_batch_invariant(self.transformer)
-        if attention_backend:
-            self.transformer.set_attention_backend(attention_backend)
-        self.decoder = ChunkDecoder(place_module(vae, self.device, dtype))
-        self.text = text_encoder
-        # batched VAE decoding saves launches on a GPU; on a CPU it would cost exactness
-        self.batch_vae = (self.device.type == "cuda") if batch_vae is None else batch_vae
+    def __init__(self, cfg: ModelConfig, *args: Any, **kwargs: Any):
+        super().__init__(cfg, *args, **kwargs)
         long_, mid, short = cfg.history_frames
         if min(long_, mid, short) < 1:
             raise ValueError(f"helios history_frames {cfg.history_frames} must all be >= 1")
         self.history_sizes = (long_, mid, short)
 
-    # -- specs ---------------------------------------------------------------------------
-    def default_spec(self) -> SessionSpec:
-        c = self.cfg
-        return SessionSpec(model=c.name, width=c.width, height=c.height, fps=c.fps,
-                           frames_per_chunk=c.frames_per_chunk, steps=c.steps, seed=0)
+    def _prepare_transformer(self) -> None:
+        _make_batch_invariant(self.transformer)
 
-    def validate_spec(self, spec: SessionSpec) -> SessionSpec:
-        limit = max(self.cfg.latent_frames_per_chunk, MAX_LATENT_FRAMES_PER_CHUNK)
-        return validate_spec(self.cfg, spec, max_latent_frames_per_chunk=limit)
+    @property
+    def max_latent_frames_per_chunk(self) -> int:
+        return max(self.cfg.latent_frames_per_chunk, MAX_LATENT_FRAMES_PER_CHUNK)
 
     # -- sessions --------------------------------------------------------------------------
     def start_session(self, session_id: str, spec: SessionSpec, prompt: str) -> StreamState:
         spec = self.validate_spec(spec)
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        check_prompt(prompt)
         state = StreamState(session_id=session_id, spec=spec, prompt=prompt)
         c, _, h, w = latent_shape(self.cfg, spec, 0)
         z = dict(device=self.device, dtype=torch.float32)
@@ -106,10 +81,7 @@ class HeliosGenerator:
         self.decoder.init_state(state.tensors, state.meta)
         return state
 
-    def set_prompt(self, state: StreamState, prompt: str) -> None:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        state.prompt = prompt  # embeddings come from the text encoder's cache at the next chunk
+    # set_prompt (GeneratorBase): embeddings come from the text encoder's cache at the next chunk
 
     # -- generation ------------------------------------------------------------------------
     def _indices(self, n: int) -> dict[str, torch.Tensor]:
@@ -134,24 +106,10 @@ class HeliosGenerator:
         )[0]
         return out.float()
 
-    def _check_batch(self, states: Sequence[StreamState]) -> None:
-        key = states[0].spec.compat_key
-        for s in states:
-            if s.spec.compat_key != key:
-                raise ValueError(f"session {s.session_id} ({s.spec.compat_key}) cannot share a round with {key}")
-            hist = s.tensors.get("history")
-            if hist is None or hist.device != self.device:
-                where = None if hist is None else hist.device
-                raise ValueError(f"session {s.session_id} state is on {where}, the generator on {self.device}")
-
     @torch.no_grad()
-    def generate(self, states: Sequence[StreamState]) -> list[torch.Tensor]:
-        if not states:
-            return []
-        self._check_batch(states)
+    def _generate_round(self, states: Sequence[StreamState], n: int,
+                        shape: tuple[int, int, int, int]) -> list[torch.Tensor]:
         spec = states[0].spec
-        n = spec.frames_per_chunk // VAE_TIME_FACTOR
-        shape = latent_shape(self.cfg, spec, n)
         long_, mid, short = self.history_sizes
         hist = torch.stack([s.tensors["history"] for s in states])
         h_long, h_mid, h_short = hist.split([long_, mid, short], dim=2)
@@ -169,21 +127,12 @@ class HeliosGenerator:
         for sigma, nxt in zip(sigmas[:-1], sigmas[1:]):
             x = x + (nxt - sigma) * self._flow(x, sigma, history, text, indices)
 
-        if self.batch_vae:
-            videos = self.decoder.decode_chunks([x[b] for b in range(len(states))], [(s.tensors, s.meta) for s in states])
-        else:
-            videos = [self.decoder.decode_chunk(x[b], s.tensors, s.meta) for b, s in enumerate(states)]
-        outputs = []
+        outputs = self._decode_round(x, states)
         for b, s in enumerate(states):
-            x0, video = x[b], videos[b]
-            first = s.chunk_index == 0
-            if first:
+            x0 = x[b]
+            if s.chunk_index == 0:
                 s.tensors["prefix"] = x0[:, :1].clone()
             s.tensors["history"] = torch.cat([s.tensors["history"], x0], dim=1)[:, -sum(self.history_sizes):].contiguous()
-            vh = torch.cat([s.tensors["vae_hist"], x0], dim=1)
-            s.tensors["vae_hist"] = vh[:, -self.decoder.history_frames:].contiguous()
-            frames = video_to_uint8(video)
-            outputs.append(pad_first_chunk(frames, spec.frames_per_chunk) if first else frames)
             s.meta["next_frame"] += n
             s.chunk_index += 1
         return outputs

@@ -68,14 +68,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
-class StreamingSelfAttnProcessor:
-    """Self-attention of the chunk's tokens over [cached K/V of the session, the chunk]."""
+class _LayerProcessor:
+    """An attention processor of one transformer layer that reads the round's context from
+    the shared holder."""
 
     _attention_backend = None  # set by the model's `set_attention_backend` (diffusers' dispatcher)
     _parallel_config = None
 
     def __init__(self, layer: int, holder: ContextHolder):
         self.layer, self.holder = layer, holder
+
+    @staticmethod
+    def _project_out(attn, hidden: torch.Tensor) -> torch.Tensor:
+        return attn.to_out[1](attn.to_out[0](hidden))
+
+
+class StreamingSelfAttnProcessor(_LayerProcessor):
+    """Self-attention of the chunk's tokens over [cached K/V of the session, the chunk]."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         ctx = self.holder.get()
@@ -105,19 +114,11 @@ class StreamingSelfAttnProcessor:
                 k, v = key[idx], value[idx]
             res = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend)
             out[idx] = res.type_as(out)
-        hidden = out.flatten(2, 3)
-        hidden = attn.to_out[0](hidden)
-        return attn.to_out[1](hidden)
+        return self._project_out(attn, out.flatten(2, 3))
 
 
-class CachedCrossAttnProcessor:
+class CachedCrossAttnProcessor(_LayerProcessor):
     """Cross-attention over the session's prompt K/V, computed once per prompt."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, layer: int, holder: ContextHolder):
-        self.layer, self.holder = layer, holder
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         ctx = self.holder.get()
@@ -127,9 +128,7 @@ class CachedCrossAttnProcessor:
             query, key.to(query.dtype), value.to(query.dtype), attn_mask=None, dropout_p=0.0,
             is_causal=False, backend=self._attention_backend,
         )
-        hidden = out.flatten(2, 3).type_as(query)
-        hidden = attn.to_out[0](hidden)
-        return attn.to_out[1](hidden)
+        return self._project_out(attn, out.flatten(2, 3).type_as(query))
 
 
 @torch.no_grad()

@@ -46,13 +46,9 @@ import torch
 
 from ...types import SessionSpec
 from ..base import Checkpoint, StreamState
-from ..common import (
-    RNG_KEY, draw_noise, few_step_sigmas, latent_shape, new_rng_state, pad_first_chunk,
-    place_module, resolve_device, validate_spec, video_to_uint8,
-)
+from ..common import RNG_KEY, GeneratorBase, draw_noise, few_step_sigmas, latent_shape, new_rng_state
 from ..configs import VAE_SPACE_FACTOR, ModelConfig
-from ..text import TextEncoder
-from ..vae import FRAMES_META, ChunkDecoder
+from ..vae import FRAMES_META
 from .attention import ContextHolder, RoundContext, install, prompt_kv, rope_tables
 
 
@@ -60,32 +56,12 @@ _ROPE_CACHE_ENTRIES = 256
 _ROPE_CACHE_MAX_TABLE_BYTES = 1 << 20
 
 
-class WanCausalGenerator:
+class WanCausalGenerator(GeneratorBase):
     family = "wan-causal"
+    state_probe_key = "kv.0"
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        transformer: Any,
-        vae: Any,
-        text_encoder: TextEncoder,
-        *,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        attention_backend: str | None = None,
-        batch_vae: bool | None = None,
-    ):
-        self.cfg = cfg
-        self.device, self.dtype = resolve_device(device), dtype
-        self.transformer = place_module(transformer, self.device, dtype)
-        self.decoder = ChunkDecoder(place_module(vae, self.device, dtype))
-        self.text = text_encoder
-        # batched VAE decoding saves launches on a GPU; on a CPU it would cost exactness
-        self.batch_vae = (self.device.type == "cuda") if batch_vae is None else batch_vae
-        self._holder = ContextHolder()
-        install(self.transformer, self._holder)
-        if attention_backend:  # validated by diffusers (name, installed kernels)
-            self.transformer.set_attention_backend(attention_backend)
+    def __init__(self, cfg: ModelConfig, *args: Any, **kwargs: Any):
+        super().__init__(cfg, *args, **kwargs)
         tcfg = self.transformer.config
         self.layers = len(self.transformer.blocks)
         self.heads = int(tcfg.num_attention_heads)
@@ -96,16 +72,14 @@ class WanCausalGenerator:
         self.in_channels = int(tcfg.in_channels)
         self._rope_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    # -- specs --------------------------------------------------------------------------
-    def default_spec(self) -> SessionSpec:
-        c = self.cfg
-        return SessionSpec(model=c.name, width=c.width, height=c.height, fps=c.fps,
-                           frames_per_chunk=c.frames_per_chunk, steps=c.steps, seed=0)
+    def _prepare_transformer(self) -> None:
+        self._holder = ContextHolder()
+        install(self.transformer, self._holder)
 
-    def validate_spec(self, spec: SessionSpec) -> SessionSpec:
+    @property
+    def max_latent_frames_per_chunk(self) -> int:
         # the cache must keep the sink plus at least one recent frame besides the chunk
-        max_latent = max(1, self.cfg.window_frames - self.cfg.sink_frames - 1)
-        return validate_spec(self.cfg, spec, max_latent_frames_per_chunk=max_latent)
+        return max(1, self.cfg.window_frames - self.cfg.sink_frames - 1)
 
     # -- sessions -------------------------------------------------------------------------
     def start_session(self, session_id: str, spec: SessionSpec, prompt: str) -> StreamState:
@@ -126,9 +100,7 @@ class WanCausalGenerator:
         self.decoder.init_state(state.tensors, state.meta)
 
     def set_prompt(self, state: StreamState, prompt: str) -> None:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        state.prompt = prompt
+        super().set_prompt(state, prompt)
         state.tensors.pop("xkv", None)  # recomputed at the next chunk
 
     @torch.no_grad()
@@ -138,16 +110,6 @@ class WanCausalGenerator:
         return torch.stack([prompt_kv(block.attn2, context) for block in self.transformer.blocks])
 
     # -- generation -----------------------------------------------------------------------
-    def _check_batch(self, states: Sequence[StreamState]) -> None:
-        key = states[0].spec.compat_key
-        for s in states:
-            if s.spec.compat_key != key:
-                raise ValueError(f"session {s.session_id} ({s.spec.compat_key}) cannot share a round with {key}")
-            kv = s.tensors.get("kv.0")
-            if kv is None or kv.device != self.device:
-                where = None if kv is None else kv.device
-                raise ValueError(f"session {s.session_id} state is on {where}, the generator on {self.device}")
-
     def _rope(self, positions: tuple[int, ...], gh: int, gw: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (positions, gh, gw)
         hit = self._rope_cache.get(key)
@@ -212,13 +174,9 @@ class WanCausalGenerator:
         return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
 
     @torch.no_grad()
-    def generate(self, states: Sequence[StreamState]) -> list[torch.Tensor]:
-        if not states:
-            return []
-        self._check_batch(states)
+    def _generate_round(self, states: Sequence[StreamState], n: int,
+                        shape: tuple[int, int, int, int]) -> list[torch.Tensor]:
         spec = states[0].spec
-        n = spec.frames_per_chunk // 4
-        shape = latent_shape(self.cfg, spec, n)
         for s in states:
             if "xkv" not in s.tensors:
                 s.tensors["xkv"] = self._prompt_kv(s.prompt)
@@ -240,20 +198,10 @@ class WanCausalGenerator:
         ctx.write = True  # same caches, prompts and rotary tables as the denoising passes
         self._forward(x0, 0.0, ctx)
 
-        firsts = [s.chunk_index == 0 for s in states]
-        if self.batch_vae:
-            videos = self.decoder.decode_chunks([x0[b] for b in range(len(states))], [(s.tensors, s.meta) for s in states])
-        else:
-            videos = [self.decoder.decode_chunk(x0[b], s.tensors, s.meta) for b, s in enumerate(states)]
-        outputs = []
+        outputs = self._decode_round(x0, states)
         for b, s in enumerate(states):
             new_kv = [torch.stack([ctx.new_kv[layer][0][b], ctx.new_kv[layer][1][b]]) for layer in range(self.layers)]
             self._append(s, new_kv, x0[b], positions[b])
-            first, video = firsts[b], videos[b]
-            hist = torch.cat([s.tensors["vae_hist"], x0[b].float()], dim=1)
-            s.tensors["vae_hist"] = hist[:, -self.decoder.history_frames :].contiguous()
-            frames = video_to_uint8(video)
-            outputs.append(pad_first_chunk(frames, spec.frames_per_chunk) if first else frames)
             s.chunk_index += 1
         return outputs
 
