@@ -76,12 +76,19 @@ class AutoscaleConfig:
     enabled: bool = True
     target_util: float = 0.85  # fraction of per-GPU capacity planned to be used
     volatility_window_s: float = 120.0  # sliding window for demand volatility
-    headroom_k: float = 1.0  # extra GPUs per standard deviation of recent demand
-    scale_in_hold_s: float = 120.0  # demand must stay low this long before releasing GPUs
-    initial_gpus: int = 0  # autoscaling policies' workers ready at time 0; 0 = min_gpus
+    headroom_k: float = 1.5  # extra GPUs per standard deviation of recent demand
+    # demand must stay low this long before releasing GPUs; release is down to the highest
+    # target seen during the hold
+    scale_in_hold_s: float = 180.0
+    # autoscaling policies' workers ready at time 0; 0 = min_gpus live, and in the simulator
+    # the trace's demand over its first start-up delay (warm start: sim.driver.warm_start_gpus)
+    initial_gpus: int = 0
     # TurboServe: also provision for demand extrapolated this far ahead along its recent
-    # rise (e.g. the start-up delay); 0 = off (target from current demand and std only)
-    lookahead_s: float = 0.0
+    # rise (about the start-up delay, with margin); 0 = off (current demand and std only)
+    lookahead_s: float = 90.0
+    # TurboServe: GPUs kept beyond the target at all times, so that a burst out of a quiet
+    # spell lands on capacity that is already up (new GPUs take cluster.startup_delay_s)
+    spare_gpus: float = 1.0
     # Ray Serve-style baseline (autoscale-only): desired = ongoing sessions / target per GPU
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0

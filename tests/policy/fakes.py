@@ -151,6 +151,8 @@ class FakeCluster:
                 continue
             members[s.worker].add(s.id)
             used[s.worker] += s.state_bytes
+            if s.id in self.offloading:
+                continue  # woken during its offload: not in the load until it is pending
             if s.state is SessionState.ACTIVE or (s.state is SessionState.MIGRATING and s.id in self.migrating
                                                    and self._was_active.get(s.id, True)):
                 g = groups[s.worker].get(s.spec.compat_key)
@@ -219,7 +221,9 @@ class FakeCluster:
 
     def finish_offloads(self) -> None:
         for sid in self.offloading:
-            self.set_session(sid, worker=None, state=SessionState.OFFLOADED, last_change_s=self.now_s)
+            woken = self.sessions[sid].state is SessionState.ACTIVE  # resumed during the offload
+            self.set_session(sid, worker=None, state=SessionState.QUEUED if woken else SessionState.OFFLOADED,
+                             last_change_s=self.now_s)
         self.offloading = set()
 
     def advance(self, to_s: float) -> None:

@@ -16,7 +16,10 @@ from turboserve.types import SessionState, WorkerState
 
 
 def _cfg(gpus: int = 16, **autoscale) -> TurboConfig:
+    """The bare target formula, ceil(demand / util + k * std): no spare GPUs and no trend
+    unless a test asks for them."""
     c = TurboConfig()
+    autoscale = {"spare_gpus": 0.0, "lookahead_s": 0.0, **autoscale}
     return replace(c, cluster=replace(c.cluster, gpus=gpus, min_gpus=1, startup_delay_s=60.0),
                    autoscale=replace(c.autoscale, **autoscale))
 
@@ -282,3 +285,49 @@ def test_starting_workers_are_released_before_ready_ones():
     d, mem = run_policy(p, c)
     d, mem = run_policy(p, c, mem)
     assert d.release[0] == s and b in d.release and a not in d.release
+
+
+def test_spare_gpus_are_added_to_the_target():
+    for spare in (0.0, 1.0, 2.5):
+        c = FakeCluster(config=_cfg(headroom_k=0.0, spare_gpus=spare))
+        w = c.add_worker()
+        for _ in range(3 * _capacity(c)):
+            c.add_session(w, context=21)
+        d, _ = run_policy(get_policy("turboserve"), c)
+        assert 1 + d.scale_out == math.ceil(3 / c.config.autoscale.target_util + spare - 1e-9)
+
+
+def test_scale_in_releases_down_to_the_highest_target_of_the_hold():
+    """Demand dips to one GPU's worth, briefly rises to two, then dips again: after the hold
+    the release keeps the two GPUs the brief rise needed, not the latest target."""
+    c = FakeCluster(config=_cfg(headroom_k=0.0, scale_in_hold_s=100.0, target_util=1.0))
+    ws = [c.add_worker() for _ in range(5)]
+    cap = _capacity(c)
+    low = [c.add_session(ws[0], context=21) for _ in range(cap)]
+    p = get_policy("turboserve")
+    d, mem = run_policy(p, c)
+    assert not d.release  # the hold starts
+    c.advance(40.0)
+    burst = [c.add_session(ws[1], context=21) for _ in range(cap)]
+    d, mem = run_policy(p, c, mem)
+    assert not d.release and not d.scale_out
+    for sid in burst:
+        c.depart(sid)
+    c.advance(120.0)
+    d, mem = run_policy(p, c, mem)
+    assert d.release and 5 - len(d.release) >= 2, d.notes
+    assert any("-> target 2 " in n for n in d.notes), d.notes
+    assert low
+
+
+def test_trend_is_trusted_in_proportion_to_its_history():
+    """A rise seen over the first few seconds of a run is not a slope to project over the
+    whole look-ahead; a steady ramp with a full history is projected as it is."""
+    w = DemandWindow()
+    for t in range(0, 6, 2):
+        w = w.observe(float(t), 0.25 * t, 120.0)
+    assert 0.0 < w.rise_per_s(6.0, 1.5, 90.0) * 90.0 <= 1.5 + 1e-9  # not 0.25/s x 90 s
+    ramp = DemandWindow()
+    for t in range(0, 120, 2):
+        ramp = ramp.observe(float(t), 0.02 * t, 120.0)
+    assert abs(ramp.rise_per_s(120.0, 2.4, 90.0) - 0.02) < 1e-6

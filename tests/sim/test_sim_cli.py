@@ -16,6 +16,7 @@ def test_simulate_writes_json_and_plots(small_trace_path, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "static-rr" in printed and "turboserve" in printed and "oracle" in printed
+    assert "autoscalers start at 2 GPUs (warm: demand over the first 60 s)" in printed
     doc = json.loads(out.read_text())
     assert [r["policy"] for r in doc["runs"]] == ["static-rr", "turboserve"]
     for run in doc["runs"]:
@@ -51,3 +52,32 @@ def test_unknown_policy_and_link_are_named(small_trace_path, capsys):
     assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "2",
                  "--policy", "static-ll", "--link", "carrier-pigeon"]) == 2
     assert "--link" in capsys.readouterr().err
+
+
+def test_autoscalers_start_warm_at_the_demand_of_the_first_startup_delay(small_records, model, capsys):
+    """A replayed window starts with the GPUs its first start-up delay needs (the same for
+    every autoscaling policy), unless autoscale.initial_gpus is set; fixed ones keep --gpus."""
+    import math
+    from dataclasses import replace
+
+    from turboserve.config import TurboConfig
+    from turboserve.sim.driver import simulate, warm_start_gpus
+    from turboserve.traces.rescale import demand_curve
+
+    cfg = TurboConfig()
+    cfg = replace(cfg, cluster=replace(cfg.cluster, gpus=3, min_gpus=1))
+    delay = cfg.cluster.startup_delay_s
+    peak = max(g for t, g in demand_curve(small_records, model, "demo91") if t <= delay)
+    warm = warm_start_gpus(small_records, model, cfg, "demo91")
+    assert warm == max(1, min(3, math.ceil(peak - 1e-9)))
+    late = [replace(r, arrival_s=r.arrival_s + 10 * delay) for r in small_records]
+    assert warm_start_gpus(late, model, cfg, "demo91") == 1  # nothing in the first delay
+    set_cfg = replace(cfg, autoscale=replace(cfg.autoscale, initial_gpus=2))
+    assert warm_start_gpus(small_records, model, set_cfg, "demo91") == 2
+    for name in ("autoscale-only", "turboserve", "turboserve-no-migration"):
+        res = simulate(small_records, name, model, cfg, shape="demo91", until_s=1.0)
+        assert res.metrics.gpu_series[0][2] == warm, name  # ready at t=0
+        res = simulate(small_records, name, model, set_cfg, shape="demo91", until_s=1.0)
+        assert res.metrics.gpu_series[0][2] == 2, name
+    res = simulate(small_records, "static-ll", model, cfg, shape="demo91", until_s=1.0)
+    assert res.metrics.gpu_series[0][2] == 3

@@ -5,17 +5,20 @@ when workers are to be released), the autoscaler's timers from the policy's memo
 `ScaleStep` (workers to start, to release, draining workers to put back in service) and
 the new timers.
 
-TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std),
-std being the demand's standard deviation over `volatility_window_s`, clamped to
-[min_gpus, cluster.gpus]. With `lookahead_s` > 0, demand is first extrapolated that far
-along its recent rise (least-squares slope over the last `lookahead_s`; never down), so a
-ramp gets its GPUs one start-up delay early. Provisioned = READY + STARTING workers (a
-starting worker already counts). Above target: first cancel the release of draining
+TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std +
+spare_gpus), std being the demand's standard deviation over `volatility_window_s`, clamped
+to [min_gpus, cluster.gpus]. With `lookahead_s` > 0, demand is first extrapolated that far
+along its recent rise (least-squares slope over the last `lookahead_s`; never down; trusted
+in proportion to the history it was fitted to), so a ramp gets its GPUs one start-up delay
+early. `spare_gpus` keeps capacity up for a burst out of a quiet spell, which no forecast
+sees coming. Demand counts pending sessions; provisioned = READY + STARTING workers (the
+start-up pipeline already counts). Above target: first cancel the release of draining
 workers (those still holding the most sessions: nothing to rebuild), then start new ones
 at once. Below target: only after the target has stayed below provisioned for
-`scale_in_hold_s`, release down to the target, least-loaded READY workers first (STARTING
-ones before them: they hold nothing); with migration they drain by consolidation, without
-it only empty workers are released.
+`scale_in_hold_s`, release down to the highest target seen during that hold,
+least-loaded READY workers first (STARTING ones before them: they hold nothing); with
+migration they drain by consolidation (a session moves only where the destination stays
+within its SLO), without it only empty workers are released.
 
 Ray Serve (`ray_serve_scale`, the autoscale-only baseline): desired = ceil(ongoing
 sessions / target per GPU), where ongoing = active + pending sessions and the target is
@@ -29,7 +32,7 @@ are released first.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from typing import Callable
 
@@ -53,6 +56,7 @@ class ScaleTimers:
 
     above_since_s: float | None = None
     below_since_s: float | None = None
+    below_max_target: int = 0  # TurboServe: the highest target seen since `below_since_s`
 
 
 def clamp_gpus(view: ClusterView, n: int) -> int:
@@ -64,7 +68,7 @@ def clamp_gpus(view: ClusterView, n: int) -> int:
 def turboserve_target(view: ClusterView, scan: ClusterScan, std: float, rise_per_s: float = 0.0) -> int:
     a = view.config.autoscale
     demand = scan.demand_gpus + rise_per_s * a.lookahead_s
-    raw = demand / max(a.target_util, 1e-6) + a.headroom_k * std
+    raw = demand / max(a.target_util, 1e-6) + a.headroom_k * std + a.spare_gpus
     return clamp_gpus(view, math.ceil(raw - 1e-9))
 
 
@@ -117,16 +121,21 @@ def turboserve_scale(view: ClusterView, scan: ClusterScan, order: Callable[[], L
     if target < prov:
         since = timers.below_since_s
         if since is None:
-            return ScaleStep(), ScaleTimers(below_since_s=view.now_s)
+            return ScaleStep(), ScaleTimers(below_since_s=view.now_s, below_max_target=target)
+        # Release down to the highest target of the hold, not the latest one: a burst
+        # that came and went within the hold comes back as often as not.
+        hold_target = max(target, timers.below_max_target)
+        if hold_target != timers.below_max_target:
+            timers = replace(timers, below_max_target=hold_target)
         if view.now_s - since < view.config.autoscale.scale_in_hold_s:
             return ScaleStep(), timers
         ready = set(scan.ready)
-        release = _pick_release(view, order(), ready, prov - target, protected,
+        release = _pick_release(view, order(), ready, prov - hold_target, protected,
                                 empty_only=not consolidate, empty_first=True)
         if not release:
             return ScaleStep(), timers
         note = (f"demand {scan.demand_gpus:.2f} held below for {view.now_s - since:.0f}s "
-                f"-> target {target} (provisioned {prov})")
+                f"-> target {hold_target} (provisioned {prov})")
         return ScaleStep(release=release, note=note), ScaleTimers()
     return ScaleStep(), ScaleTimers()
 

@@ -153,7 +153,8 @@ class DemandWindow:
 
     def rise_per_s(self, now_s: float, demand: float, span_s: float) -> float:
         """Least-squares slope (GPUs per second) of demand over the last `span_s`,
-        the current value included; 0 when falling or with too few samples."""
+        the current value included, scaled down while the samples cover less than the
+        span; 0 when falling or with too few samples."""
         pts = [(t, d) for t, d in self.samples if t >= now_s - span_s and t < now_s]
         pts.append((now_s, demand))
         if len(pts) < 3:
@@ -164,7 +165,11 @@ class DemandWindow:
         var = sum((t - mt) ** 2 for t, _ in pts)
         if var <= 0.0:
             return 0.0
-        return max(0.0, sum((t - mt) * (d - md) for t, d in pts) / var)
+        slope = max(0.0, sum((t - mt) * (d - md) for t, d in pts) / var)
+        # Trust a slope in proportion to the history it was fitted to: a few seconds of
+        # samples (just after a start) would otherwise be projected over the whole span.
+        covered_s = now_s - pts[0][0]
+        return slope * min(1.0, covered_s / max(span_s, 1e-9))
 
 
 def _std(values: list[float]) -> float:

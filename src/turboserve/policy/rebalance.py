@@ -20,6 +20,12 @@ round, and that sum must stay within the SLO; so moves then go to markedly light
 one late chunk of the moved session is the lesser harm, and only the gain decides.
 Sessions migrated within `cooldown_s`, or in transit, are not moved.
 
+Only sessions counted in their worker's active groups are candidates (`uncounted`): a
+session woken while its offload is still under way is ACTIVE in the view but not in the
+load (it becomes pending when the offload ends). When the view cannot tell which of a
+worker's active sessions of one group is the uncounted one, none of that group moves from
+that worker in this decision.
+
 Migration cost (`migration_cost_ms`) is the expected downtime of a live migration: the
 session keeps generating on the source while its state is pre-copied over the GPU link;
 then it stops at a chunk boundary and only the state written meanwhile is copied. That
@@ -115,21 +121,56 @@ def apply_in_flight(view: ClusterView, whatif: WhatIf, in_flight: tuple[InFlight
         whatif.move(m.src, m.dst, m.key, m.context_frames, 0, active=True)
 
 
+def uncounted(view: ClusterView, wid: WorkerId,
+              offloading: frozenset[SessionId] | set[SessionId] = frozenset()
+              ) -> tuple[set[CompatKey], set[SessionId]]:
+    """What must not move off `wid` as an active session: (groups whose active sessions in
+    the view outnumber the group's batch with no way to tell which one is not counted,
+    sessions known not to be counted). `offloading` are the offloads this policy issued
+    that are still under way: an ACTIVE one among them was woken during its offload."""
+    w = view.workers[wid]
+    batch = {g.key: g.batch for g in w.groups}
+    seen: dict[CompatKey, int] = {}
+    known: set[SessionId] = set()
+    known_per_key: dict[CompatKey, int] = {}
+    for sid in w.sessions:
+        s = view.sessions.get(sid)
+        if s is None or s.worker != wid or s.state is not SessionState.ACTIVE:
+            continue
+        key = s.spec.compat_key
+        if sid in offloading:
+            known.add(sid)
+            known_per_key[key] = known_per_key.get(key, 0) + 1
+        seen[key] = seen.get(key, 0) + 1
+    skip_keys = set()
+    for key, n in seen.items():
+        if n - known_per_key.get(key, 0) > batch.get(key, 0):
+            skip_keys.add(key)
+    return skip_keys, known
+
+
+def _counted(s: SessionView, skip: tuple[set[CompatKey], set[SessionId]]) -> bool:
+    return s.id not in skip[1] and s.spec.compat_key not in skip[0]
+
+
 def _cooling(view: ClusterView, s: SessionView) -> bool:
     return view.now_s - s.last_migrated_s < view.config.rebalance.cooldown_s
 
 
-def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId],
-                limit: int) -> list[list[SessionView]]:
+def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId], limit: int,
+                offloading: frozenset[SessionId] = frozenset()) -> list[list[SessionView]]:
     """Active, movable sessions of `wid` grouped by (group, context, bytes): sessions with
     equal signatures give equal gains. Each list is oldest first; lists are ordered by
     their oldest session; at most `limit` lists. Independent of set iteration order."""
     by_sig: dict[tuple, list[SessionView]] = {}
+    skip = uncounted(view, wid, offloading)
     for sid in view.workers[wid].sessions:
         if sid in busy:
             continue
         s = view.sessions.get(sid)
         if s is None or s.worker != wid or s.state is not SessionState.ACTIVE or _cooling(view, s):
+            continue
+        if not _counted(s, skip):
             continue
         by_sig.setdefault((s.spec.compat_key, s.context_frames, s.state_bytes), []).append(s)
     lists = [sorted(v, key=lambda s: (s.arrival_s, s.id)) for v in by_sig.values()]
@@ -166,9 +207,10 @@ def _destinations(whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], exclud
 
 
 def rebalance_min_max(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId],
-                      busy: set[SessionId], budget: int) -> list[Migration]:
+                      busy: set[SessionId], budget: int,
+                      offloading: frozenset[SessionId] = frozenset()) -> list[Migration]:
     """TurboServe's min-max moves off the bottleneck; `busy` (sessions in transit or
-    already moved in this call) grows with each move.
+    already moved in this call) grows with each move; `offloading`: offloads under way.
 
     A group split into r rounds (batch > max_batch) only gets faster once r sessions leave
     (the per-round batch is ceil(batch / r)), so up to r equal sessions may move together
@@ -185,15 +227,17 @@ def rebalance_min_max(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready
         if peak <= 0.0 or view.workers[src].state is WorkerState.STARTING:
             break
         best = None  # (score, sessions, destination)
-        for same in _candidates(view, src, busy, cfg.candidate_sessions):
+        for same in _candidates(view, src, busy, cfg.candidate_sessions, offloading):
             s = same[0]
             key = s.spec.compat_key
             ctx = s.context_frames
             g = whatif.group(src, key)
+            if g is None:
+                continue  # not in the load there (cannot happen for counted sessions)
             rounds = -(-g.batch // max_batch) if g is not None else 1
             need = cache.full_state_bytes(key.model)
             slo = view.slo_ms(s.spec)
-            for k in range(1, min(len(same), rounds, budget - len(moves)) + 1):
+            for k in range(1, min(len(same), g.batch, rounds, budget - len(moves)) + 1):
                 src_after = _minus_k(whatif, src, key, ctx, k)
                 downtime = migration_cost_ms(view, cache, s, peak, parallel=k)
                 cost = cfg.eta * downtime
@@ -224,14 +268,18 @@ def rebalance_min_max(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready
 
 def drain_moves(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId],
                 draining: list[WorkerId], busy: set[SessionId], budget: int,
-                offload_idle: bool) -> tuple[list[Migration], list[SessionId]]:
+                offload_idle: bool, offloading: frozenset[SessionId] = frozenset()
+                ) -> tuple[list[Migration], list[SessionId]]:
     """Empty DRAINING workers: migrate active sessions where the SLO still holds, offload
-    (or, without offload, migrate) idle ones. Returns (migrations, offloads)."""
+    (or, without offload, migrate) idle ones. Returns (migrations, offloads). Sessions not
+    counted in the worker's load (`uncounted`) and idle ones not listed as idle-resident
+    (their offload or migration is under way) are left alone: they are leaving already."""
     cfg = view.config
     cache = whatif.cache
     moves: list[Migration] = []
     offloads: list[SessionId] = []
     for wid in draining:
+        skip = uncounted(view, wid, offloading)
         for sid in sorted(view.workers[wid].sessions):
             if len(moves) >= budget:
                 return moves, offloads
@@ -239,6 +287,10 @@ def drain_moves(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[
                 continue
             s = view.sessions.get(sid)
             if s is None or s.worker != wid:
+                continue
+            if s.state is SessionState.IDLE and sid not in view.idle_resident:
+                continue
+            if s.state is SessionState.ACTIVE and not _counted(s, skip):
                 continue
             if s.state is SessionState.IDLE and offload_idle:
                 offloads.append(sid)
@@ -288,6 +340,7 @@ def pairwise_balance(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready:
         if src is None or dst is None or src == dst:
             break
         pair_max = whatif.load(src)
+        skip = uncounted(view, src)
         need_cache: dict[CompatKey, bool] = {}
         best = None  # (pair max after, bytes, id, session)
         for sid in view.workers[src].sessions:
@@ -295,6 +348,8 @@ def pairwise_balance(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready:
                 continue
             s = view.sessions.get(sid)
             if s is None or s.worker != src or s.state is not SessionState.ACTIVE or _cooling(view, s):
+                continue
+            if not _counted(s, skip):
                 continue
             key = s.spec.compat_key
             fits = need_cache.get(key)

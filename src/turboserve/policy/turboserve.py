@@ -126,14 +126,14 @@ class TurboServePolicy:
         budget = cfg.rebalance.max_moves_per_decision
         if use_migration and scan.draining:
             moves, drained = drain_moves(view, whatif, order(), ready, scan.draining, busy, budget,
-                                         offload_idle=use_offload)
+                                         offload_idle=use_offload, offloading=offloading)
             migrations.extend(moves)
             offloads.extend(s for s in drained if s not in offloading)
         if use_migration and cfg.rebalance.enabled and len(migrations) < budget and len(ready) > 1:
             spread = scan.max_load_ms - scan.min_ready_load_ms
             if placements or in_flight or spread > cfg.rebalance.gain_threshold_ms:
                 migrations.extend(rebalance_min_max(view, whatif, order(), ready, busy,
-                                                    budget - len(migrations)))
+                                                    budget - len(migrations), offloading))
 
         # 5. scale
         timers = mem.timers

@@ -161,6 +161,7 @@ def _light(res):
 def run(args) -> int:
     from ..profile import load_latency_model, resolve_shape
     from ..traces.schema import read_trace
+    from .driver import warm_start_gpus
 
     config = build_config(args)
     model = load_latency_model()
@@ -173,16 +174,23 @@ def run(args) -> int:
     explicit = args.slo_ms is not None or config.slo.slo_ms is not None
     progress = bool(config.sim.progress) and sys.stderr.isatty()
     info = model.shape(shape)
+    check_feasible(records, model, config, explicit)  # before anything reads the demand
     meta = {
         "trace": str(args.trace), "shape": shape, "gpus": config.cluster.gpus,
         "slo_ms": config.slo.slo_ms or info.chunk_ms, "slo_explicit": explicit,
         "playback_ms": info.chunk_ms, "link": config.cluster.link, "sessions": len(records),
         "startup_delay_s": config.cluster.startup_delay_s,
+        "initial_gpus_autoscaling": warm_start_gpus(records, model, config, shape),
+        "initial_gpus_rule": ("set (autoscale.initial_gpus)" if config.autoscale.initial_gpus > 0 else
+                              "warm: the trace's demand over its first start-up delay"),
     }
     report, light = run_matrix(records, shape, policies, model, config, explicit_slo=explicit,
                                progress=progress, meta=meta)
     print(f"trace {args.trace}: {len(records)} sessions, shape {shape}, up to {config.cluster.gpus} GPUs, "
-          f"SLO {meta['slo_ms']:.0f} ms{' (explicit)' if explicit else ' (chunk playback time)'}")
+          f"SLO {meta['slo_ms']:.0f} ms{' (explicit)' if explicit else ' (chunk playback time)'}; "
+          f"autoscalers start at {meta['initial_gpus_autoscaling']} GPUs "
+          + ("(autoscale.initial_gpus)" if config.autoscale.initial_gpus > 0 else
+             f"(warm: demand over the first {config.cluster.startup_delay_s:g} s)"))
     print(format_table(report))
     if args.json_out:
         write_json(report, args.json_out)

@@ -15,14 +15,22 @@ which the oracle bounds also use); one that falls behind stretches it. A `Tick` 
 `sim.tick_s`. Everything else — placement, migration, scaling, offload — is the real
 `Controller` running the registered policy over `SimTransport` engines.
 
+Warm start: a replayed trace window is a slice of a service that was already running, so
+unless `autoscale.initial_gpus` is set (> 0), every autoscaling policy (`autoscale-only`
+and the autoscaling `turboserve` variants alike) starts with `warm_start_gpus` workers
+ready: the GPUs the trace's nominal demand (`traces.rescale.demand_curve`, perfect
+packing at the SLO) peaks at over its first `cluster.startup_delay_s`, rounded up, within
+[min_gpus, gpus]. Fixed-count policies are unaffected (they start at `cluster.gpus`).
+
 The run ends when every session has departed (billing stops there) or at `until_s`
 (chunks still owed then are counted as late with their wait so far).
 """
 
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..cluster.controller import Controller
@@ -232,11 +240,37 @@ class TraceDriver:
                 self.metrics.record_unfinished(max(waited_ms, self.metrics.slo_ms + 1.0), owed)
 
 
+def warm_start_gpus(records: list[SessionRecord], model: LatencyModel, config: TurboConfig,
+                    shape: str | None = None) -> int:
+    """Workers ready at t=0 for autoscaling policies: `autoscale.initial_gpus` when set,
+    else the most GPUs the trace's nominal demand needs during its first start-up delay
+    (perfect packing at the SLO, rounded up), clamped to [min_gpus, gpus]."""
+    c = config.cluster
+    lo = min(max(c.min_gpus, 0), c.gpus)
+    if config.autoscale.initial_gpus > 0 or not records:
+        n = config.autoscale.initial_gpus or lo
+        return max(lo, min(c.gpus, n))
+    from ..traces.rescale import demand_curve
+
+    shape = shape or records[0].spec.model
+    horizon_s = max(c.startup_delay_s, 0.0)
+    peak = 0.0
+    for t, gpus in demand_curve(records, model, shape, config.slo.slo_ms):
+        if t > horizon_s:
+            break
+        peak = max(peak, gpus)
+    return max(lo, min(c.gpus, math.ceil(peak - 1e-9)))
+
+
 def simulate(records: list[SessionRecord], policy_name: str, model: LatencyModel, config: TurboConfig,
              *, until_s: float | None = None, progress: bool = False, shape: str | None = None,
              frames: bool = False, on_outcome: Callable | None = None, cruise: bool = True) -> SimResult:
     """Run one policy over the trace; see the module docstring. `cruise=False` runs every
-    round through the heap (the reference the cruise shortcut is tested against)."""
+    round through the heap (the reference the cruise shortcut is tested against).
+    Autoscaling policies start warm (`warm_start_gpus`) unless `autoscale.initial_gpus` is set."""
+    if config.autoscale.initial_gpus <= 0 and records:
+        warm = warm_start_gpus(records, model, config, shape)
+        config = replace(config, autoscale=replace(config.autoscale, initial_gpus=warm))
     driver = TraceDriver(records, policy_name, model, config, shape=shape, frames=frames,
                          on_outcome=on_outcome, cruise=cruise)
     return driver.run(until_s=until_s, progress=progress)
