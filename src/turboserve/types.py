@@ -7,6 +7,7 @@ the id aliases that policies, engines, the simulator and the server all speak.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field, replace
 
 SessionId = str
@@ -55,8 +56,9 @@ class SessionSpec:
         """Playback duration of one chunk: the default per-chunk latency target."""
         return self.frames_per_chunk / self.fps
 
-    @property
+    @functools.cached_property
     def compat_key(self) -> "CompatKey":
+        # cached: policies ask for it per session per decision (the spec is frozen)
         return CompatKey(self.model, self.width, self.height, self.frames_per_chunk, self.steps)
 
     def with_(self, **changes) -> "SessionSpec":

@@ -88,10 +88,12 @@ def test_turboserve_policy_places_scales_out_and_migrates():
     ctl, tr = make(get_policy("turboserve"), gpus=4)
     assert len(ctl.view().workers) == 1  # autoscaled start
     t = 0.0
+    # a burst: all eight land on the one worker up, so the workers the autoscaler starts
+    # take load by migration (with arrivals spread out, its trend look-ahead starts them
+    # early enough that placement alone spreads the sessions)
     for i in range(8):
         ctl.on_event(SessionArrived(t, f"s{i}", SPEC, "p"))
-        t = advance(ctl, tr, t, 2.0, 1)
-    t = advance(ctl, tr, t, 2.0, 20)
+    t = advance(ctl, tr, t, 2.0, 28)
     view = ctl.view()
     assert not view.pending
     assert len(view.workers) == 4 and all(w.state is WorkerState.READY for w in view.workers.values())

@@ -3,6 +3,7 @@ random sequences of changes."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from turboserve.config import TurboConfig
 from turboserve.cluster.state import ClusterState, StateError
 from turboserve.policy.load import cycle_ms
 from turboserve.profile import load_latency_model
+from turboserve.policy.views import SessionView
 from turboserve.types import SessionSpec, SessionState, WorkerState
 
 MODEL = load_latency_model()
@@ -213,3 +215,49 @@ def test_unknown_shape_is_refused_by_name():
     cs = ClusterState(MODEL, CFG)
     with pytest.raises(StateError, match="no shape 'nosuch'"):
         cs.add_session("a", SessionSpec(model="nosuch"), "p", 0.0)
+
+
+def _as_constructed(sv: SessionView) -> SessionView:
+    """The same record built by the dataclass's own constructor."""
+    return SessionView(*(getattr(sv, f.name) for f in dataclasses.fields(SessionView)))
+
+
+def test_views_read_late_equal_views_read_after_every_change():
+    """Round completions rebuild session records only when read: reading them late (through
+    get, [], session(), values()) gives what reading after every change gives."""
+    eager, lazy = ClusterState(MODEL, CFG), ClusterState(MODEL, CFG)
+    sids = [f"s{i}" for i in range(6)]
+    for cs in (eager, lazy):
+        cs.add_worker("w0", 0.0, MEM, ready=True)
+        for i, sid in enumerate(sids):
+            cs.add_session(sid, SPECS[0], "p", 0.0, chunks_wanted=7 if i == 0 else 0)
+            if i < 5:
+                cs.place(sid, "w0", 0.0)
+    now = 0.0
+    done = dict.fromkeys(sids, 0)
+    for step in range(12):
+        now += 0.25
+        ran = sids[: 5 - step % 3]
+        for cs in (eager, lazy):
+            cs.round_completed("w0", ran, now, rounds=1 + step % 2)
+        for sid in ran:
+            done[sid] += 1 + step % 2
+        seen = eager.view(now).sessions
+        for sid in sids:
+            assert seen[sid].chunks_done == done[sid]
+            assert seen[sid].context_frames == MODEL.context_after("demo91", done[sid])
+        if step == 6:
+            for cs in (eager, lazy):
+                cs.remove_session("s4")
+            sids.remove("s4")
+    late = lazy.view(now)
+    for sid in sids:
+        want = eager.session(sid)
+        assert late.sessions.get(sid) == want == _as_constructed(want)
+        assert want.chunks_done == done[sid]
+        assert late.sessions[sid] == lazy.session(sid) == want
+        assert hash(late.sessions[sid]) == hash(_as_constructed(want))
+    assert list(late.sessions.values()) == [eager.session(s) for s in late.sessions]
+    assert late.sessions.get("s4") is None and "s4" not in late.sessions
+    assert lazy.session("s0").state is SessionState.IDLE  # its 7 chunks were delivered
+    assert lazy.view(now).workers["w0"] == eager.view(now).workers["w0"]

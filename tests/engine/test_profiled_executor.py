@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from turboserve.config import TurboConfig
-from turboserve.engine.executor import RoundPlan
-from turboserve.engine.profiled import ProfiledExecutor, read_tag, session_tag
+from turboserve.engine.executor import ChunkOutput, RoundPlan
+from turboserve.engine.profiled import ProfiledExecutor, chunk_output, read_tag, session_tag
 from turboserve.policy.latency import transfer_ms
 from turboserve.policy.load import GroupLoad, group_round_ms
 from turboserve.profile import load_latency_model
@@ -80,3 +80,9 @@ def test_unknown_shape_is_a_clear_error():
     ex = ProfiledExecutor(MODEL, CFG)
     with pytest.raises((KeyError, ValueError), match="nosuch"):
         ex.add_session("s", SessionSpec(model="nosuch"), "p")
+
+
+def test_fast_chunk_output_equals_the_dataclass():
+    fast, made = chunk_output("s1", 3), ChunkOutput("s1", 3)
+    assert fast == made and hash(fast) == hash(made) and repr(fast) == repr(made)
+    assert chunk_output("s1", 3, "f").frames == "f" and fast != chunk_output("s1", 4)

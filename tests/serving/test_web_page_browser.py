@@ -101,8 +101,12 @@ def test_page_plays_the_stream_and_controls_the_session(server, browser):
     wait_until(lambda: int(browser.find_element(By.ID, "chunks").text) > chunks_paused + 2, 30,
                "chunks after resume")
     # the cluster view lists both CPU workers and this session on one of them
-    rows = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr"), 10, "worker rows")
-    assert len(rows) == 2 and all("cpu" in r.text for r in rows)
-    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#workers .sess.mine"), 10, "my session in the view")
+    # the page re-renders the table on every poll, so read its rows in one script call
+    # (element handles held across a poll go stale)
+    rows = wait_until(lambda: js(browser, "Array.from(document.querySelectorAll('#workers tbody tr'))"
+                                          ".map(function(r) { return r.innerText; })"), 10, "worker rows")
+    assert len(rows) == 2 and all("cpu" in r for r in rows)
+    wait_until(lambda: js(browser, "document.querySelectorAll('#workers .sess.mine').length"), 10,
+               "my session in the view")
     browser.find_element(By.ID, "close").click()
     wait_until(lambda: browser.find_element(By.ID, "state").text == "closed", 15, "closed state")

@@ -3,9 +3,12 @@ source of the `policy.views.ClusterView` that policies read.
 
 In: changes, one call each (a session arrives, is placed, pauses, finishes a round, starts
 or ends a migration or an offload; a worker starts, becomes ready, drains, is released or
-lost). Out: `view(now_s)`, built in O(1): read-only mappings over frozen `SessionView` and
-`WorkerView` records, one record replaced per change. No call does O(#sessions) work:
-a worker's `groups` and `load_ms` are updated with `GroupLoad.plus/minus` and
+lost). Out: `view(now_s)`: read-only mappings over frozen `SessionView` and `WorkerView`
+records, one record replaced per change. Round completions (the hot path: millions in a
+simulated hour) only mark their sessions' records stale; a stale record is rebuilt when
+read (through the view or `session`), so every record read is exact and policies pay only
+for those they read. No call does O(#sessions) work:
+a worker's `groups` and `load_ms` are updated with `GroupLoad` arithmetic and
 `policy.load.cycle_ms` over that worker's groups only.
 
 Meaning of the fields (what policies may rely on):
@@ -24,8 +27,9 @@ Meaning of the fields (what policies may rely on):
 
 from __future__ import annotations
 
+from dataclasses import fields
 from types import MappingProxyType
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from ..config import TurboConfig
 from ..policy.latency import LatencyModel
@@ -41,7 +45,8 @@ class StateError(ValueError):
 class _Session:
     __slots__ = ("id", "spec", "key", "prompt", "arrival_s", "active", "unbounded", "left",
                  "worker", "pending", "migrating_to", "offloading", "placed_ever", "chunks_done",
-                 "context", "state_bytes", "last_change_s", "last_migrated_s", "pending_since_s")
+                 "context", "saturated", "state_bytes", "last_change_s", "last_migrated_s",
+                 "pending_since_s")
 
     def __init__(self, sid: SessionId, spec: SessionSpec, prompt: str, now_s: float,
                  state_bytes: int) -> None:
@@ -60,6 +65,7 @@ class _Session:
         self.placed_ever = False
         self.chunks_done = 0
         self.context = 0.0
+        self.saturated = False  # chunks_done is past the end of its shape's context table
         self.state_bytes = state_bytes
         self.last_change_s = now_s
         self.last_migrated_s = float("-inf")
@@ -96,6 +102,46 @@ class _Worker:
         self.ready_s: float | None = now_s if state is WorkerState.READY else None
 
 
+class _SessionViews(Mapping):
+    """sid -> SessionView, read-only. Records whose sessions completed rounds are marked
+    stale and rebuilt when read, so a policy pays only for the sessions it looks at."""
+
+    __slots__ = ("_views", "_stale", "_records")
+
+    def __init__(self, views: dict[SessionId, SessionView], stale: set[SessionId],
+                 records: dict[SessionId, "_Session"]) -> None:
+        self._views = views
+        self._stale = stale
+        self._records = records
+
+    def __getitem__(self, sid: SessionId) -> SessionView:
+        if sid in self._stale:
+            return self._rebuild(sid)
+        return self._views[sid]
+
+    def get(self, sid: SessionId, default=None):  # noqa: ANN001 - Mapping.get's signature
+        if sid in self._stale:
+            return self._rebuild(sid)
+        return self._views.get(sid, default)
+
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._views
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._views)
+
+    def _rebuild(self, sid: SessionId) -> SessionView:
+        self._stale.discard(sid)
+        v = self._views[sid] = _session_view(self._records[sid])
+        return v
+
+    def __repr__(self) -> str:
+        return f"SessionViews({len(self._views)} sessions)"
+
+
 class ClusterState:
     def __init__(self, model: LatencyModel, config: TurboConfig) -> None:
         self.model = model
@@ -104,11 +150,13 @@ class ClusterState:
         self._s: dict[SessionId, _Session] = {}
         self._w: dict[WorkerId, _Worker] = {}
         self._sviews: dict[SessionId, SessionView] = {}
+        # sessions whose SessionView lags their record (round completions): rebuilt when read
+        self._stale: set[SessionId] = set()
         self._wviews: dict[WorkerId, WorkerView] = {}
         self._pending: dict[SessionId, None] = {}
         self._pending_tuple: tuple[SessionId, ...] | None = ()
         self._idle: dict[SessionId, float] = {}
-        self._sessions_ro = MappingProxyType(self._sviews)
+        self._sessions_ro = _SessionViews(self._sviews, self._stale, self._s)
         self._workers_ro = MappingProxyType(self._wviews)
         self._idle_ro = MappingProxyType(self._idle)
         self._ctx_table: dict[str, list[float]] = {}  # shape -> context after n chunks, to saturation
@@ -117,7 +165,8 @@ class ClusterState:
 
     # ------------------------------------------------------------------- reading
     def view(self, now_s: float) -> ClusterView:
-        """O(1): the mappings are live read-only proxies; valid during one policy call."""
+        """O(1): the mappings are live read-only views, valid during one policy call (until
+        the next change)."""
         if self._pending_tuple is None:
             self._pending_tuple = tuple(self._pending)
         return ClusterView(now_s, self._workers_ro, self._sessions_ro, self._pending_tuple, self.model,
@@ -130,7 +179,7 @@ class ClusterState:
         return wid in self._w
 
     def session(self, sid: SessionId) -> SessionView:
-        return self._sviews[sid]
+        return self._sessions_ro[sid]
 
     def worker(self, wid: WorkerId) -> WorkerView:
         return self._wviews[wid]
@@ -324,20 +373,34 @@ class ClusterState:
                         rounds: int = 1) -> bool:
         """The listed sessions each got `rounds` chunks on `wid`. Updates their chunk counts,
         contexts and period bookkeeping (a period whose chunks are all delivered makes the
-        session idle, as the engine does). Returns whether the worker's view changed."""
+        session idle, as the engine does). Returns whether the worker's view changed.
+        Their `SessionView`s are rebuilt when next read."""
         w = self._w.get(wid)
         changed = False
-        ctx_of = self._context_after
+        get = self._s.get
+        stale = self._stale
+        ctx_tables = self._ctx_table
+        groups = w.groups if w is not None else None
         for sid in sids:
-            s = self._s.get(sid)
+            s = get(sid)
             if s is None:
                 continue
-            s.chunks_done += rounds
-            new_ctx = ctx_of(s.spec.model, s.chunks_done)
+            done = s.chunks_done = s.chunks_done + rounds
+            if s.saturated:  # context at the window already: it stays
+                new_ctx = s.context
+            else:
+                table = ctx_tables.get(s.spec.model)
+                if table is None:
+                    table = ctx_tables[s.spec.model] = self._context_table(s.spec.model)
+                if done < len(table):
+                    new_ctx = table[done]
+                else:
+                    new_ctx = table[-1]
+                    s.saturated = True
             if new_ctx != s.context:
-                if s.active and w is not None and s.worker == wid and not s.offloading:
-                    g = w.groups[s.key]
-                    w.groups[s.key] = GroupLoad(g.key, g.batch, max(0.0, g.context_sum + new_ctx - s.context))
+                if s.active and groups is not None and s.worker == wid and not s.offloading:
+                    g = groups[s.key]
+                    groups[s.key] = GroupLoad(g.key, g.batch, max(0.0, g.context_sum + new_ctx - s.context))
                     changed = True
                 s.context = new_ctx
             if s.active and not s.unbounded:
@@ -346,7 +409,7 @@ class ClusterState:
                     self.pause(sid, now_s)
                     changed = True
                     continue
-            self._srefresh(s)
+            stale.add(sid)
         if changed and w is not None:
             self._wrefresh(w, recompute=True)
         return changed
@@ -431,6 +494,7 @@ class ClusterState:
         if s is None:
             return None, None
         del self._sviews[sid]
+        self._stale.discard(sid)
         self._idle.pop(sid, None)
         if s.pending:
             self._pending.pop(sid, None)
@@ -477,24 +541,30 @@ class ClusterState:
 
     def _group_add(self, w: _Worker, s: _Session) -> None:
         g = w.groups.get(s.key)
-        w.groups[s.key] = g.plus(s.context) if g is not None else GroupLoad(s.key, 1, s.context)
+        w.groups[s.key] = (GroupLoad(g.key, g.batch + 1, g.context_sum + s.context) if g is not None
+                           else GroupLoad(s.key, 1, s.context))
 
     def _group_remove(self, w: _Worker, s: _Session) -> None:
-        g = w.groups[s.key].minus(s.context)
-        if g.batch <= 0:
+        g = w.groups[s.key]
+        if g.batch <= 1:
             del w.groups[s.key]
-        else:
-            w.groups[s.key] = g
+        else:  # as GroupLoad.minus
+            w.groups[s.key] = GroupLoad(g.key, g.batch - 1, max(0.0, g.context_sum - s.context))
 
     def _wrefresh(self, w: _Worker, recompute: bool = True) -> None:
         if recompute:
             w.load_ms = cycle_ms(w.groups.values(), self.model, self.max_batch) if w.groups else 0.0
-        self._wviews[w.id] = WorkerView(w.id, w.state, w.memory_bytes, w.used_bytes, w.frozen,
-                                        tuple(w.groups.values()), w.load_ms, w.started_s, w.ready_s)
+        # WorkerView(...) without the frozen dataclass's per-field __init__ (equal field by field)
+        v = _new_object(WorkerView)
+        _set_attr(v, "__dict__", {
+            "id": w.id, "state": w.state, "memory_bytes": w.memory_bytes, "used_bytes": w.used_bytes,
+            "sessions": w.frozen, "groups": tuple(w.groups.values()), "load_ms": w.load_ms,
+            "started_s": w.started_s, "ready_s": w.ready_s})
+        self._wviews[w.id] = v
 
     def _srefresh(self, s: _Session) -> None:
-        self._sviews[s.id] = SessionView(s.id, s.spec, s.state, s.worker, s.context, s.state_bytes,
-                                         s.arrival_s, s.last_change_s, s.last_migrated_s, s.chunks_done)
+        self._sviews[s.id] = _session_view(s)
+        self._stale.discard(s.id)
 
     def _context_after(self, shape: str, chunks: int) -> float:
         table = self._ctx_table.get(shape)
@@ -519,3 +589,29 @@ class ClusterState:
                 raise StateError(f"the latency model has no shape {shape!r}: {e}") from None
             nbytes = self._bytes_by_shape[shape] = int(self.model.state_bytes(shape, info.window_frames))
         return nbytes
+
+
+_new_object = object.__new__
+_set_attr = object.__setattr__
+# the fast builders below set exactly these fields: a field added to a view must be added there
+_BUILT_FIELDS = {
+    SessionView: ("id", "spec", "state", "worker", "context_frames", "state_bytes", "arrival_s",
+                  "last_change_s", "last_migrated_s", "chunks_done"),
+    WorkerView: ("id", "state", "memory_bytes", "used_bytes", "sessions", "groups", "load_ms",
+                 "started_s", "ready_s"),
+}
+for _cls, _names in _BUILT_FIELDS.items():
+    if tuple(f.name for f in fields(_cls)) != _names:
+        raise ImportError(f"cluster/state.py builds {_cls.__name__} field by field; its fields are now "
+                          f"{[f.name for f in fields(_cls)]}: update _session_view / _wrefresh")
+
+
+def _session_view(s: _Session) -> SessionView:
+    """`SessionView(...)` of the record, built without the frozen dataclass's per-field
+    `__init__` (a third of the cost; the result is equal field by field)."""
+    v = _new_object(SessionView)
+    _set_attr(v, "__dict__", {
+        "id": s.id, "spec": s.spec, "state": s.state, "worker": s.worker, "context_frames": s.context,
+        "state_bytes": s.state_bytes, "arrival_s": s.arrival_s, "last_change_s": s.last_change_s,
+        "last_migrated_s": s.last_migrated_s, "chunks_done": s.chunks_done})
+    return v

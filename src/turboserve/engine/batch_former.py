@@ -47,6 +47,23 @@ class BatchFormer:
             group[sid] = due_s
         self._key_of[sid] = key
 
+    def mark_due_many(self, key: CompatKey, sids: list[SessionId], due_s: float) -> None:
+        """`mark_due(sid, key, due_s)` for each of `sids`, in order (one round's sessions
+        due again at its delivery time)."""
+        key_of = self._key_of
+        group = self._due.get(key)
+        if group is None:
+            group = self._due[key] = {}
+        elif group and due_s < next(reversed(group.values())):
+            for sid in sids:
+                self.mark_due(sid, key, due_s)
+            return
+        for sid in sids:
+            if sid in key_of:
+                raise ValueError(f"session {sid!r} is already due")
+            group[sid] = due_s
+            key_of[sid] = key
+
     def unmark(self, sid: SessionId) -> float | None:
         """The session is no longer due; returns since when it was due (None if it was not)."""
         key = self._key_of.pop(sid, None)

@@ -359,9 +359,14 @@ class EngineCore:
         """Deliver the round's chunks at `now_s` and update every session it touched."""
         plan, result = rnd.plan, rnd.result
         errors = result.errors
-        outputs: dict[SessionId, ChunkOutput] = {o.session_id: o for o in result.outputs}
+        outputs = result.outputs
+        plan_sids = plan.session_ids
+        # Outputs in plan order, one per session and no errors (the usual case) are matched
+        # by position; anything else goes through a lookup by session.
+        in_order = not errors and len(outputs) == len(plan_sids)
+        by_sid: dict[SessionId, ChunkOutput] | None = None
         find = self.table.find
-        former = self.former
+        ctx = self._ctx_fn_for(plan.key.model)
         sids: list[SessionId] = []
         idxs: list[int] = []
         dues: list[float] = []
@@ -369,13 +374,20 @@ class EngineCore:
         any_frames = False
         became_idle: list[SessionId] = []
         failed: dict[SessionId, str] = {}
-        for sid, idx, due in zip(plan.session_ids, plan.chunk_indices, rnd.due_s):
+        again: list[SessionId] = []  # due again from now_s, in plan order
+        gpu = Tier.GPU
+        for i, sid in enumerate(plan_sids):
+            idx = plan.chunk_indices[i]
             entry = find(sid)
             if entry is None or not entry.in_flight:
                 continue  # removed (closed) during the round: its chunk is dropped
             entry.in_flight = False
-            out = outputs.get(sid)
-            if sid in errors or out is None or out.chunk_index != idx:
+            out = outputs[i] if in_order else None
+            if out is None or out.session_id != sid:
+                if by_sid is None:
+                    by_sid = {o.session_id: o for o in outputs}
+                out = by_sid.get(sid)
+            if out is None or out.chunk_index != idx or sid in errors:
                 why = errors.get(sid) or (
                     "the executor returned no chunk" if out is None
                     else f"the executor returned chunk {out.chunk_index}, expected {idx}")
@@ -384,12 +396,13 @@ class EngineCore:
                 continue
             sids.append(sid)
             idxs.append(idx)
-            dues.append(due)
-            if out.frames is not None:
+            dues.append(rnd.due_s[i])
+            fr = out.frames
+            if fr is not None:
                 any_frames = True
-            frames.append(out.frames)
+            frames.append(fr)
             entry.chunk_index = idx + 1
-            entry.context_frames = self._context(entry)
+            entry.context_frames = ctx(idx + 1)
             entry.due_since_s = None
             if not entry.active:
                 continue  # paused during the round
@@ -402,8 +415,10 @@ class EngineCore:
                     became_idle.append(sid)
                     continue
             entry.due_since_s = now_s
-            if not entry.held and entry.tier is Tier.GPU:
-                former.mark_due(sid, entry.key, now_s)
+            if not entry.held and entry.tier is gpu:
+                again.append(sid)
+        if again:
+            self.former.mark_due_many(plan.key, again, now_s)
         self.rounds_done += 1
         return RoundOutcome(self.worker_id, plan.key, rnd.started_s, now_s, result.duration_ms,
                             tuple(sids), tuple(idxs), tuple(dues),
@@ -453,6 +468,14 @@ class EngineCore:
         if fn is None:
             fn = self._ctx_fn[entry.spec.model] = self._make_ctx_fn(entry.spec)
         return fn(entry.chunk_index)
+
+    def _ctx_fn_for(self, shape: str) -> Callable[[int], int]:
+        """Context after n chunks for a shape whose sessions are here (all of a round's
+        sessions share one CompatKey, hence one shape)."""
+        fn = self._ctx_fn.get(shape)
+        if fn is None:  # made when the first session of the shape was added
+            raise SessionError(f"no session of model {shape!r} was ever added to {self.worker_id!r}")
+        return fn
 
     def _make_ctx_fn(self, spec: SessionSpec) -> Callable[[int], int]:
         model, name = self.model, spec.model

@@ -28,7 +28,8 @@ floats.
 from __future__ import annotations
 
 from ..engine.core import EngineCore, InFlightRound
-from ..engine.executor import ChunkOutput, RoundPlan, RoundResult
+from ..engine.executor import RoundPlan, RoundResult
+from ..engine.profiled import chunk_output
 from ..types import SessionId
 
 MIN_ROUNDS = 3  # fewer rounds than this are not worth the bookkeeping
@@ -205,13 +206,14 @@ def advance(engine: EngineCore, cr: Cruise, c: int, tc: float, begin_next: bool)
             e.in_flight = False
             if ex_sessions is not None:
                 ex_sessions[sid][2] = idx + c
-            former.mark_due(sid, e.key, tc)
+    if not begin_next:
+        former.mark_due_many(plan.key, list(plan.session_ids), tc)
     engine.rounds_done += c
     if not begin_next:
         return None
     new_idx = tuple(i + c for i in plan.chunk_indices)
     plan2 = RoundPlan(plan.worker_id, plan.key, plan.session_ids, new_idx, tuple(new_ctx))
-    outputs = tuple(ChunkOutput(sid, i, None) for sid, i in zip(plan.session_ids, new_idx))
+    outputs = tuple(chunk_output(sid, i) for sid, i in zip(plan.session_ids, new_idx))
     result2 = RoundResult(plan2, outputs, cr.dur_ms(c + 1), {})
     return InFlightRound(plan2, result2, tc, (tc,) * len(new_idx))
 
