@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", default="cpu")
     prof.add_argument("--out", required=True)
     prof.add_argument("--quick", action="store_true", help="fewer points (for tests)")
+    prof.add_argument("--batches", default=None, help="batch sizes to time, e.g. 1,2,4,8 (default 1,2,4,...,32)")
+    prof.add_argument("--contexts", default=None,
+                      help="cached latent frames to time at, e.g. 0,-1 (-1 = the window's steady state; "
+                           "default every chunk step)")
+    prof.add_argument("--size", default=None, help="video WIDTHxHEIGHT, e.g. 208x112 (default: the model's)")
+    prof.add_argument("--frames-per-chunk", type=int, default=None, help="video frames per chunk (multiple of 4)")
+    prof.add_argument("--name", default=None, help="shape name in the written profile (default: the model name)")
     _common(prof)
 
     gen = sub.add_parser("generate", help="generate videos for a few prompts, no server")

@@ -42,3 +42,30 @@ def test_quick_profile_loads_and_drives_the_latency_model(tmp_path, capsys):
     assert model.state_bytes("tiny", 6) == by_ctx[6.0]
     assert model.fixed_ms("tiny") == p.fixed_ms
     assert "shape tiny" in capsys.readouterr().out
+
+
+def test_plan_and_spec_options_choose_what_is_measured(tmp_path, capsys):
+    """--batches/--contexts pick the grid, --size the resolution (state bytes scale with the
+    tokens per frame), --name the shape name; a bad value is a clear error."""
+    out = tmp_path / "small.json"
+    assert main(["profile", "--model", "tiny", "--out", str(out), "--quick", "--batches", "3",
+                 "--contexts", "2", "--size", "32x32", "--name", "tiny-32"]) == 0
+    (p,) = load_profiles(out)
+    assert p.shape.name == "tiny-32"
+    assert sorted((r.batch, r.context_frames) for r in p.rounds) == [(3, 2.0)]
+    (full,) = load_profiles(main_profile(tmp_path))
+    # 32x32 holds a quarter of 64x64's tokens: a quarter of the KV cache per cached frame
+    small, big = dict(p.state_bytes), dict(full.state_bytes)
+    assert small[5.0] - small[0.0] < 0.3 * (big[5.0] - big[0.0])
+    capsys.readouterr()
+    assert main(["profile", "--model", "tiny", "--out", str(out), "--size", "32"]) == 2
+    assert "--size takes WIDTHxHEIGHT" in capsys.readouterr().err
+    assert main(["profile", "--model", "tiny", "--out", str(out), "--size", "40x32", "--quick"]) == 2
+    assert "spec.width=40" in capsys.readouterr().err
+
+
+def main_profile(tmp_path):
+    out = tmp_path / "full.json"
+    assert main(["profile", "--model", "tiny", "--out", str(out), "--quick", "--batches", "1",
+                 "--contexts", "0"]) == 0
+    return out

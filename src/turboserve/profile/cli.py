@@ -20,12 +20,39 @@ def run(args) -> int:
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     profile = profile_model(args.model, weights=args.weights, device=device, quick=bool(args.quick),
-                            seed=int(getattr(args, "seed", 0) or 0))
+                            seed=int(getattr(args, "seed", 0) or 0), shape_name=getattr(args, "name", None),
+                            batches=_ints(getattr(args, "batches", None), "--batches"),
+                            contexts=_ints(getattr(args, "contexts", None), "--contexts"),
+                            spec_changes=_spec_changes(args))
     save_profile(profile, out)
     load_profiles(out)  # what we wrote must read back (validates every field)
     print(summary(profile))
     print(f"wrote {out}")
     return 0
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, e.g. 1,2,4; got {text!r}") from None
+
+
+def _spec_changes(args) -> dict[str, int]:
+    """--size WxH and --frames-per-chunk as SessionSpec fields (the generator validates them)."""
+    changes: dict[str, int] = {}
+    size = getattr(args, "size", None)
+    if size:
+        try:
+            width, height = (int(x) for x in size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--size takes WIDTHxHEIGHT in pixels, e.g. 208x112; got {size!r}") from None
+        changes.update(width=width, height=height)
+    if getattr(args, "frames_per_chunk", None):
+        changes["frames_per_chunk"] = int(args.frames_per_chunk)
+    return changes
 
 
 def summary(profile) -> str:

@@ -167,12 +167,12 @@ class _DecodeTimer:
 
 class Profiler:
     def __init__(self, generator: ChunkGenerator, *, plan: ProfilePlan, progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, spec_changes: dict[str, Any] | None = None):
         self.generator = generator
         self.plan = plan
         self.progress = progress
         self.device = torch.device(generator.device)
-        self.spec = generator.validate_spec(generator.default_spec())
+        self.spec = generator.validate_spec(generator.default_spec().with_(**(spec_changes or {})))
         self.geo = geometry(generator, self.spec)
         self.contexts = plan_contexts(self.geo, plan)
         self.log = log or (lambda msg: None)
@@ -399,13 +399,26 @@ def device_name(device: torch.device) -> str:
 
 
 def profile_model(model: str, *, weights: str | None = None, device: str = "cpu", quick: bool = False,
-                  seed: int = 0, progress: bool = True, shape_name: str | None = None) -> ShapeProfile:
+                  seed: int = 0, progress: bool = True, shape_name: str | None = None,
+                  batches: Sequence[int] | None = None, contexts: Sequence[int] | None = None,
+                  spec_changes: dict[str, Any] | None = None) -> ShapeProfile:
     """Load `model` (a model config name) and measure it. `shape_name` renames the shape
-    (default: the model config name)."""
+    (default: the model config name); `batches` / `contexts` replace the plan's (a context
+    of -1 is the window's steady state); `spec_changes` are SessionSpec fields (width,
+    height, frames_per_chunk, steps) that replace the model's defaults."""
+    from dataclasses import replace as _replace
+
     from ..models.registry import load_generator
 
+    plan = ProfilePlan.quick() if quick else ProfilePlan.full()
+    if batches:
+        if min(batches) < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {list(batches)}")
+        plan = _replace(plan, batches=tuple(sorted(set(batches))))
+    if contexts:
+        plan = _replace(plan, contexts=tuple(contexts))
     generator = load_generator(model, weights=weights, device=device, seed=seed)
-    profiler = Profiler(generator, plan=ProfilePlan.quick() if quick else ProfilePlan.full(), progress=progress)
+    profiler = Profiler(generator, plan=plan, progress=progress, spec_changes=spec_changes)
     profile = profiler.measure()
     if shape_name and shape_name != profile.shape.name:
         from dataclasses import replace
