@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from turboserve.config import LINKS
-from turboserve.engine.core import EngineCore
+from turboserve.engine.core import EngineCore, PoolFullError
 from turboserve.engine.executor import RoundPlan
 from turboserve.engine.migration import Migration
 from turboserve.engine.torch_executor import DEVICE_TIER, HOST_TIER, ExecutorError, TorchExecutor
@@ -290,3 +290,30 @@ def test_helios_tiny_coalesced_offloaded_and_migrated_matches_solo():
     assert report.ok, report
     drive(dst, clock, frames, until=lambda: len(frames["a"]) == chunks)
     assert_same_video(frames["a"], want)
+
+
+def test_the_pool_books_state_as_the_caches_grow(gen):
+    """The KV and VAE caches fill chunk by chunk: after every round the engine's pool holds
+    what the executor's states really take, and once they outgrow the memory the engine
+    admits nothing more (the pool books growth that already happened, past capacity)."""
+    core, clock, frames = engine(gen, "w0"), Clock(), {}
+    ex: TorchExecutor = core.executor
+    core.add_session("a", spec(gen, 1), "a red kite", clock())
+    core.add_session("b", spec(gen, 2), "a city at night", clock())
+    start = core.pool.gpu_bytes
+    assert start == ex.device_bytes()
+    drive(core, clock, frames, rounds=3)
+    assert core.pool.gpu_bytes == ex.device_bytes() == ex.state_bytes("a") + ex.state_bytes("b") > start
+    assert core.info("a").state_bytes == ex.state_bytes("a")
+    # offload and restore move the grown size between the tiers
+    core.offload("a")
+    assert core.pool.host_bytes == ex.state_bytes("a") and core.pool.gpu_bytes == ex.state_bytes("b")
+    core.restore("a", clock())
+    # a small device: two sessions fit when they start, then their caches outgrow it
+    small = engine(gen, "w1", memory=2 * start)
+    small.add_session("a", spec(gen, 1), "a red kite", clock())
+    small.add_session("b", spec(gen, 2), "a city at night", clock())
+    drive(small, clock, {}, rounds=2)
+    assert small.pool.gpu_bytes > small.pool.capacity_bytes and small.pool.free_bytes < 0
+    with pytest.raises(PoolFullError):
+        small.add_session("c", spec(gen, 3), "a third", clock())

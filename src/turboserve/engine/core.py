@@ -157,6 +157,7 @@ class EngineCore:
         self.former = BatchFormer(max_batch)
         self.rounds_done = 0
         self._ctx_fn: dict[str, Callable[[int], int]] = {}
+        self._state_grows = bool(getattr(executor, "state_grows", False))
 
     # ---------------------------------------------------------------- session commands
     def add_session(self, sid: SessionId, spec: SessionSpec, prompt: str, now_s: float, *,
@@ -419,10 +420,24 @@ class EngineCore:
                 again.append(sid)
         if again:
             self.former.mark_due_many(plan.key, again, now_s)
+        if self._state_grows:
+            self._rebook(sids)
         self.rounds_done += 1
         return RoundOutcome(self.worker_id, plan.key, rnd.started_s, now_s, result.duration_ms,
                             tuple(sids), tuple(idxs), tuple(dues),
                             tuple(frames) if any_frames else None, became_idle, failed)
+
+    def _rebook(self, sids: list[SessionId]) -> None:
+        """Book what each session's state takes now: its caches grew on the device during the
+        round, so the pool follows even past capacity (and then admits nothing more)."""
+        for sid in sids:
+            entry = self.table.find(sid)
+            if entry is None or entry.tier is not Tier.GPU:
+                continue
+            nbytes = self.executor.state_bytes(sid)
+            if nbytes != entry.state_bytes:
+                self.pool.resize(sid, nbytes, force=True)
+                entry.state_bytes = nbytes
 
     def step(self, clock: Callable[[], float]) -> RoundOutcome | None:
         """The live loop's body: run one round now and deliver it when the work is done.

@@ -89,12 +89,14 @@ class StatePool:
         self._host[sid] = nbytes
         self.host_bytes += nbytes
 
-    def resize(self, sid: SessionId, nbytes: int) -> None:
-        """A resident session's state changed size (e.g. its cache grew)."""
+    def resize(self, sid: SessionId, nbytes: int, *, force: bool = False) -> None:
+        """A resident session's state changed size (e.g. its cache grew). `force` books a
+        change that has already happened on the device even past capacity (free bytes go
+        negative, so nothing more is admitted until memory is released)."""
         _check_size(nbytes)
         if sid in self._gpu:
             delta = nbytes - self._gpu[sid]
-            if delta > self.free_bytes:
+            if delta > self.free_bytes and not force:
                 self._raise_full(sid, delta)
             self._gpu[sid] = nbytes
             self.gpu_bytes += delta

@@ -87,6 +87,8 @@ class _BufferPool:
 class TorchExecutor:
     """Runs coalesced rounds of a `ChunkGenerator` and keeps its sessions' state in two tiers."""
 
+    state_grows = True  # KV / VAE caches fill chunk by chunk: the engine re-books bytes per round
+
     def __init__(self, generator: ChunkGenerator, *, device: str | torch.device | None = None,
                  host_pinned: bool = True, recycle_bytes: int = DEFAULT_RECYCLE_BYTES):
         self.generator = generator
