@@ -84,8 +84,13 @@ class AutoscaleConfig:
     # the trace's demand over its first start-up delay (warm start: sim.driver.warm_start_gpus)
     initial_gpus: int = 0
     # TurboServe: also provision for demand extrapolated this far ahead along its recent
-    # rise (about the start-up delay, with margin); 0 = off (current demand and std only)
-    lookahead_s: float = 90.0
+    # rise (the start-up delay plus the time a scale-out takes to be decided and filled,
+    # with margin); 0 = off (current demand and std only)
+    lookahead_s: float = 120.0
+    # TurboServe: the rise is the least-squares slope of demand over this much recent
+    # history (0 = lookahead_s). Shorter than the lookahead, so that the onset of a burst
+    # out of a flat spell is not averaged away by the flat samples before it
+    rise_window_s: float = 60.0
     # TurboServe: GPUs kept beyond the target at all times, so that a burst out of a quiet
     # spell lands on capacity that is already up (new GPUs take cluster.startup_delay_s)
     spare_gpus: float = 1.0

@@ -261,3 +261,23 @@ def test_views_read_late_equal_views_read_after_every_change():
     assert late.sessions.get("s4") is None and "s4" not in late.sessions
     assert lazy.session("s0").state is SessionState.IDLE  # its 7 chunks were delivered
     assert lazy.view(now).workers["w0"] == eager.view(now).workers["w0"]
+
+
+def test_round_completion_records_the_worker_phase():
+    """The view carries each worker's latest round completion and the predicted duration of
+    the round that began then (placement reads the phase from it); a removed worker's goes."""
+    cs = ClusterState(MODEL, CFG)
+    cs.add_worker("w0", 0.0, MEM, ready=True)
+    cs.add_worker("w1", 0.0, MEM, ready=True)
+    cs.add_session("a", SPECS[0], "p", 0.0)
+    cs.place("a", "w0", 0.0)
+    assert dict(cs.view(0.5).last_round) == {}
+    cs.round_completed("w0", ["a"], 1.25)
+    v = cs.view(1.3)
+    assert v.last_round["w0"] == (1.25, v.workers["w0"].load_ms) and "w1" not in v.last_round
+    cs.round_completed("w1", [], 2.0)
+    assert cs.view(2.0).last_round["w1"] == (2.0, 0.0)
+    cs.remove_worker("w1")
+    assert "w1" not in cs.view(2.0).last_round
+    with pytest.raises(TypeError):
+        cs.view(2.0).last_round["w0"] = (0.0, 0.0)  # type: ignore[index]

@@ -104,7 +104,9 @@ def test_rescale_hits_the_target(seed, gpus, shape):
         return
     fitted = fit_to_gpus(rs, MODEL, shape, gpus)
     peak, _ = peak_demand(fitted, MODEL, shape)
-    assert gpus - 1 < peak <= gpus + 1e-9
+    # demand is a sum of per-session weights, a step function of the factor: where a step
+    # lands exactly on gpus - 1 the fit may end there (up to float rounding of the sum)
+    assert gpus - 1 - 1e-6 < peak <= gpus + 1e-9
     # only arrivals move, by one common factor
     f = fit_factor(rs, MODEL, shape, gpus)
     for a, b in zip(rs, fitted):

@@ -162,6 +162,9 @@ class ClusterState:
         self._ctx_table: dict[str, list[float]] = {}  # shape -> context after n chunks, to saturation
         self._bytes_by_shape: dict[str, int] = {}
         self.demand_history: tuple[tuple[float, float], ...] = ()
+        # worker -> (latest round completion (s), predicted ms of the round that began then)
+        self._last_round: dict[WorkerId, tuple[float, float]] = {}
+        self._last_round_ro = MappingProxyType(self._last_round)
 
     # ------------------------------------------------------------------- reading
     def view(self, now_s: float) -> ClusterView:
@@ -170,7 +173,7 @@ class ClusterState:
         if self._pending_tuple is None:
             self._pending_tuple = tuple(self._pending)
         return ClusterView(now_s, self._workers_ro, self._sessions_ro, self._pending_tuple, self.model,
-                           self.config, self._idle_ro, self.demand_history)
+                           self.config, self._idle_ro, self.demand_history, self._last_round_ro)
 
     def has_session(self, sid: SessionId) -> bool:
         return sid in self._s
@@ -236,6 +239,7 @@ class ClusterState:
             raise StateError(f"worker {wid!r} still holds sessions {sorted(w.sessions)}")
         del self._w[wid]
         del self._wviews[wid]
+        self._last_round.pop(wid, None)
 
     def lose_worker(self, wid: WorkerId, now_s: float) -> tuple[list[SessionId], list[SessionId]]:
         """The worker failed. Its resident sessions lose their GPU state: active ones go
@@ -269,6 +273,7 @@ class ClusterState:
             lost.append(sid)
         del self._w[wid]
         del self._wviews[wid]
+        self._last_round.pop(wid, None)
         return lost, cancelled
 
     # ------------------------------------------------------------------ sessions
@@ -412,6 +417,8 @@ class ClusterState:
             stale.add(sid)
         if changed and w is not None:
             self._wrefresh(w, recompute=True)
+        if w is not None:  # the next round starts now, with the sessions active now
+            self._last_round[wid] = (now_s, self._wviews[wid].load_ms)
         return changed
 
     def begin_migration(self, sid: SessionId, dst: WorkerId, now_s: float) -> None:

@@ -8,10 +8,10 @@ the new timers.
 TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std +
 spare_gpus), std being the demand's standard deviation over `volatility_window_s`, clamped
 to [min_gpus, cluster.gpus]. With `lookahead_s` > 0, demand is first extrapolated that far
-along its recent rise (least-squares slope over the last `lookahead_s`; never down; trusted
-in proportion to the history it was fitted to), so a ramp gets its GPUs one start-up delay
-early. `spare_gpus` keeps capacity up for a burst out of a quiet spell, which no forecast
-sees coming. Demand counts pending sessions; provisioned = READY + STARTING workers (the
+along its recent rise (least-squares slope over the last `rise_window_s`, or `lookahead_s`
+when that is 0; never down; trusted in proportion to the history it was fitted to), so a
+ramp gets its GPUs one start-up delay early. `spare_gpus` keeps capacity up for a burst
+out of a quiet spell, which no forecast sees coming. Demand counts pending sessions; provisioned = READY + STARTING workers (the
 start-up pipeline already counts). Above target: first cancel the release of draining
 workers (those still holding the most sessions: nothing to rebuild), then start new ones
 at once. Below target: only after the target has stayed below provisioned for
@@ -36,8 +36,9 @@ from dataclasses import dataclass, replace
 
 from typing import Callable
 
+from ..config import AutoscaleConfig
 from ..types import WorkerId, WorkerState
-from .demand import ClusterScan
+from .demand import ClusterScan, DemandWindow
 from .views import ClusterView
 from .whatif import LoadOrder
 
@@ -63,6 +64,15 @@ def clamp_gpus(view: ClusterView, n: int) -> int:
     c = view.config.cluster
     lo = min(max(c.min_gpus, 0), c.gpus)
     return max(lo, min(c.gpus, n))
+
+
+def lookahead_rise(a: AutoscaleConfig, demand: DemandWindow, now_s: float, current: float) -> float:
+    """Demand's recent rise (GPUs per second) that `turboserve_target` projects
+    `lookahead_s` ahead: the slope over the last `rise_window_s` (0 = `lookahead_s`)."""
+    if a.lookahead_s <= 0:
+        return 0.0
+    span = a.rise_window_s if a.rise_window_s > 0 else a.lookahead_s
+    return demand.rise_per_s(now_s, current, span)
 
 
 def turboserve_target(view: ClusterView, scan: ClusterScan, std: float, rise_per_s: float = 0.0) -> int:

@@ -17,6 +17,12 @@ its largest round, never planning `placement.memory_headroom` of its memory. Cho
   balanced cluster hundreds of workers sit within one session's cost of each other, and
   scoring them all would cost milliseconds for a choice among near-equals (exact whenever
   the bound stops the scan first, as in every cluster of up to that many workers).
+  The placed session's own first chunk is one of the latencies in that maximum: it waits
+  for the round in progress on the worker to end (`next_round_wait_ms`, from the worker's
+  last reported round and its cycle; plus the restore copy of a resumed session), then for
+  its own round. Under load a worker's cycle is most of the SLO, so a first chunk that
+  lands just after a round began misses it; the term steers it to a worker whose next
+  round starts soon, and changes nothing while it stays below the other workers' loads.
 - `LeastLoadedChooser` (static-ll, autoscale-only, migrate-only): the feasible worker with
   the lowest current load.
 - `RoundRobinChooser` (static-rr): the next feasible worker in provisioning order after
@@ -28,8 +34,40 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..types import CompatKey, SessionId, WorkerId
+from .latency import transfer_ms
 from .views import ClusterView, Placement, SessionView
 from .whatif import LoadOrder, WhatIf
+
+
+def next_round_wait_ms(view: ClusterView, wid: WorkerId, delay_ms: float = 0.0) -> float:
+    """Milliseconds from `view.now_s` until worker `wid` begins a round that a session
+    ready `delay_ms` from now can join. From the worker's last reported round completion
+    (`view.last_round`) a round of the duration recorded then runs, then rounds of its
+    cycle (`load_ms`) back to back; an idle worker, or one with no reported round yet,
+    starts at once."""
+    load = view.workers[wid].load_ms
+    last = view.last_round.get(wid)
+    if load <= 0.0 or last is None:
+        return delay_ms
+    t0, first_ms = last
+    since = (view.now_s - t0) * 1000.0 + delay_ms  # from that completion to ready
+    if since <= 1e-6:
+        return delay_ms  # a round just ended: the next one is formed with this session in it
+    if first_ms > 0.0:
+        if since <= first_ms:
+            return delay_ms + first_ms - since
+        since -= first_ms
+    phase = since % load
+    return delay_ms + (0.0 if phase <= 1e-6 else load - phase)
+
+
+def first_chunk_delay_ms(view: ClusterView, session: SessionView) -> float:
+    """Time before a pending session can run on its new worker: the host-to-GPU copy of
+    its state when it resumes from host memory (it has chunks done), else 0."""
+    if session.chunks_done <= 0 or session.state_bytes <= 0:
+        return 0.0
+    link = view.config.link("host")
+    return transfer_ms(session.state_bytes, link.alpha_ms, link.bandwidth_gbps)
 
 
 class Chooser(Protocol):
@@ -61,6 +99,9 @@ class MinMaxChooser:
         seen_new_group = False
         seen: set[tuple] = set()
         budget = self.max_scored
+        view = wi.view
+        phased = bool(view.last_round)  # round phases known: equal groups may still differ
+        delay = first_chunk_delay_ms(view, session) if phased else 0.0
         for load, rank, wid in order.ascending():
             if wid not in self.ready:
                 continue
@@ -74,19 +115,22 @@ class MinMaxChooser:
             if not wi.fits(wid, key, need_bytes, self.headroom):
                 continue
             groups = wi.groups(wid)
-            if groups in seen:
-                continue  # same groups as a worker already scored (and ranked before it)
-            seen.add(groups)
+            wait = next_round_wait_ms(view, wid, delay) if phased else 0.0
+            if (groups, wait) in seen:
+                continue  # same groups and phase as a worker already scored (ranked before it)
+            seen.add((groups, wait))
             same = wi.group(wid, key) is not None
             if not same and seen_new_group:
                 continue  # a new group adds the same time everywhere: the lighter one won
             new_load = wi.load_with(wid, key, ctx)
             budget -= 1
             others = second if wid == top_wid else top_load
-            score = (max(others, new_load), new_load, 0 if same else 1, rank)
+            # the session's first chunk: the round in progress there, then its own round
+            first = wait + new_load
+            score = (max(others, first), new_load, 0 if same else 1, rank)
             if best is None or score < best:
                 best, best_wid = score, wid
-            seen_new_group = seen_new_group or not same
+            seen_new_group = seen_new_group or (not same and not phased)
         return best_wid
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..config import TurboConfig
 from ..types import SessionId
-from .autoscale import ScaleTimers, turboserve_scale
+from .autoscale import ScaleTimers, lookahead_rise, turboserve_scale
 from .demand import DemandWindow, scan_cluster
 from .offload import grace_offloads, pressure_offloads, prune_offloading
 from .placement import MinMaxChooser, place_pending
@@ -140,8 +140,7 @@ class TurboServePolicy:
         scale_out, release, cancel = 0, (), ()
         if use_autoscale:
             protected = {p.worker_id for p in placements} | {m.dst for m in migrations}
-            look = cfg.autoscale.lookahead_s
-            rise = demand.rise_per_s(view.now_s, scan.demand_gpus, look) if look > 0 else 0.0
+            rise = lookahead_rise(cfg.autoscale, demand, view.now_s, scan.demand_gpus)
             step, timers = turboserve_scale(view, scan, order, demand.std, mem.timers, starved=starved,
                                             protected=protected, consolidate=use_migration,
                                             rise_per_s=rise)

@@ -71,6 +71,10 @@ class ClusterView:
     # idle sessions still holding GPU memory -> idle since (s), oldest first (insertion order)
     idle_resident: Mapping[SessionId, float] = field(default_factory=dict)
     demand_history: tuple[tuple[float, float], ...] = ()  # (time_s, demand in GPUs) samples
+    # worker -> (when its latest round was reported complete (s), predicted duration (ms)
+    # of the round that began then, with the sessions active then); rounds run back to back
+    # while work is due, later ones at the worker's `load_ms`: this is the worker's phase
+    last_round: Mapping[WorkerId, tuple[float, float]] = field(default_factory=dict)
 
     def slo_ms(self, spec: SessionSpec) -> float:
         return self.config.slo.slo_ms or 1000.0 * spec.chunk_seconds

@@ -116,7 +116,15 @@ class TraceDriver:
     def _deliver(self, now_s: float, event) -> None:
         self.controller.on_event(event)
 
+    def _settle_rounds(self, now_s: float) -> None:
+        """Report cruising workers' rounds to the controller before an event that makes
+        it place a session: placement reads each worker's round phase (`last_round`), which
+        must be what a round-by-round run would have told it by now."""
+        if self.transport.cruising:
+            self.transport.settle_all(now_s)
+
     def _arrive(self, now_s: float, rec: SessionRecord) -> None:
+        self._settle_rounds(now_s)
         self._period[rec.id] = 0
         self._period_start[rec.id] = now_s
         self._live += 1
@@ -142,6 +150,7 @@ class TraceDriver:
             self.loop.push(watched_s + idle_s, (self._depart, sid))
 
     def _activate(self, now_s: float, sid: str) -> None:
+        self._settle_rounds(now_s)
         rec = self._by_id[sid]
         self._period_start[sid] = now_s
         self._active += 1

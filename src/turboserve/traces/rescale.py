@@ -107,8 +107,9 @@ def scale_arrivals(records: Sequence[SessionRecord], factor: float) -> list[Sess
 
 
 def fit_factor(records: Sequence[SessionRecord], model, shape: str, gpus: int, slo_ms: float | None = None) -> float:
-    """Arrival-time factor whose peak demand needs `gpus` GPUs (gpus - 1 < peak <= gpus).
-    Larger factors spread arrivals out (lower peak); binary search on its logarithm."""
+    """Arrival-time factor whose peak demand needs `gpus` GPUs (gpus - 1 < peak <= gpus, or
+    peak == gpus - 1 where the step function of demand jumps over that interval). Larger
+    factors spread arrivals out (lower peak); binary search on its logarithm."""
     if gpus < 1:
         raise ValueError(f"--fit-gpus must be >= 1, got {gpus}")
     if not records:

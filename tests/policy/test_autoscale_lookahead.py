@@ -1,0 +1,35 @@
+"""TurboServe's scale-out look-ahead: the rise it projects is fitted over a recent window
+(`autoscale.rise_window_s`), so a burst out of a flat spell raises the target at once."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from turboserve.config import AutoscaleConfig
+from turboserve.policy.autoscale import lookahead_rise
+from turboserve.policy.demand import DemandWindow
+
+
+def _burst_window():
+    """Flat demand of 1 GPU for 90 s, then +0.05 GPU/s for 30 s (now = 120 s)."""
+    w = DemandWindow()
+    for t in range(0, 121, 2):
+        d = 1.0 if t <= 90 else 1.0 + 0.05 * (t - 90)
+        w = w.observe(float(t), d, 120.0)
+    return w, 120.0, 2.5
+
+
+def test_rise_is_fitted_over_the_recent_window():
+    w, now, d = _burst_window()
+    a = AutoscaleConfig()
+    assert a.rise_window_s == 60.0 and a.lookahead_s == 120.0
+    recent = lookahead_rise(a, w, now, d)
+    whole = lookahead_rise(replace(a, rise_window_s=0.0), w, now, d)  # over lookahead_s
+    assert recent == pytest.approx(w.rise_per_s(now, d, 60.0))
+    assert whole == pytest.approx(w.rise_per_s(now, d, 120.0))
+    # the onset is not averaged away by the flat spell: over a start-up delay's worth of
+    # look-ahead it is worth at least one more GPU than the whole-span fit projects
+    assert (recent - whole) * a.lookahead_s >= 1.0
+    assert lookahead_rise(replace(a, lookahead_s=0.0), w, now, d) == 0.0
