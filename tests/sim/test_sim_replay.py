@@ -104,3 +104,33 @@ def test_starved_sessions_count_as_missed(small_records, model):
     assert s["unfinished_chunks"] > 0
     assert s["slo_attainment"] < 0.95
     assert s["max_chunk_latency_ms"] > 10_000.0
+
+
+def test_only_phase_reading_policies_end_cruises_before_placing(small_records, model):
+    """Settling cruising workers before each arrival is for policies that read round
+    phases (turboserve's placement); the others keep cruising, with the same report."""
+    from turboserve.policy.registry import get_policy
+
+    assert {n for n in policy_names() if get_policy(n).reads_round_phase} == \
+        {n for n in policy_names() if n.startswith("turboserve")}
+    plain = simulate(small_records, "static-ll", model, _config(), cruise=False)
+    fast = simulate(small_records, "static-ll", model, _config(), cruise=True)
+    assert _same(plain.summary, fast.summary) == {}
+    assert fast.summary["rounds_cruised"] > 0
+
+
+def test_phase_reports_keep_workers_cruising(small_records, model, monkeypatch):
+    """For turboserve, every arrival first reports the rounds cruising workers completed
+    (placement reads their phase) and lets them cruise on: the report is the one of running
+    every round, and most rounds still run in cruise."""
+    from turboserve.sim.transport import SimTransport
+
+    calls = []
+    original = SimTransport.report_rounds
+    monkeypatch.setattr(SimTransport, "report_rounds",
+                        lambda self, now_s: (calls.append(now_s), original(self, now_s))[1])
+    plain = simulate(small_records, "turboserve-no-autoscale", model, _config(), cruise=False)
+    fast = simulate(small_records, "turboserve-no-autoscale", model, _config(), cruise=True)
+    assert _same(plain.summary, fast.summary) == {}
+    assert calls, "arrivals report cruising workers' rounds"
+    assert fast.summary["rounds_cruised"] > 0.5 * fast.summary["rounds"]

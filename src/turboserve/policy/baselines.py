@@ -42,6 +42,8 @@ class StaticMemory:
 class StaticPolicy:
     """A fixed number of workers and a placement rule at arrival; nothing else."""
 
+    reads_round_phase = False  # placement by load (or turn) only
+
     def __init__(self, name: str, rule: str):
         if rule not in ("round-robin", "least-loaded"):
             raise ValueError(f"placement rule must be 'round-robin' or 'least-loaded', got {rule!r}")
@@ -88,6 +90,7 @@ class AutoscaleOnlyPolicy:
     """Ray Serve's replica autoscaling over sessions, least-loaded placement."""
 
     name = "autoscale-only"
+    reads_round_phase = False
 
     def __repr__(self) -> str:
         return "AutoscaleOnlyPolicy()"
@@ -129,6 +132,7 @@ class MigrateOnlyPolicy:
     """Fixed workers, least-loaded placement, Llumnix-style pairwise migration on a poll."""
 
     name = "migrate-only"
+    reads_round_phase = False
 
     def __repr__(self) -> str:
         return "MigrateOnlyPolicy()"

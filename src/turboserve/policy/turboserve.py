@@ -64,6 +64,8 @@ class LazyOrder:
 
 
 class TurboServePolicy:
+    reads_round_phase = True  # placement weighs the wait for a worker's next round
+
     def __init__(self, name: str = "turboserve", *, migration: bool = True, autoscale: bool = True,
                  offload: bool = True):
         self.name = name

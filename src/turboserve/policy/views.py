@@ -113,6 +113,10 @@ class Decision:
 
 class Policy(Protocol):
     name: str
+    # Whether `decide` reads `ClusterView.last_round` (round phases). A simulator keeps
+    # phases exact before placements only for policies that do (it costs time); absent
+    # means True.
+    reads_round_phase: bool
 
     def initial_gpus(self, config: TurboConfig) -> int:
         """Workers provisioned (and ready) at time 0."""

@@ -96,8 +96,13 @@ class TraceDriver:
         self.policy_name = policy_name
         if shape is None and records:
             shape = records[0].spec.model
-        self.controller = Controller(get_policy(policy_name), model, config, self.transport, shape=shape)
+        policy = get_policy(policy_name)
+        self.controller = Controller(policy, model, config, self.transport, shape=shape)
         state = self.controller.state
+        # Only a policy that reads round phases (`ClusterView.last_round`) needs cruising
+        # workers settled before it places; for the others settling would only cost time
+        # (it ends every cruise). A policy that does not say is assumed to read them.
+        self._settles = bool(getattr(policy, "reads_round_phase", True))
         # cruise (sim/cruise.py): rounds run in one step are counted straight into the
         # controller's state; allowed only while round completions would not make it decide
         self.transport.can_cruise = lambda: state.pending_count == 0
@@ -119,9 +124,10 @@ class TraceDriver:
     def _settle_rounds(self, now_s: float) -> None:
         """Report cruising workers' rounds to the controller before an event that makes
         it place a session: placement reads each worker's round phase (`last_round`), which
-        must be what a round-by-round run would have told it by now."""
-        if self.transport.cruising:
-            self.transport.settle_all(now_s)
+        must be what a round-by-round run would have told it by now. Skipped for policies
+        that never read the phase."""
+        if self._settles and self.transport.cruising:
+            self.transport.report_rounds(now_s)
 
     def _arrive(self, now_s: float, rec: SessionRecord) -> None:
         self._settle_rounds(now_s)

@@ -419,11 +419,23 @@ class SimTransport:
         for w in list(self._cruising.values()):
             self._settle(w, now_s)
 
+    def report_rounds(self, now_s: float) -> None:
+        """Tell the controller of every round cruising workers completed by now_s, as round
+        by round it would know them (placement reads each worker's round phase), and let
+        each cruise on from its last completed round. Nothing touches these workers in
+        between, so the cruise planned now is the one their next round would have planned
+        (a command that does touch one settles it again, the normal way)."""
+        for w in list(self._cruising.values()):
+            cr = w.cruise
+            if cr.completed_by(now_s)[0] == 0:
+                continue  # nothing completed since the controller last heard: nothing to tell
+            self._settle(w, now_s, recruise=True)
+
     @property
     def cruising(self) -> int:
         return len(self._cruising)
 
-    def _settle(self, w: _SimWorker, now_s: float) -> None:
+    def _settle(self, w: _SimWorker, now_s: float, recruise: bool = False) -> None:
         cr = w.cruise
         w.cruise = None
         self._cruising.pop(w.wid, None)
@@ -470,7 +482,8 @@ class SimTransport:
         for count, sids in cruising.untold(cr, c).items():
             self.apply_rounds(w.wid, tuple(sids), tc, count)
         if w.rnd is not None:
-            self.loop.push(w.rnd.finish_s, (self._round_done, w))
+            if not (recruise and self._try_cruise(w, w.rnd)):
+                self.loop.push(w.rnd.finish_s, (self._round_done, w))
         else:
             self._touch(w)
 
