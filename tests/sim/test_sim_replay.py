@@ -134,3 +134,34 @@ def test_phase_reports_keep_workers_cruising(small_records, model, monkeypatch):
     assert _same(plain.summary, fast.summary) == {}
     assert calls, "arrivals report cruising workers' rounds"
     assert fast.summary["rounds_cruised"] > 0.5 * fast.summary["rounds"]
+
+
+def test_a_cruise_continued_after_a_phase_report_is_the_one_planned_afresh(small_records, model, monkeypatch):
+    """After a phase report, a worker cruises on with its cruise shifted by the rounds
+    reported (no re-planning); that shifted cruise equals the one `plan_cruise` makes from
+    the round `advance` began, field by field."""
+    from turboserve.sim import cruise as cruising
+    from turboserve.sim.transport import SimTransport
+
+    engines = []
+    settle = SimTransport._settle
+    monkeypatch.setattr(SimTransport, "_settle", lambda self, w, now_s, recruise=False: (
+        engines.append(w.engine), settle(self, w, now_s, recruise))[1])
+    shifted = cruising.Cruise.shifted
+    checked = []
+
+    def checked_shift(self, c, rnd, gen):
+        got = shifted(self, c, rnd, gen)
+        want = cruising.plan_cruise(engines[-1], rnd, gen, frozenset())
+        if want is None or got is None:
+            assert got is want is None or (got is None and want.k < cruising.MIN_ROUNDS)
+        else:
+            for field in ("t0", "k", "gen", "starts", "durs_ms", "sat_ms", "ctx", "changing", "grow", "told",
+                          "end_s"):
+                assert getattr(got, field) == getattr(want, field), field
+            checked.append(c)
+        return got
+
+    monkeypatch.setattr(cruising.Cruise, "shifted", checked_shift)
+    simulate(small_records, "turboserve-no-autoscale", model, _config(), cruise=True)
+    assert checked, "phase reports continued some cruises"

@@ -65,6 +65,30 @@ class Cruise:
             t = t + sat_s
         self.end_s = t
 
+    def shifted(self, c: int, rnd: InFlightRound, gen: int) -> "Cruise | None":
+        """The cruise `plan_cruise` makes from `rnd`, round c+1 of this one as `advance`
+        began it, with nothing else touching the worker: the same rounds from c+1 on, so
+        the same durations, contexts and end (its completion times are the same float
+        additions continued). None where plan_cruise would refuse (too few rounds left)."""
+        k = self.k - c
+        if k < MIN_ROUNDS:
+            return None
+        new = Cruise.__new__(Cruise)
+        new.rnd = rnd
+        new.t0 = rnd.started_s
+        new.k = k
+        new.gen = gen
+        new.starts = frozenset()  # first chunks of periods were all in round 1 of this cruise
+        new.ctx = [seq[c:] if c < len(seq) else [seq[-1]] for seq in self.ctx]
+        new.grow = [len(seq) - 1 for seq in new.ctx]
+        r = max(new.grow)
+        new.durs_ms = [self.dur_ms(c + j) for j in range(1, max(r, 1) + 1)]
+        new.sat_ms = self.sat_ms
+        new.changing = self.changing[c:]
+        new.told = 0
+        new.end_s = self.end_s
+        return new
+
     def dur_ms(self, j: int) -> float:
         """Modelled duration of round j (1-based)."""
         return self.durs_ms[j - 1] if j <= len(self.durs_ms) else self.sat_ms

@@ -387,6 +387,10 @@ class SimTransport:
             return False
         if starts:
             first.difference_update(starts)  # their later chunks are intervals
+        self._start_cruise(w, cr)
+        return True
+
+    def _start_cruise(self, w: _SimWorker, cr: cruising.Cruise) -> None:
         w.gen = cr.gen
         w.cruise = cr
         self._cruising[w.wid] = w
@@ -396,7 +400,6 @@ class SimTransport:
             t = t + cr.dur_ms(j) / 1000.0
             push(t, (self._cruise_round, (w, cr.gen, j)))
         push(cr.end_s, (self._cruise_end, (w, cr.gen)))
-        return True
 
     def _cruise_round(self, now_s: float, arg: tuple[_SimWorker, int, int]) -> None:
         """Round j of a cruise grew some contexts: the controller hears of it now, as it
@@ -482,7 +485,10 @@ class SimTransport:
         for count, sids in cruising.untold(cr, c).items():
             self.apply_rounds(w.wid, tuple(sids), tc, count)
         if w.rnd is not None:
-            if not (recruise and self._try_cruise(w, w.rnd)):
+            nxt = cr.shifted(c, w.rnd, w.gen + 1) if recruise and self.can_cruise() else None
+            if nxt is not None:
+                self._start_cruise(w, nxt)
+            else:
                 self.loop.push(w.rnd.finish_s, (self._round_done, w))
         else:
             self._touch(w)
