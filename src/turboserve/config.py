@@ -90,10 +90,16 @@ class AutoscaleConfig:
     # TurboServe: the rise is the least-squares slope of demand over this much recent
     # history (0 = lookahead_s). Shorter than the lookahead, so that the onset of a burst
     # out of a flat spell is not averaged away by the flat samples before it
-    rise_window_s: float = 60.0
+    rise_window_s: float = 30.0
     # TurboServe: GPUs kept beyond the target at all times, so that a burst out of a quiet
     # spell lands on capacity that is already up (new GPUs take cluster.startup_delay_s)
     spare_gpus: float = 1.0
+    # TurboServe: the spare is at least this fraction of the ceiling cluster.gpus. The
+    # ceiling is the operator's bound on peak demand, and a burst out of a quiet spell can
+    # bring a good part of it within one start-up delay (synthetic bursts at 16-64 GPUs rise
+    # by 0.4-0.5 of the ceiling in ~90 s); the capacity it needs before new GPUs are ready
+    # must already be up. 0 = spare_gpus only
+    spare_fraction: float = 0.25
     # Ray Serve-style baseline (autoscale-only): desired = ongoing sessions / target per GPU
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0

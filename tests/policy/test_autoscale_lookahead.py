@@ -24,12 +24,26 @@ def _burst_window():
 def test_rise_is_fitted_over_the_recent_window():
     w, now, d = _burst_window()
     a = AutoscaleConfig()
-    assert a.rise_window_s == 60.0 and a.lookahead_s == 120.0
+    assert a.rise_window_s == 30.0 and a.lookahead_s == 120.0
     recent = lookahead_rise(a, w, now, d)
     whole = lookahead_rise(replace(a, rise_window_s=0.0), w, now, d)  # over lookahead_s
-    assert recent == pytest.approx(w.rise_per_s(now, d, 60.0))
+    assert recent == pytest.approx(w.rise_per_s(now, d, 30.0))
     assert whole == pytest.approx(w.rise_per_s(now, d, 120.0))
     # the onset is not averaged away by the flat spell: over a start-up delay's worth of
     # look-ahead it is worth at least one more GPU than the whole-span fit projects
     assert (recent - whole) * a.lookahead_s >= 1.0
     assert lookahead_rise(replace(a, lookahead_s=0.0), w, now, d) == 0.0
+
+
+def test_a_burst_is_seen_within_a_third_of_a_start_up_delay():
+    """Flat demand of 1 GPU for 100 s, then +0.2 GPU/s for 20 s. With 60 s start-up delays
+    the GPUs a burst needs must be started within its first seconds: the default fit
+    projects at least half the burst's true rise over the look-ahead (a 60 s window, whose
+    flat samples dilute the onset, projected about a quarter of it, and the synthetic
+    16-64 GPU traces missed their SLO on the first burst)."""
+    w = DemandWindow()
+    for t in range(0, 121, 2):
+        w = w.observe(float(t), 1.0 if t <= 100 else 1.0 + 0.2 * (t - 100), 120.0)
+    a = AutoscaleConfig()
+    projected = lookahead_rise(a, w, 120.0, 5.0) * a.lookahead_s
+    assert projected >= 0.5 * 0.2 * a.lookahead_s

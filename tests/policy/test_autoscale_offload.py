@@ -19,7 +19,7 @@ def _cfg(gpus: int = 16, **autoscale) -> TurboConfig:
     """The bare target formula, ceil(demand / util + k * std): no spare GPUs and no trend
     unless a test asks for them."""
     c = TurboConfig()
-    autoscale = {"spare_gpus": 0.0, "lookahead_s": 0.0, **autoscale}
+    autoscale = {"spare_gpus": 0.0, "spare_fraction": 0.0, "lookahead_s": 0.0, **autoscale}
     return replace(c, cluster=replace(c.cluster, gpus=gpus, min_gpus=1, startup_delay_s=60.0),
                    autoscale=replace(c.autoscale, **autoscale))
 

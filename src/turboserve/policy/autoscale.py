@@ -6,12 +6,15 @@ when workers are to be released), the autoscaler's timers from the policy's memo
 the new timers.
 
 TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std +
-spare_gpus), std being the demand's standard deviation over `volatility_window_s`, clamped
-to [min_gpus, cluster.gpus]. With `lookahead_s` > 0, demand is first extrapolated that far
-along its recent rise (least-squares slope over the last `rise_window_s`, or `lookahead_s`
-when that is 0; never down; trusted in proportion to the history it was fitted to), so a
-ramp gets its GPUs one start-up delay early. `spare_gpus` keeps capacity up for a burst
-out of a quiet spell, which no forecast sees coming. Demand counts pending sessions; provisioned = READY + STARTING workers (the
+spare), std being the demand's standard deviation over `volatility_window_s`, clamped to
+[min_gpus, cluster.gpus], spare = max(`spare_gpus`, `spare_fraction` * cluster.gpus). With
+`lookahead_s` > 0, demand is first extrapolated that far along its recent rise
+(least-squares slope over the last `rise_window_s`, or `lookahead_s` when that is 0; never
+down; trusted in proportion to the history it was fitted to), so a ramp gets its GPUs one
+start-up delay early. The spare keeps capacity up for a burst out of a quiet spell, which no
+forecast sees coming; it scales with the ceiling (the operator's bound on peak demand),
+since a burst brings a share of the peak within one start-up delay.
+Demand counts pending sessions; provisioned = READY + STARTING workers (the
 start-up pipeline already counts). Above target: first cancel the release of draining
 workers (those still holding the most sessions: nothing to rebuild), then start new ones
 at once. Below target: only after the target has stayed below provisioned for
@@ -75,10 +78,17 @@ def lookahead_rise(a: AutoscaleConfig, demand: DemandWindow, now_s: float, curre
     return demand.rise_per_s(now_s, current, span)
 
 
+def spare_gpus(view: ClusterView) -> float:
+    """GPUs kept beyond the demand-driven target: `spare_gpus`, or `spare_fraction` of the
+    ceiling where that is more (the burst reserve)."""
+    a = view.config.autoscale
+    return max(a.spare_gpus, a.spare_fraction * view.config.cluster.gpus)
+
+
 def turboserve_target(view: ClusterView, scan: ClusterScan, std: float, rise_per_s: float = 0.0) -> int:
     a = view.config.autoscale
     demand = scan.demand_gpus + rise_per_s * a.lookahead_s
-    raw = demand / max(a.target_util, 1e-6) + a.headroom_k * std + a.spare_gpus
+    raw = demand / max(a.target_util, 1e-6) + a.headroom_k * std + spare_gpus(view)
     return clamp_gpus(view, math.ceil(raw - 1e-9))
 
 
