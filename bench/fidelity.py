@@ -5,9 +5,9 @@ is run first), a short bursty trace (`--sessions`, `--seed`, or `--trace F`), th
 CPU engines. Out: a table of p50/p99/mean per-chunk latency and SLO attainment for the
 simulator, the simulator with the profile scaled to the speed the engines actually ran at
 during the replay (`sim xF`: separates the scheduling model's error from a stale profile),
-the live server as its clients saw it (`loadgen`), and the live server's own per-chunk
-latencies (due -> delivered, the simulator's definition), with the relative error of each
-against the simulator; `--json OUT` writes the same numbers.
+the live server as its clients saw it (`turboserve loadgen` in its own process), and the
+live server's own per-chunk latencies (due -> delivered, the simulator's definition), with
+the relative error of each against the simulator; `--json OUT` writes the same numbers.
 
     python bench/fidelity.py --workers 2 --sessions 8 --json runs/fidelity.json
 
@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--policy", default="turboserve")
     ap.add_argument("--json", dest="json_out", default=None)
+    ap.add_argument("--client-in-process", action="store_true",
+                    help="run the WebSocket clients in the server's process (default: a separate "
+                         "`turboserve loadgen` process, as a real client would be)")
     args = ap.parse_args(argv)
 
     from turboserve.config import TurboConfig
@@ -77,7 +80,10 @@ def main(argv=None) -> int:
     rounds = []  # (chunk indices, steps, measured ms) of every round the engines ran
     runtime.add_round_listener(lambda wid, o: rounds.append((o.chunk_indices, o.key.steps, o.duration_ms)))
     with ServerThread(create_app(runtime, cfg)) as srv:
-        live = asyncio.run(replay(records, srv.base_url, timeout_s=900.0)).report["runs"][0]["metrics"]
+        if args.client_in_process:
+            live = asyncio.run(replay(records, srv.base_url, timeout_s=900.0)).report["runs"][0]["metrics"]
+        else:
+            live = loadgen_process(records, srv.base_url, tmp)
     sim = simulate(records, args.policy, model, cfg, shape="tiny").summary
     # The same with the profile scaled to the speed the engines really ran at during the
     # replay: separates the scheduling/queueing model's error from the profile's staleness.
@@ -113,6 +119,18 @@ def main(argv=None) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def loadgen_process(records, url: str, tmp: Path) -> dict:
+    """The trace replayed by `turboserve loadgen` in its own process (its clients then take
+    no interpreter time from the server's engines); returns its run's metrics."""
+    from turboserve.traces.schema import write_trace
+
+    trace, out = tmp / "trace.jsonl", tmp / "loadgen.json"
+    write_trace(records, trace)
+    subprocess.run([sys.executable, "-m", "turboserve.cli", "loadgen", "--trace", str(trace), "--url", url,
+                    "--json", str(out), "--timeout-s", "900"], check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())["runs"][0]["metrics"]
 
 
 def speed_factor(model, rounds) -> float:
