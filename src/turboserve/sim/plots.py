@@ -22,16 +22,26 @@ def _plt():
     return plt
 
 
+# tab10 without its grey, which the demand curve and reference lines use: one colour per
+# policy, the same in every plot
+_POLICY_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+                  "tab:pink", "tab:olive", "tab:cyan", "navy", "gold", "teal")
+
+
+def _color(i: int) -> str:
+    return _POLICY_COLORS[i % len(_POLICY_COLORS)]
+
+
 def latency_cdf(path: Path, latencies: dict[str, tuple[np.ndarray, np.ndarray]], slo_ms: float) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy, (vals, counts) in latencies.items():
+    for i, (policy, (vals, counts)) in enumerate(latencies.items()):
         if vals.size == 0:
             continue
         order = np.argsort(vals, kind="stable")
         v = vals[order]
         cum = np.cumsum(counts[order])
-        ax.plot(v, cum / cum[-1], label=policy, drawstyle="steps-post")
+        ax.plot(v, cum / cum[-1], label=policy, drawstyle="steps-post", color=_color(i))
     ax.axvline(slo_ms, color="k", linestyle="--", linewidth=1, label=f"SLO {slo_ms:.0f} ms")
     ax.set_xlabel("per-chunk latency (ms)")
     ax.set_ylabel("fraction of chunks")
@@ -49,12 +59,12 @@ def gpus_over_time(path: Path, series: dict[str, list[tuple[float, int, int]]],
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if demand is not None and demand[0].size:
         t, frac = demand
-        ax.step(np.append(t, end_s) / 60.0, np.append(frac, frac[-1]), where="post", color="k",
-                linewidth=1.2, alpha=0.6, label="demand (GPUs at the SLO, perfect packing)")
-    for policy, pts in series.items():
+        ax.step(np.append(t, end_s) / 60.0, np.append(frac, frac[-1]), where="post", color="0.35",
+                linewidth=1.0, label="demand (GPUs at the SLO, perfect packing)")
+    for i, (policy, pts) in enumerate(series.items()):
         t = np.array([p[0] for p in pts] + [end_s])
         prov = np.array([p[1] for p in pts] + [pts[-1][1]])
-        ax.step(t / 60.0, prov, where="post", label=policy)
+        ax.step(t / 60.0, prov, where="post", label=policy, color=_color(i), linewidth=1.4)
     ax.set_xlabel("time (min)")
     ax.set_ylabel("GPUs provisioned")
     ax.set_title("GPUs over time against demand")
