@@ -281,3 +281,34 @@ def test_round_completion_records_the_worker_phase():
     assert "w1" not in cs.view(2.0).last_round
     with pytest.raises(TypeError):
         cs.view(2.0).last_round["w0"] = (0.0, 0.0)  # type: ignore[index]
+
+
+def test_the_phase_hook_runs_before_a_phase_is_read_and_before_a_load_changes():
+    """A simulator running rounds in bulk reports a worker's rounds from this hook: it must
+    run before placement reads the worker's phase and before the worker's load changes,
+    so the phase is recorded with the load the rounds ran with."""
+    cs = ClusterState(MODEL, CFG)
+    cs.add_worker("w0", 0.0, MEM, ready=True)
+    cs.add_session("a", SPECS[0], "p", 0.0)
+    cs.place("a", "w0", 0.0)
+    load_a = cs.view(0.0).workers["w0"].load_ms
+    seen = []
+
+    after_round = []
+
+    def hook(wid):
+        seen.append((wid, cs.view(1.0).workers[wid].load_ms))
+        if len(seen) == 1:  # the bulk-run round is reported before the load changes
+            cs.round_completed(wid, ["a"], 0.9)
+            after_round.append(cs.view(1.0).workers[wid].load_ms)  # a's context grew
+
+    cs.set_phase_hook(hook)
+    cs.add_session("b", SPECS[0], "p", 1.0)
+    cs.place("b", "w0", 1.0)  # b joins w0's load: the hook runs first, with a alone
+    assert seen[0] == ("w0", load_a)
+    # the phase holds the load of the round begun at 0.9 (a alone), not a and b's
+    assert cs.view(1.0).last_round["w0"] == (0.9, after_round[0])  # a read runs the hook too
+    assert len(seen) == 2 and cs.view(1.0).workers["w0"].load_ms > after_round[0]
+    cs.set_phase_hook(None)
+    cs.view(1.0).last_round.get("w0")
+    assert len(seen) == 2

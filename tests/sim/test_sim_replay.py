@@ -120,19 +120,19 @@ def test_only_phase_reading_policies_end_cruises_before_placing(small_records, m
 
 
 def test_phase_reports_keep_workers_cruising(small_records, model, monkeypatch):
-    """For turboserve, every arrival first reports the rounds cruising workers completed
-    (placement reads their phase) and lets them cruise on: the report is the one of running
-    every round, and most rounds still run in cruise."""
+    """For turboserve, a cruising worker's completed rounds are reported when placement
+    reads its phase (or its load changes) and it cruises on: the report is the one of
+    running every round, and most rounds still run in cruise."""
     from turboserve.sim.transport import SimTransport
 
     calls = []
-    original = SimTransport.report_rounds
-    monkeypatch.setattr(SimTransport, "report_rounds",
-                        lambda self, now_s: (calls.append(now_s), original(self, now_s))[1])
+    original = SimTransport.report_worker
+    monkeypatch.setattr(SimTransport, "report_worker",
+                        lambda self, wid, now_s: (calls.append(now_s), original(self, wid, now_s))[1])
     plain = simulate(small_records, "turboserve-no-autoscale", model, _config(), cruise=False)
     fast = simulate(small_records, "turboserve-no-autoscale", model, _config(), cruise=True)
     assert _same(plain.summary, fast.summary) == {}
-    assert calls, "arrivals report cruising workers' rounds"
+    assert calls, "phase reads report cruising workers' rounds"
     assert fast.summary["rounds_cruised"] > 0.5 * fast.summary["rounds"]
 
 

@@ -102,6 +102,30 @@ class _Worker:
         self.ready_s: float | None = now_s if state is WorkerState.READY else None
 
 
+class _PhaseMap(Mapping):
+    """worker -> (latest round completion (s), predicted ms of the round begun then),
+    read-only. `before_read`, when set, runs before a worker's entry is read: a simulator
+    that runs rounds in bulk reports that worker's completed rounds there, so the entry is
+    the one round-by-round reporting would hold."""
+
+    __slots__ = ("_d", "before_read")
+
+    def __init__(self, d: dict[WorkerId, tuple[float, float]]) -> None:
+        self._d = d
+        self.before_read = None
+
+    def __getitem__(self, wid: WorkerId) -> tuple[float, float]:
+        if self.before_read is not None:
+            self.before_read(wid)
+        return self._d[wid]
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __iter__(self):
+        return iter(self._d)
+
+
 class _SessionViews(Mapping):
     """sid -> SessionView, read-only. Records whose sessions completed rounds are marked
     stale and rebuilt when read, so a policy pays only for the sessions it looks at."""
@@ -162,9 +186,17 @@ class ClusterState:
         self._ctx_table: dict[str, list[float]] = {}  # shape -> context after n chunks, to saturation
         self._bytes_by_shape: dict[str, int] = {}
         self.demand_history: tuple[tuple[float, float], ...] = ()
+        self._phase_hook = None
         # worker -> (latest round completion (s), predicted ms of the round that began then)
         self._last_round: dict[WorkerId, tuple[float, float]] = {}
-        self._last_round_ro = MappingProxyType(self._last_round)
+        self._last_round_ro = _PhaseMap(self._last_round)
+
+    def set_phase_hook(self, hook) -> None:  # noqa: ANN001 - Callable[[WorkerId], None] | None
+        """`hook(wid)` runs before a worker's round phase is read and before its load
+        changes, so that a simulator running that worker's rounds in bulk can report them
+        first (the phase recorded then uses the load the rounds ran with). None: no hook."""
+        self._phase_hook = hook
+        self._last_round_ro.before_read = hook
 
     # ------------------------------------------------------------------- reading
     def view(self, now_s: float) -> ClusterView:
@@ -547,11 +579,15 @@ class ClusterState:
         self._wrefresh(d)
 
     def _group_add(self, w: _Worker, s: _Session) -> None:
+        if self._phase_hook is not None:
+            self._phase_hook(w.id)
         g = w.groups.get(s.key)
         w.groups[s.key] = (GroupLoad(g.key, g.batch + 1, g.context_sum + s.context) if g is not None
                            else GroupLoad(s.key, 1, s.context))
 
     def _group_remove(self, w: _Worker, s: _Session) -> None:
+        if self._phase_hook is not None:
+            self._phase_hook(w.id)
         g = w.groups[s.key]
         if g.batch <= 1:
             del w.groups[s.key]

@@ -99,10 +99,14 @@ class TraceDriver:
         policy = get_policy(policy_name)
         self.controller = Controller(policy, model, config, self.transport, shape=shape)
         state = self.controller.state
-        # Only a policy that reads round phases (`ClusterView.last_round`) needs cruising
-        # workers settled before it places; for the others settling would only cost time
-        # (it ends every cruise). A policy that does not say is assumed to read them.
-        self._settles = bool(getattr(policy, "reads_round_phase", True))
+        # A policy that reads round phases (`ClusterView.last_round`) must see, for each
+        # worker it looks at, the phase round-by-round reporting would give: a cruising
+        # worker's completed rounds are reported when its phase is read or its load is about
+        # to change (then its phase is recorded with the load its rounds ran with). Other
+        # policies need no hook. A policy that does not say is assumed to read them.
+        if getattr(policy, "reads_round_phase", True):
+            ctl = self.controller
+            state.set_phase_hook(lambda wid: self.transport.report_worker(wid, ctl.now_s))
         # cruise (sim/cruise.py): rounds run in one step are counted straight into the
         # controller's state; allowed only while round completions would not make it decide
         self.transport.can_cruise = lambda: state.pending_count == 0
@@ -121,16 +125,7 @@ class TraceDriver:
     def _deliver(self, now_s: float, event) -> None:
         self.controller.on_event(event)
 
-    def _settle_rounds(self, now_s: float) -> None:
-        """Report cruising workers' rounds to the controller before an event that makes
-        it place a session: placement reads each worker's round phase (`last_round`), which
-        must be what a round-by-round run would have told it by now. Skipped for policies
-        that never read the phase."""
-        if self._settles and self.transport.cruising:
-            self.transport.report_rounds(now_s)
-
     def _arrive(self, now_s: float, rec: SessionRecord) -> None:
-        self._settle_rounds(now_s)
         self._period[rec.id] = 0
         self._period_start[rec.id] = now_s
         self._live += 1
@@ -156,7 +151,6 @@ class TraceDriver:
             self.loop.push(watched_s + idle_s, (self._depart, sid))
 
     def _activate(self, now_s: float, sid: str) -> None:
-        self._settle_rounds(now_s)
         rec = self._by_id[sid]
         self._period_start[sid] = now_s
         self._active += 1

@@ -422,17 +422,17 @@ class SimTransport:
         for w in list(self._cruising.values()):
             self._settle(w, now_s)
 
-    def report_rounds(self, now_s: float) -> None:
-        """Tell the controller of every round cruising workers completed by now_s, as round
-        by round it would know them (placement reads each worker's round phase), and let
-        each cruise on from its last completed round. Nothing touches these workers in
-        between, so the cruise planned now is the one their next round would have planned
-        (a command that does touch one settles it again, the normal way)."""
-        for w in list(self._cruising.values()):
-            cr = w.cruise
-            if cr.completed_by(now_s)[0] == 0:
-                continue  # nothing completed since the controller last heard: nothing to tell
-            self._settle(w, now_s, recruise=True)
+    def report_worker(self, wid: WorkerId, now_s: float) -> None:
+        """Tell the controller of the rounds worker `wid` completed by now_s while cruising,
+        as round by round it would know them (placement is about to read its round phase,
+        or its load is about to change), and let it cruise on from its last completed
+        round: nothing touched it in between, so that is the cruise its next round would
+        plan (a command that does touch it settles it again, the normal way; a session
+        still pending after this decision makes the driver settle every worker)."""
+        w = self._cruising.get(wid)
+        if w is None or w.cruise.completed_by(now_s)[0] == 0:
+            return  # not cruising, or nothing completed since the controller last heard
+        self._settle(w, now_s, recruise=True)
 
     @property
     def cruising(self) -> int:
@@ -485,7 +485,7 @@ class SimTransport:
         for count, sids in cruising.untold(cr, c).items():
             self.apply_rounds(w.wid, tuple(sids), tc, count)
         if w.rnd is not None:
-            nxt = cr.shifted(c, w.rnd, w.gen + 1) if recruise and self.can_cruise() else None
+            nxt = cr.shifted(c, w.rnd, w.gen + 1) if recruise else None
             if nxt is not None:
                 self._start_cruise(w, nxt)
             else:
