@@ -582,17 +582,16 @@ class ClusterState:
         if self._phase_hook is not None:
             self._phase_hook(w.id)
         g = w.groups.get(s.key)
-        w.groups[s.key] = (GroupLoad(g.key, g.batch + 1, g.context_sum + s.context) if g is not None
-                           else GroupLoad(s.key, 1, s.context))
+        w.groups[s.key] = g.plus(s.context) if g is not None else GroupLoad(s.key, 1, s.context)
 
     def _group_remove(self, w: _Worker, s: _Session) -> None:
         if self._phase_hook is not None:
             self._phase_hook(w.id)
-        g = w.groups[s.key]
-        if g.batch <= 1:
+        g = w.groups[s.key].minus(s.context)
+        if g.batch <= 0:
             del w.groups[s.key]
-        else:  # as GroupLoad.minus
-            w.groups[s.key] = GroupLoad(g.key, g.batch - 1, max(0.0, g.context_sum - s.context))
+        else:
+            w.groups[s.key] = g
 
     def _wrefresh(self, w: _Worker, recompute: bool = True) -> None:
         if recompute:
@@ -608,12 +607,6 @@ class ClusterState:
     def _srefresh(self, s: _Session) -> None:
         self._sviews[s.id] = _session_view(s)
         self._stale.discard(s.id)
-
-    def _context_after(self, shape: str, chunks: int) -> float:
-        table = self._ctx_table.get(shape)
-        if table is None:
-            table = self._ctx_table[shape] = self._context_table(shape)
-        return table[chunks] if chunks < len(table) else table[-1]
 
     def _context_table(self, shape: str) -> list[float]:
         """Context after 0, 1, ... chunks until it reaches the window (then it stays)."""

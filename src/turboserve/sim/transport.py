@@ -430,9 +430,8 @@ class SimTransport:
         plan (a command that does touch it settles it again, the normal way; a session
         still pending after this decision makes the driver settle every worker)."""
         w = self._cruising.get(wid)
-        if w is None or w.cruise.completed_by(now_s)[0] == 0:
-            return  # not cruising, or nothing completed since the controller last heard
-        self._settle(w, now_s, recruise=True)
+        if w is not None:
+            self._settle(w, now_s, recruise=True)
 
     @property
     def cruising(self) -> int:
@@ -440,11 +439,13 @@ class SimTransport:
 
     def _settle(self, w: _SimWorker, now_s: float, recruise: bool = False) -> None:
         cr = w.cruise
-        w.cruise = None
-        self._cruising.pop(w.wid, None)
         if cr is None:
             return
         c, tc = cr.completed_by(now_s)
+        if recruise and c == 0:
+            return  # nothing completed since the controller last heard: cruise on as is
+        w.cruise = None
+        self._cruising.pop(w.wid, None)
         rnd = cr.rnd
         if c == 0:
             # round 1 is still in flight: it finishes the normal way
