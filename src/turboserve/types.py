@@ -58,8 +58,13 @@ class SessionSpec:
 
     @functools.cached_property
     def compat_key(self) -> "CompatKey":
-        # cached: policies ask for it per session per decision (the spec is frozen)
-        return CompatKey(self.model, self.width, self.height, self.frames_per_chunk, self.steps)
+        # cached: policies ask for it per session per decision (the spec is frozen); and
+        # one object per distinct key, so the dicts keyed by it match on identity
+        fields = (self.model, self.width, self.height, self.frames_per_chunk, self.steps)
+        key = _COMPAT_KEYS.get(fields)
+        if key is None:
+            key = _COMPAT_KEYS[fields] = CompatKey(*fields)
+        return key
 
     def with_(self, **changes) -> "SessionSpec":
         return replace(self, **changes)
@@ -90,6 +95,29 @@ class CompatKey:
     height: int
     frames_per_chunk: int
     steps: int
+
+    def __hash__(self) -> int:
+        # policies key dicts by it millions of times per simulated hour: hash once
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.model, self.width, self.height, self.frames_per_chunk, self.steps))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:  # SessionSpec.compat_key gives one object per key
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.model, self.width, self.height, self.frames_per_chunk, self.steps) == \
+            (other.model, other.width, other.height, other.frames_per_chunk, other.steps)
+
+    def __getstate__(self) -> dict:
+        # string hashes differ between processes: a pickled key hashes afresh where it lands
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+
+_COMPAT_KEYS: dict[tuple, CompatKey] = {}  # SessionSpec.compat_key's one object per key
 
 
 @dataclass(frozen=True)

@@ -302,3 +302,45 @@ def test_closed_loop_keeps_engines_and_views_consistent(ops, policy_name):
                 assert info.chunk_index == sv.chunks_done, s
         assert ctl.counters.refused == 0 or policy_name != "static-ll"
     assert_in_order(tr)
+
+
+def test_completions_that_change_nothing_make_no_decision():
+    """A round that changed nothing the controller holds, and an offload that only freed
+    memory, make a decision only if they can matter: the round never (a queued session
+    waits for memory or a READY worker, which come with their own events), the offload
+    only while a session is queued (the simulator's cruise relies on the first)."""
+    pol = Scripted(gpus=1)
+    ctl, tr = make(pol, gpus=1)
+    wid = next(iter(ctl.view().workers))
+    ctl.on_event(SessionArrived(0.0, "a", DEMO, "p"))
+    ctl.on_event(SessionArrived(0.0, "b", DEMO, "p"))
+    assert ctl.view().sessions["a"].worker == wid
+    ctl.on_event(RoundCompleted(1.0, wid, ("a", "b"), 50.0, rounds=30))  # contexts reach the window
+    calls = pol.calls
+    ctl.on_event(RoundCompleted(1.1, wid, ("a", "b"), 50.0))
+    assert pol.calls == calls  # nothing pending, load unchanged
+
+    pol.queue.append(Decision())  # the next arrival stays queued
+    ctl.on_event(SessionArrived(1.2, "c", DEMO, "p"))
+    assert ctl.view().pending == ("c",) and pol.calls == calls + 1
+    ctl.on_event(RoundCompleted(1.3, wid, ("a", "b"), 50.0))
+    assert pol.calls == calls + 1  # queued, but the round changed nothing
+
+    # b's period ends: the round changed the worker (b idle), a decision follows
+    pol.queue.append(Decision())
+    ctl.on_event(SessionPaused(1.4, "b"))
+    pol.queue.append(Decision(offloads=("b",)))
+    calls = pol.calls
+    ctl.on_event(Tick(1.5))
+    tr.run_until(3.0, 1.5)  # the offload completes; c is still queued: a decision
+    assert ctl.counters.offloads == 1 and pol.calls == calls + 2
+    assert ctl.view().sessions["c"].worker == wid  # placed with the memory b freed
+
+    pol.queue.append(Decision())
+    ctl.on_event(SessionPaused(3.1, "c"))
+    pol.queue.append(Decision(offloads=("c",)))
+    calls = pol.calls
+    ctl.on_event(Tick(3.2))
+    tr.run_until(5.0, 3.2)  # nothing queued: the freed memory makes no decision
+    assert ctl.counters.offloads == 2
+    assert pol.calls == calls + 1  # the tick's

@@ -312,3 +312,29 @@ def test_the_phase_hook_runs_before_a_phase_is_read_and_before_a_load_changes():
     cs.set_phase_hook(None)
     cs.view(1.0).last_round.get("w0")
     assert len(seen) == 2
+
+
+def test_a_read_hook_may_move_only_the_phase():
+    """A simulator whose bulk-run rounds changed nothing the controller holds moves only a
+    worker's phase before a read (`note_round_completion`): the entry is the one
+    `round_completed` would record, and the sessions' counts wait for the bulk report."""
+    cs = ClusterState(MODEL, CFG)
+    cs.add_worker("w0", 0.0, MEM, ready=True)
+    cs.add_session("a", SPECS[0], "p", 0.0)
+    cs.place("a", "w0", 0.0)
+    cs.round_completed("w0", ["a"], 0.5, rounds=40)  # context at the window
+    twin = ClusterState(MODEL, CFG)
+    twin.add_worker("w0", 0.0, MEM, ready=True)
+    twin.add_session("a", SPECS[0], "p", 0.0)
+    twin.place("a", "w0", 0.0)
+    twin.round_completed("w0", ["a"], 0.5, rounds=40)
+    twin.round_completed("w0", ["a"], 0.7)
+
+    reads = []
+    cs.set_phase_hook(lambda wid: pytest.fail("a read must not call the change hook"),
+                      before_read=lambda wid: (reads.append(wid), cs.note_round_completion(wid, 0.7)))
+    assert cs.view(1.0).last_round.get("w0") == twin.view(1.0).last_round["w0"]
+    assert reads == ["w0"]
+    assert cs.view(1.0).sessions["a"].chunks_done == 40  # told later, in bulk
+    cs.note_round_completion("gone", 1.0)  # a worker no longer there: nothing to move
+    assert "gone" not in cs.view(1.0).last_round

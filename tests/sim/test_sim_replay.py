@@ -77,6 +77,22 @@ def test_cruise_shortcut_changes_no_result(small_records, model, policy):
         assert fast.summary["rounds_cruised"] > 0  # the shortcut is exercised
 
 
+@pytest.mark.parametrize("policy", policy_names())
+def test_cruise_changes_no_result_while_sessions_queue(small_records, model, policy):
+    """GPUs with room for two sessions each, so sessions queue most of the run: workers
+    cruise while the queue waits (a round that changes nothing makes no decision) and the
+    report is still the one of running every round."""
+    info = model.shape("demo91")
+    room = info.weights_bytes + 2 * model.state_bytes("demo91", info.window_frames) + 10**6
+    cfg = _config(f"cluster.gpu_memory_bytes={room}")
+    plain = simulate(small_records, policy, model, cfg, cruise=False, until_s=300.0)
+    fast = simulate(small_records, policy, model, cfg, cruise=True, until_s=300.0)
+    assert plain.summary["unfinished_chunks"] > 0  # the queue was there
+    assert _same(plain.summary, fast.summary) == {}
+    assert len(plain.controller.decision_ms) == len(fast.controller.decision_ms)
+    assert fast.summary["rounds_cruised"] > 0
+
+
 def test_fixed_count_gpu_hours_and_oracle_bound(small_records, model):
     cfg = _config()
     demand = oracle.nominal_demand(small_records)

@@ -228,8 +228,11 @@ class Controller:
             return False
         wid = ev.worker_id
         before = st.worker(wid).load_ms
-        st.round_completed(wid, ev.session_ids, ev.time_s, ev.rounds)
-        if st.pending_count:
+        changed = st.round_completed(wid, ev.session_ids, ev.time_s, ev.rounds)
+        if changed and st.pending_count:
+            # a context grew or a period ended: the room or loads the queue waits on moved
+            # (a round that changed nothing changes no placement: a queued session waits
+            # for memory or a READY worker, and those come with their own events)
             return True
         # The load this worker had at the last decision: recorded lazily, the first time the
         # worker reports a round after that decision (its load then is what the decision saw).
@@ -293,7 +296,9 @@ class Controller:
         self.counters.offloads += 1
         self.counters.offload_bytes += ev.bytes_moved
         self._maybe_release(ev.worker_id, ev.time_s)
-        return True
+        # Only memory came free (an idle session holds no load): a decision can use it only
+        # to place a queued session. An emptied worker is released above.
+        return self.state.pending_count > 0
 
     def _on_restore(self, ev: RestoreFinished) -> bool:
         self.counters.restores += 1

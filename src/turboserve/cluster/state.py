@@ -105,8 +105,9 @@ class _Worker:
 class _PhaseMap(Mapping):
     """worker -> (latest round completion (s), predicted ms of the round begun then),
     read-only. `before_read`, when set, runs before a worker's entry is read: a simulator
-    that runs rounds in bulk reports that worker's completed rounds there, so the entry is
-    the one round-by-round reporting would hold."""
+    that runs rounds in bulk brings that worker's entry up to date there (reporting its
+    completed rounds, or `ClusterState.note_round_completion`), so the entry is the one
+    round-by-round reporting would hold."""
 
     __slots__ = ("_d", "before_read")
 
@@ -118,6 +119,11 @@ class _PhaseMap(Mapping):
         if self.before_read is not None:
             self.before_read(wid)
         return self._d[wid]
+
+    def get(self, wid: WorkerId, default=None):  # noqa: ANN001 - placement reads it per candidate
+        if self.before_read is not None:
+            self.before_read(wid)
+        return self._d.get(wid, default)
 
     def __len__(self) -> int:
         return len(self._d)
@@ -191,12 +197,20 @@ class ClusterState:
         self._last_round: dict[WorkerId, tuple[float, float]] = {}
         self._last_round_ro = _PhaseMap(self._last_round)
 
-    def set_phase_hook(self, hook) -> None:  # noqa: ANN001 - Callable[[WorkerId], None] | None
-        """`hook(wid)` runs before a worker's round phase is read and before its load
-        changes, so that a simulator running that worker's rounds in bulk can report them
-        first (the phase recorded then uses the load the rounds ran with). None: no hook."""
+    def set_phase_hook(self, hook, before_read=None) -> None:  # noqa: ANN001 - Callable[[WorkerId], None] | None
+        """`hook(wid)` runs before a worker's load changes and, unless `before_read` is
+        given, before its round phase is read, so that a simulator running that worker's
+        rounds in bulk can report them first (the phase recorded then uses the load the
+        rounds ran with). `before_read(wid)`: what runs before a read instead. None: no hook."""
         self._phase_hook = hook
-        self._last_round_ro.before_read = hook
+        self._last_round_ro.before_read = before_read if before_read is not None else hook
+
+    def note_round_completion(self, wid: WorkerId, now_s: float) -> None:
+        """Worker `wid` completed a round at `now_s` that changed nothing the controller
+        holds (no context grew, no period ended): only its round phase moves, to the entry
+        `round_completed` would record. For a simulator's phase reads of bulk-run rounds."""
+        if wid in self._w:
+            self._last_round[wid] = (now_s, self._wviews[wid].load_ms)
 
     # ------------------------------------------------------------------- reading
     def view(self, now_s: float) -> ClusterView:

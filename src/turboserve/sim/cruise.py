@@ -2,17 +2,18 @@
 and an engine call per round, with the same result as running them one by one.
 
 In: a worker's engine right after `begin_round` planned a round, and later the simulated
-time at which the worker must be exact again (a command touches it, the controller gets a
-pending session, the run ends, or a session's period is about to end). Out: the engine
+time at which the worker must be exact again (a command touches it, its load is about to
+change, the run ends, or a session's period is about to end). Out: the engine
 advanced by the rounds completed by then (chunk indices, contexts, what periods still owe,
 due times, the executor's chunk counters), the chunk latencies of those rounds, and the
 chunk counts the controller has not been told yet.
 
 When a worker may cruise (`plan_cruise`): the planned round takes every due session of the
-worker, so the next round is the same batch again (nothing else is due); the controller has
-nothing pending (round completions alone would not make it decide, unless a worker's load
-moves: see below); and at least `MIN_ROUNDS` rounds pass before a session's period ends
-(that round runs for real, so the engine reports the session idle).
+worker, so the next round is the same batch again (nothing else is due), and at least
+`MIN_ROUNDS` rounds pass before a session's period ends (that round runs for real, so the
+engine reports the session idle). The controller decides on a round completion only when
+the round changed what it holds (a context grew, a period ended) or moved a worker's load
+(`Controller._on_round`), so the other rounds need no report of their own.
 
 Context growth: a young session's cache grows each chunk until the attention window, which
 changes the round's modelled time and the controller's predicted load. Rounds in which a
@@ -39,7 +40,7 @@ MAX_GROWTH_ROUNDS = 4096  # contexts growing longer than this: no cruise (never 
 
 class Cruise:
     __slots__ = ("rnd", "t0", "k", "gen", "end_s", "starts", "durs_ms", "sat_ms", "ctx", "changing",
-                 "grow", "told")
+                 "grow", "told", "_seen")
 
     def __init__(self, rnd: InFlightRound, k: int, gen: int, starts: frozenset, durs_ms: list[float],
                  sat_ms: float, ctx: list[list[int]], changing: list[tuple[SessionId, ...]],
@@ -55,6 +56,7 @@ class Cruise:
         self.changing = changing  # changing[j-1]: sessions whose context grows with round j
         self.grow = grow  # per plan session: rounds in which its context grows
         self.told = 0  # growth rounds already reported to the controller
+        self._seen = (0, self.t0)  # completed_by's last answer: later reads continue from it
         # when round k completes; the same additions as round by round (t + ms / 1000)
         t = self.t0
         nd = min(len(durs_ms), k)
@@ -86,6 +88,7 @@ class Cruise:
         new.sat_ms = self.sat_ms
         new.changing = self.changing[c:]
         new.told = 0
+        new._seen = (0, new.t0)
         new.end_s = self.end_s
         return new
 
@@ -100,9 +103,16 @@ class Cruise:
         return t
 
     def completed_by(self, now_s: float) -> tuple[int, float]:
-        """(rounds completed by now_s, finish time of the last of them (t0 if none))."""
-        t = self.t0
-        c = 0
+        """(rounds completed by now_s, finish time of the last of them (t0 if none)).
+        Simulated time only moves forward: a read continues from the previous one."""
+        c, t = self._seen
+        if t > now_s:
+            c, t = 0, self.t0
+        c, t = self._count(c, t, now_s)
+        self._seen = (c, t)
+        return c, t
+
+    def _count(self, c: int, t: float, now_s: float) -> tuple[int, float]:
         k = self.k
         durs = self.durs_ms
         nd = min(len(durs), k)

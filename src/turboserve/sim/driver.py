@@ -106,10 +106,11 @@ class TraceDriver:
         # policies need no hook. A policy that does not say is assumed to read them.
         if getattr(policy, "reads_round_phase", True):
             ctl = self.controller
-            state.set_phase_hook(lambda wid: self.transport.report_worker(wid, ctl.now_s))
+            state.set_phase_hook(lambda wid: self.transport.report_worker(wid, ctl.now_s),
+                                 before_read=lambda wid: self.transport.read_phase(wid, ctl.now_s))
+            self.transport.note_phase = state.note_round_completion
         # cruise (sim/cruise.py): rounds run in one step are counted straight into the
-        # controller's state; allowed only while round completions would not make it decide
-        self.transport.can_cruise = lambda: state.pending_count == 0
+        # controller's state
         self.transport.apply_rounds = state.round_completed
         self._period: dict[str, int] = {}  # sid -> index of its current period
         self._period_start: dict[str, float] = {}  # sid -> when its current period began
@@ -175,10 +176,6 @@ class TraceDriver:
         fn(now_s, arg)
         transport = self.transport
         transport.flush(now_s)
-        if transport._cruising and self.controller.state.pending_count:
-            # from now on each round completion makes the controller decide: run rounds
-            # one by one until nothing is pending
-            transport.settle_all(now_s)
 
     # ------------------------------------------------------------------ run
     def run(self, until_s: float | None = None, progress: bool = False) -> SimResult:

@@ -86,13 +86,13 @@ class SimTransport:
         self._max_batch = config.engine.max_batch
         self._ready_count = 0
         self.rounds = 0
-        # Cruise needs two answers from the controller side (set by the driver): whether
-        # round completions would be ignored now (nothing pending), and a way to count the
-        # chunks of rounds run in one step. Without them, or with per-round hooks or
-        # frames, every round goes through the heap.
+        # Cruise needs a way (set by the driver) to count the chunks of rounds run in one
+        # step into the controller's state. Without it, or with per-round hooks or frames,
+        # every round goes through the heap.
         self.cruise_enabled = cruise and not frames and on_outcome is None
-        self.can_cruise: Callable[[], bool] = lambda: False
         self.apply_rounds: Callable[[WorkerId, tuple[SessionId, ...], float, int], None] | None = None
+        # (worker, completion s): a bulk-run round that changed nothing but the worker's phase
+        self.note_phase: Callable[[WorkerId, float], None] | None = None
         self._cruising: dict[WorkerId, _SimWorker] = {}
         self._saturated: dict[str, float] = {}
         self.cruised_rounds = 0
@@ -376,7 +376,7 @@ class SimTransport:
 
     # ------------------------------------------------------------------ cruise
     def _try_cruise(self, w: _SimWorker, rnd: InFlightRound) -> bool:
-        if self.apply_rounds is None or not self.can_cruise():
+        if self.apply_rounds is None:
             return False
         first = self._first_chunk
         starts: frozenset = frozenset()
@@ -417,8 +417,7 @@ class SimTransport:
             self._settle(w, now_s)
 
     def settle_all(self, now_s: float) -> None:
-        """Make every cruising worker exact at now_s (the controller got a pending session,
-        or the run ends)."""
+        """Make every cruising worker exact at now_s (the run ends)."""
         for w in list(self._cruising.values()):
             self._settle(w, now_s)
 
@@ -427,10 +426,27 @@ class SimTransport:
         as round by round it would know them (placement is about to read its round phase,
         or its load is about to change), and let it cruise on from its last completed
         round: nothing touched it in between, so that is the cruise its next round would
-        plan (a command that does touch it settles it again, the normal way; a session
-        still pending after this decision makes the driver settle every worker)."""
+        plan (a command that does touch it settles it again, the normal way)."""
         w = self._cruising.get(wid)
         if w is not None:
+            self._settle(w, now_s, recruise=True)
+
+    def read_phase(self, wid: WorkerId, now_s: float) -> None:
+        """Placement is about to read worker `wid`'s round phase: bring it to what
+        round-by-round reporting would give at now_s. Once a cruise's growth rounds are all
+        told, its later rounds change nothing the controller holds but the phase, so only
+        the phase moves (O(1), and the worker cruises on untouched); otherwise its rounds
+        are reported (`report_worker`)."""
+        w = self._cruising.get(wid)
+        if w is None:
+            return
+        cr = w.cruise
+        c, tc = cr.completed_by(now_s)
+        if c <= cr.told:
+            return  # the controller heard of round c at its own time
+        if self.note_phase is not None and cr.told >= min(len(cr.changing), cr.k):
+            self.note_phase(wid, tc)
+        else:
             self._settle(w, now_s, recruise=True)
 
     @property
