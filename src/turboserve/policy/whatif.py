@@ -209,7 +209,10 @@ class WhatIf:
 
     def move(self, src: WorkerId, dst: WorkerId, key: CompatKey, context: float, nbytes: int,
              active: bool = True) -> None:
-        self.remove(src, key, context, nbytes, active)
+        """A migration: its load leaves `src` and `nbytes` are reserved on `dst` now, but
+        `src` holds the session's memory until the move commits, so nothing decided in the
+        same call may count on it (a worker can be a source and a destination at once)."""
+        self.remove(src, key, context, 0, active)
         self.add(dst, key, context, nbytes, active)
 
     def _set_groups(self, wid: WorkerId, groups: tuple[GroupLoad, ...]) -> None:
