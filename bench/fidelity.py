@@ -2,16 +2,19 @@
 
 In: a latency profile of this machine (`--profile F`, else `turboserve profile --model tiny`
 is run first), a short bursty trace (`--sessions`, `--seed`, or `--trace F`), the number of
-CPU engines. Out: a table of p50/p99/mean per-chunk latency and SLO attainment for the
-simulator, the simulator with the profile scaled to the speed the engines actually ran at
-during the replay (`sim xF`: separates the scheduling model's error from a stale profile),
-the live server as its clients saw it (`turboserve loadgen` in its own process), and the
-live server's own per-chunk latencies (due -> delivered, the simulator's definition), with
-the relative error of each against the simulator; `--json OUT` writes the same numbers.
+CPU engines. Steps: a calibration replay of another trace (seed + 1) against the live server
+times its rounds, and `profile/calibrate.py` fits the profile to them (median slow-down
+and round-time jitter); then the trace is replayed against the live server (clients in a
+`turboserve loadgen` process, as a real client would be) and simulated with the profile as
+measured and as calibrated. Out: a table of p50/p99/mean per-chunk latency and SLO
+attainment for the two simulations, the live server as its clients saw it, and the live
+server's own per-chunk latencies (due -> delivered, the simulator's definition), with each
+row's relative error against the live clients; `--json OUT` writes the same numbers and the
+calibrated profile next to it.
 
-    python bench/fidelity.py --workers 2 --sessions 8 --json runs/fidelity.json
+    python bench/fidelity.py --workers 2 --sessions 8 --repeat 4 --json runs/fidelity.json
 
-The target (issue 4) is agreement within 10% on p50 and p99.
+The target (issue 4) is agreement within 10% on p50 and p99 (the calibrated simulation).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", default=None, help="session trace JSONL (default: a synthetic burst)")
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sim-seeds", type=int, default=10,
+                    help="calibrated simulations draw round times: report the mean over this many seeds")
+    ap.add_argument("--repeat", type=int, default=4,
+                    help="replay the trace this many times back to back (more chunks: a p99 that is not "
+                         "one or two chunks)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--policy", default="turboserve")
     ap.add_argument("--json", dest="json_out", default=None)
@@ -44,7 +52,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from turboserve.config import TurboConfig
-    from turboserve.profile import load_latency_model
+    from turboserve.profile import ProfileLatencyModel, load_latency_model, save_profile
+    from turboserve.profile.calibrate import calibrate
     from turboserve.serving.app import create_app
     from turboserve.serving.cli import demo_trace
     from turboserve.serving.embedded import build_runtime
@@ -65,7 +74,9 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "turboserve.cli", "profile", "--model", "tiny", "--device", "cpu",
                         "--out", profile], check=True, env=env)
     model = load_latency_model([profile])
-    records = read_trace(args.trace) if args.trace else demo_trace(args.sessions, seed=args.seed)
+    one = read_trace(args.trace) if args.trace else demo_trace(args.sessions, seed=args.seed)
+    records = repeated(one, args.repeat)
+    calibration = repeated(demo_trace(len(one), seed=args.seed + 1), args.repeat)
     cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp / 'recordings'}'",
                                         f"cluster.gpus={args.workers}", f"cluster.min_gpus={args.workers}"])
 
@@ -77,24 +88,34 @@ def main(argv=None) -> int:
         with lock:
             server_side.append(d.latency_ms)
     runtime.add_listener(on_chunk, lambda *a: None)
-    rounds = []  # (chunk indices, steps, measured ms) of every round the engines ran
-    runtime.add_round_listener(lambda wid, o: rounds.append((o.chunk_indices, o.key.steps, o.duration_ms)))
+    rounds = []  # (batch, mean context, steps, measured ms) of every round the engines ran
+    runtime.add_round_listener(lambda wid, o: rounds.append(
+        (len(o.chunk_indices), sum(model.context_after("tiny", i) for i in o.chunk_indices) / len(o.chunk_indices),
+         o.key.steps, o.duration_ms)))
     with ServerThread(create_app(runtime, cfg)) as srv:
-        if args.client_in_process:
-            live = asyncio.run(replay(records, srv.base_url, timeout_s=900.0)).report["runs"][0]["metrics"]
-        else:
-            live = loadgen_process(records, srv.base_url, tmp)
+        print(f"calibration replay: {len(calibration)} sessions (seed {args.seed + 1})", file=sys.stderr)
+        replay_live(calibration, srv.base_url, tmp, args.client_in_process)
+        calibrated = calibrate(model.profile("tiny"), list(rounds), note=f"bench/fidelity.py, {args.workers} engines")
+        by_batch = ratios_by_batch(model.profile("tiny"), list(rounds))
+        rounds.clear()
+        with lock:
+            server_side.clear()
+        print(f"replay: {len(records)} sessions (seed {args.seed})", file=sys.stderr)
+        live = replay_live(records, srv.base_url, tmp, args.client_in_process)
     sim = simulate(records, args.policy, model, cfg, shape="tiny").summary
-    # The same with the profile scaled to the speed the engines really ran at during the
-    # replay: separates the scheduling/queueing model's error from the profile's staleness.
-    factor = speed_factor(model, rounds)
-    sim_scaled = simulate(records, args.policy, scaled_model(model, factor), cfg, shape="tiny").summary
+    sim_cal = seeds_mean(records, args.policy, ProfileLatencyModel([calibrated]), cfg, args.sim_seeds)
+    # The same calibration on this replay's own rounds: how well the simulator's batching,
+    # queueing and scheduling turn the rounds the engines really ran into chunk latencies,
+    # apart from how much this machine's speed moved between the two replays.
+    self_cal = calibrate(model.profile("tiny"), list(rounds), note="this replay")
+    sim_self = seeds_mean(records, args.policy, ProfileLatencyModel([self_cal]), cfg, args.sim_seeds)
 
     slo = sim["slo_ms"]
     srv_lat = np.asarray(server_side)
     rows = {
         "simulate": sim,
-        f"sim x{factor:.2f}": sim_scaled,
+        "sim calibrated": sim_cal,
+        "sim cal. here": sim_self,
         "live (client)": live,
         "live (server)": {
             "p50_chunk_latency_ms": float(np.percentile(srv_lat, 50)) if srv_lat.size else float("nan"),
@@ -105,20 +126,74 @@ def main(argv=None) -> int:
         },
     }
     keys = ("p50_chunk_latency_ms", "p99_chunk_latency_ms", "mean_chunk_latency_ms", "slo_attainment", "chunks")
-    print(f"{'run':<15}" + "".join(f"{k.replace('_chunk_latency_ms', ' ms'):>16}" for k in keys) + "   p50 err   p99 err")
-    out = {"profile": profile, "sessions": len(records), "workers": args.workers, "speed_factor": factor,
+    print(f"calibrated profile: {calibrated.source}")
+    live_batches = ratios_by_batch(model.profile("tiny"), list(rounds))
+    for name, table in (("calibration replay", by_batch), ("replay", live_batches)):
+        print(f"{name}: measured/profiled round time by batch: " + ", ".join(
+            f"{b}: n={n} p50 {p50:.2f} p90 {p90:.2f}" for b, (n, p50, p90) in sorted(table.items())))
+    print(f"{'run':<15}" + "".join(f"{k.replace('_chunk_latency_ms', ' ms'):>16}" for k in keys)
+          + "   p50 vs live   p99 vs live")
+    out = {"profile": profile, "sessions": len(records), "workers": args.workers,
+           "calibration": calibrated.source, "ratios_by_batch": {"calibration": by_batch, "replay": live_batches},
            "runs": {}}
     for name, m in rows.items():
         vals = [m.get(k, float("nan")) for k in keys]
-        err50 = m["p50_chunk_latency_ms"] / sim["p50_chunk_latency_ms"] - 1.0
-        err99 = m["p99_chunk_latency_ms"] / sim["p99_chunk_latency_ms"] - 1.0
+        err50 = m["p50_chunk_latency_ms"] / live["p50_chunk_latency_ms"] - 1.0
+        err99 = m["p99_chunk_latency_ms"] / live["p99_chunk_latency_ms"] - 1.0
         print(f"{name:<15}" + "".join(f"{v:>16.3f}" if isinstance(v, float) else f"{v:>16}" for v in vals)
-              + f"{100 * err50:>9.1f}%{100 * err99:>9.1f}%")
+              + f"{100 * err50:>13.1f}%{100 * err99:>13.1f}%")
         out["runs"][name] = {**{k: m.get(k) for k in keys}, "p50_rel_err": err50, "p99_rel_err": err99}
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+        save_profile(calibrated, Path(args.json_out).with_suffix(".profile.json"))
     return 0
+
+
+def seeds_mean(records, policy, model, cfg, seeds: int) -> dict:
+    """The simulation's summary with each latency figure and the SLO attainment averaged
+    over `seeds` seeds of the round-time draws (one run's p99 is a handful of chunks)."""
+    from turboserve.sim.driver import simulate
+
+    runs = [simulate(records, policy, model, cfg.with_overrides([f"sim.seed={k}"]), shape="tiny").summary
+            for k in range(max(1, seeds))]
+    out = dict(runs[0])
+    for k in ("p50_chunk_latency_ms", "p99_chunk_latency_ms", "mean_chunk_latency_ms", "slo_attainment"):
+        out[k] = float(np.mean([r[k] for r in runs]))
+    return out
+
+
+def ratios_by_batch(profile, rounds) -> dict[int, tuple[int, float, float]]:
+    """batch -> (rounds, p50, p90 of measured over profiled time)."""
+    from turboserve.profile.calibrate import round_ratios
+
+    out = {}
+    for b in sorted({r[0] for r in rounds}):
+        ratios = sorted(x for _, x in round_ratios(profile, [r for r in rounds if r[0] == b]))
+        if ratios:
+            out[b] = (len(ratios), ratios[len(ratios) // 2], ratios[int(0.9 * (len(ratios) - 1))])
+    return out
+
+
+def repeated(records, n: int, gap_s: float = 2.0):
+    """`records` n times back to back (each copy after the previous one's nominal end plus
+    `gap_s`), with ids made unique: the same load pattern, n times the chunks."""
+    from dataclasses import replace
+
+    from turboserve.sim.driver import nominal_end_s
+
+    if n < 1:
+        raise SystemExit(f"--repeat must be >= 1, got {n}")
+    span = nominal_end_s(records) - min(r.arrival_s for r in records) + gap_s
+    return [replace(r, id=f"{r.id}.{i}", arrival_s=r.arrival_s + i * span) for i in range(n) for r in records]
+
+
+def replay_live(records, url: str, tmp: Path, in_process: bool) -> dict:
+    """The trace replayed against the live server; returns its run's metrics as the clients
+    measured them."""
+    if in_process:
+        return asyncio.run(replay(records, url, timeout_s=900.0)).report["runs"][0]["metrics"]
+    return loadgen_process(records, url, tmp)
 
 
 def loadgen_process(records, url: str, tmp: Path) -> dict:
@@ -131,27 +206,6 @@ def loadgen_process(records, url: str, tmp: Path) -> dict:
     subprocess.run([sys.executable, "-m", "turboserve.cli", "loadgen", "--trace", str(trace), "--url", url,
                     "--json", str(out), "--timeout-s", "900"], check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())["runs"][0]["metrics"]
-
-
-def speed_factor(model, rounds) -> float:
-    """Measured over predicted time of the engines' rounds (>1: slower than the profile)."""
-    measured = predicted = 0.0
-    for chunk_indices, steps, ms in rounds:
-        ctx = sum(model.context_after("tiny", i) for i in chunk_indices) / len(chunk_indices)
-        predicted += model.round_ms("tiny", len(chunk_indices), ctx, steps) + len(chunk_indices) * model.fixed_ms("tiny")
-        measured += ms
-    return measured / predicted if predicted else 1.0
-
-
-def scaled_model(model, factor: float):
-    from dataclasses import replace
-
-    from turboserve.profile import ProfileLatencyModel
-    from turboserve.profile.format import RoundPoint
-
-    p = model.profile("tiny")
-    return ProfileLatencyModel([replace(p, rounds=[RoundPoint(r.batch, r.context_frames, r.round_ms * factor)
-                                                   for r in p.rounds], fixed_ms=p.fixed_ms * factor)])
 
 
 if __name__ == "__main__":

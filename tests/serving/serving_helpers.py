@@ -103,28 +103,3 @@ def tiny_latency_model():
     except (KeyError, ValueError, LookupError):
         model = load_latency_model([FALLBACK_PROFILE])
     return model
-
-
-def scaled_model(base, shape: str, factor: float):
-    """`base`'s profile of `shape` with every round and fixed cost times `factor` (DESIGN: a
-    profile scaled to another device, with the factor stated)."""
-    from dataclasses import replace
-
-    from turboserve.profile import ProfileLatencyModel
-    from turboserve.profile.format import RoundPoint
-
-    p = base.profile(shape)
-    scaled = replace(p, rounds=[RoundPoint(r.batch, r.context_frames, r.round_ms * factor) for r in p.rounds],
-                     fixed_ms=p.fixed_ms * factor, source=f"{p.source}; scaled x{factor:.3f}")
-    return ProfileLatencyModel([scaled])
-
-
-def speed_factor(model, shape: str, rounds) -> float:
-    """Measured over predicted time of the rounds `(batch chunk indices, steps, ms)` an
-    engine ran: how much slower (>1) or faster this machine ran than its profile."""
-    measured = predicted = 0.0
-    for chunk_indices, steps, ms in rounds:
-        ctx = sum(model.context_after(shape, i) for i in chunk_indices) / len(chunk_indices)
-        predicted += model.round_ms(shape, len(chunk_indices), ctx, steps) + len(chunk_indices) * model.fixed_ms(shape)
-        measured += ms
-    return measured / predicted if predicted else 1.0

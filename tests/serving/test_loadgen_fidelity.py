@@ -9,9 +9,11 @@ import math
 
 import pytest
 
-from serving_helpers import scaled_model, speed_factor, tiny_latency_model
+from serving_helpers import tiny_latency_model
 from turboserve.cli import main
 from turboserve.config import TurboConfig
+from turboserve.profile import ProfileLatencyModel
+from turboserve.profile.calibrate import calibrate
 from turboserve.serving.app import create_app
 from turboserve.serving.cli import demo_trace
 from turboserve.serving.embedded import build_runtime
@@ -62,14 +64,15 @@ def test_loadgen_replays_a_trace_and_agrees_with_simulate(live, capsys):
     assert live_metrics["gpu_hours"] > 0 and live_metrics["cost_usd"] > 0
 
     # This shared machine's speed swings with its load, so the simulator gets the profile
-    # scaled to the speed the engine actually ran at during this replay: what is compared
-    # is how latency arises from rounds, batching and scheduling, not today's CPU speed.
-    factor = speed_factor(model, "tiny", list(server.rounds))
-    sim = simulate(records, "turboserve", scaled_model(model, "tiny", factor), cfg, shape="tiny")
+    # calibrated on the rounds the engine ran during this replay: what is compared is how
+    # latency arises from rounds, batching and scheduling, not today's CPU speed.
+    timed = [(len(ix), sum(model.context_after("tiny", i) for i in ix) / len(ix), steps, ms)
+             for ix, steps, ms in server.rounds]
+    calibrated = calibrate(model.profile("tiny"), timed)
+    sim = simulate(records, "turboserve", ProfileLatencyModel([calibrated]), cfg, shape="tiny")
     sim_p50 = sim.summary["p50_chunk_latency_ms"]
     live_p50 = live_metrics["p50_chunk_latency_ms"]
-    print(f"p50 per-chunk latency: simulate {sim_p50:.1f} ms, live {live_p50:.1f} ms "
-          f"(profile scaled x{factor:.2f} to the engine's measured speed)")
+    print(f"p50 per-chunk latency: simulate {sim_p50:.1f} ms, live {live_p50:.1f} ms ({calibrated.source})")
     assert (sim.summary["chunks"], sim.summary["unfinished_chunks"]) == (expected, 0)
     assert math.isfinite(live_p50) and live_p50 > 0
     assert 1 / P50_RATIO_BOUND <= live_p50 / sim_p50 <= P50_RATIO_BOUND

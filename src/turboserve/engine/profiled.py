@@ -6,7 +6,9 @@ import/checkpoint/rebuild). Out: `RoundResult`s whose duration is
 formula of `policy.load.group_round_ms` for one round), state bytes from
 `model.state_bytes` at the shape's full window (what a session will hold at most, so the
 engine's memory accounting never has to grow), offload/restore durations over
-`config.link("host")`. With `frames=True` each chunk carries a tiny deterministic uint8
+`config.link("host")`. A profile with `jitter` (profile/format.py) makes each round's
+duration that prediction times a ratio drawn from it (`seed`: this executor's draws).
+With `frames=True` each chunk carries a tiny deterministic uint8
 frame (1, 8, 8, 3) tagging its session and chunk index, so tests can check order.
 
 The simulator calls `execute` millions of times: no numpy and no per-call allocation
@@ -15,6 +17,7 @@ beyond the outputs when `frames=False`; per-shape constants are cached.
 
 from __future__ import annotations
 
+import random
 import zlib
 from dataclasses import fields
 from typing import Any
@@ -30,8 +33,10 @@ class ProfiledExecutor:
     growth from it)."""
 
     def __init__(self, model: LatencyModel, config: TurboConfig | None = None, *,
-                 frames: bool = False) -> None:
+                 frames: bool = False, seed: int = 0) -> None:
         self.model = model
+        self._rng = random.Random(seed)
+        self._jitter: dict[str, tuple[float, ...]] = {}
         self.config = config if config is not None else TurboConfig()
         self.frames = frames
         host = self.config.link("host")
@@ -104,6 +109,14 @@ class ProfiledExecutor:
         n = len(plan.session_ids)
         key = plan.key
         duration = self.round_ms(key.model, n, sum(plan.context_frames) / n, key.steps) if n else 0.0
+        jitter = self._jitter.get(key.model)
+        if jitter is None:
+            jitter = self._jitter[key.model] = tuple(getattr(self.model, "jitter", lambda _: ())(key.model))
+        if jitter and n:  # inverse CDF: linear between the quantiles, endpoints included
+            pos = self._rng.random() * (len(jitter) - 1)
+            i = int(pos)
+            hi = jitter[i + 1] if i + 1 < len(jitter) else jitter[i]
+            duration *= jitter[i] + (hi - jitter[i]) * (pos - i)
         return RoundResult(plan, tuple(outputs), duration, errors)
 
     def offload(self, session_id: SessionId) -> TransferResult:

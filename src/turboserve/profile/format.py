@@ -31,8 +31,15 @@ Own format (`"format": "turboserve-profile/1"`), one shape per file::
       "activation_bytes": [{"batch": 1, "bytes": 100000000}, ...],
                                          # transient memory of one round at that batch
       "transfer": {"d2h_pinned_gbps": 55.1, "h2d_pinned_gbps": 52.1,
-                   "d2h_pageable_gbps": 14.2, "d2d_gbps": 1492.8}   # GB/s (1e9 bytes)
+                   "d2h_pageable_gbps": 14.2, "d2d_gbps": 1492.8},  # GB/s (1e9 bytes)
+      "jitter": [0.93, 0.97, 1.0, 1.08, 1.9]   # optional: a round's time over the table's,
+                                         # as evenly spaced quantiles (sorted, median ~1);
+                                         # absent or [] = rounds take exactly the table's time
     }
+
+`jitter` comes from `profile/calibrate.py` (rounds timed while serving); the simulator then
+draws each round's time from it (seeded per worker), which its p99 needs where rounds vary
+(e.g. CPU engines sharing cores with each other and the server).
 
 Shared reference format (`../shared/profiles/*.json`): top-level keys are model names whose
 value is a list of rows `{batch, cache_frames, chunk_tokens, passes, chunk_ms,
@@ -92,6 +99,7 @@ class ShapeProfile:
     source: str = ""
     device: str = ""
     measured_at: str = ""
+    jitter: list[float] = field(default_factory=list)  # round time / table time, quantiles
 
     @property
     def name(self) -> str:
@@ -117,6 +125,7 @@ class ShapeProfile:
             "state_bytes": [{"context_frames": c, "bytes": b} for c, b in self.state_bytes],
             "activation_bytes": [{"batch": n, "bytes": b} for n, b in self.activation_bytes],
             "transfer": dict(self.transfer),
+            **({"jitter": list(self.jitter)} if self.jitter else {}),
         }
 
 
@@ -196,6 +205,7 @@ def own_from_dict(data: dict, where: str = "<profile>") -> ShapeProfile:
         source=str(data.get("source", "")),
         device=str(data.get("device", "")),
         measured_at=str(data.get("measured_at", "")),
+        jitter=[float(x) for x in data.get("jitter", [])],
     )
     validate(profile, where)
     return profile
@@ -212,6 +222,8 @@ def validate(p: ShapeProfile, where: str) -> None:
             raise ProfileError(f"{where}: round {r} needs batch >= 1, context_frames >= 0, round_ms > 0")
     if p.fixed_ms < 0:
         raise ProfileError(f"{where}: fixed_ms must be >= 0")
+    if p.jitter and (min(p.jitter) <= 0 or list(p.jitter) != sorted(p.jitter)):
+        raise ProfileError(f"{where}: jitter must be positive ratios in ascending order (quantiles)")
 
 
 # ---------------------------------------------------------------- shared reference format

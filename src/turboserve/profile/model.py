@@ -172,6 +172,14 @@ class ProfileLatencyModel:
     def fixed_ms(self, shape: str) -> float:
         return self._table(shape).profile.fixed_ms
 
+    def jitter(self, shape: str) -> tuple[float, ...]:
+        """A round's time over `round_ms + batch * fixed_ms`, as quantiles; () = exact."""
+        return tuple(self._table(shape).profile.jitter)
+
+    @property
+    def has_jitter(self) -> bool:
+        return any(t.profile.jitter for t in self._tables.values())
+
     def state_bytes(self, shape: str, context_frames: float) -> int:
         t = self._table(shape)
         ctx = min(max(0.0, context_frames), float(t.info.window_frames))

@@ -27,6 +27,7 @@ one by one; see `sim/cruise.py` — results equal the round-by-round run.
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Callable
 
 from ..config import TurboConfig
@@ -89,7 +90,8 @@ class SimTransport:
         # Cruise needs a way (set by the driver) to count the chunks of rounds run in one
         # step into the controller's state. Without it, or with per-round hooks or frames,
         # every round goes through the heap.
-        self.cruise_enabled = cruise and not frames and on_outcome is None
+        self.cruise_enabled = cruise and not frames and on_outcome is None \
+            and not getattr(model, "has_jitter", False)  # drawn round times are never identical
         self.apply_rounds: Callable[[WorkerId, tuple[SessionId, ...], float, int], None] | None = None
         # (worker, completion s): a bulk-run round that changed nothing but the worker's phase
         self.note_phase: Callable[[WorkerId, float], None] | None = None
@@ -130,7 +132,9 @@ class SimTransport:
     def start_worker(self, wid: WorkerId, now_s: float, *, memory_bytes: int, ready: bool = False) -> None:
         if wid in self.workers:
             raise ValueError(f"worker {wid!r} already started")
-        engine = EngineCore(wid, ProfiledExecutor(self.model, self.config, frames=self.frames),
+        # each worker its own seeded draws of round-time jitter (profiles that have it)
+        seed = zlib.crc32(f"{self.config.sim.seed}:{wid}".encode())
+        engine = EngineCore(wid, ProfiledExecutor(self.model, self.config, frames=self.frames, seed=seed),
                             memory_bytes=memory_bytes, max_batch=self._max_batch, model=self.model)
         w = self.workers[wid] = _SimWorker(wid, engine)
         if ready:

@@ -1,0 +1,103 @@
+"""Calibrate a profile on rounds timed while serving.
+
+In: a `ShapeProfile` (measured by `turboserve profile`, engines alone on the device) and the
+rounds the live engines ran with it, each `(batch, mean context frames, steps, measured
+ms)` (`LiveRuntime.add_round_listener` gives them). Out: the same profile with its round
+times scaled by the median of measured over predicted, per batch size where that batch ran
+at least `MIN_BATCH_ROUNDS` rounds (the nearest such batch's scale elsewhere; the profile's
+batch curve need not hold under serving), the fixed per-chunk cost by the overall median,
+and `jitter` set to the quantiles of each round's ratio over its batch's scale.
+
+Why: a profile measured alone predicts how fast an engine runs alone. Where engines share
+what the profiler had to itself (CPU engines sharing cores with each other, the HTTP server
+and the video encoders), rounds run slower and vary: on a 2-core machine serving two CPU
+engines, batch-1 rounds profiled at 55 ms were timed at 55-130 ms. The median carries the
+slow-down into every prediction (placement and the autoscaler see it too); the jitter lets
+the simulator draw each round's time, which the tail of the chunk latencies follows. On a
+GPU the ratios sit near 1 and the calibration changes little.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from typing import Iterable
+
+from .format import RoundPoint, ShapeProfile
+from .model import ProfileLatencyModel
+
+JITTER_QUANTILES = 41  # 0%, 2.5%, ..., 100%
+MIN_ROUNDS = 20  # fewer timed rounds say too little about a distribution
+MIN_BATCH_ROUNDS = 10  # a batch size with fewer takes the nearest better-timed batch's scale
+
+
+def round_ratios(profile: ShapeProfile, rounds: Iterable[tuple[int, float, int, float]]
+                 ) -> list[tuple[int, float]]:
+    """(batch, measured over predicted time) of each timed round (batch >= 1, measured > 0)."""
+    model = ProfileLatencyModel([replace(profile, jitter=[])])
+    name, fixed = profile.name, profile.fixed_ms
+    out = []
+    for batch, context, steps, measured_ms in rounds:
+        if batch < 1 or measured_ms <= 0:
+            continue
+        predicted = model.round_ms(name, batch, context, steps) + batch * fixed
+        if predicted > 0:
+            out.append((batch, measured_ms / predicted))
+    return out
+
+
+def batch_scales(ratios: list[tuple[int, float]]) -> tuple[float, dict[int, float]]:
+    """(overall median ratio, batch -> median ratio of the batches timed often enough)."""
+    by_batch: dict[int, list[float]] = {}
+    for b, r in ratios:
+        by_batch.setdefault(b, []).append(r)
+    scales = {b: statistics.median(rs) for b, rs in by_batch.items() if len(rs) >= MIN_BATCH_ROUNDS}
+    return statistics.median(r for _, r in ratios), scales
+
+
+def scale_for(batch: int, overall: float, scales: dict[int, float]) -> float:
+    if batch in scales:
+        return scales[batch]
+    if not scales:
+        return overall
+    return scales[min(scales, key=lambda b: (abs(b - batch), b))]
+
+
+def quantiles(values: list[float], n: int = JITTER_QUANTILES) -> list[float]:
+    """n evenly spaced quantiles, 0% and 100% included (linear between order statistics)."""
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs * n
+    out = []
+    for i in range(n):
+        pos = i * (len(xs) - 1) / (n - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+    return out
+
+
+def calibrate(profile: ShapeProfile, rounds: Iterable[tuple[int, float, int, float]],
+              note: str = "") -> ShapeProfile:
+    """The profile scaled to the median measured/predicted ratio (per batch), with the
+    ratios' spread around it as `jitter`. Raises ValueError with fewer than MIN_ROUNDS
+    usable rounds."""
+    ratios = round_ratios(profile, rounds)
+    if len(ratios) < MIN_ROUNDS:
+        raise ValueError(f"calibration needs at least {MIN_ROUNDS} timed rounds of shape "
+                         f"{profile.name!r}, got {len(ratios)}")
+    overall, scales = batch_scales(ratios)
+    jitter = quantiles([r / scale_for(b, overall, scales) for b, r in ratios])
+    q = quantiles([r for _, r in ratios], 101)
+    per_batch = ", ".join(f"batch {b} x{v:.3f}" for b, v in sorted(scales.items()))
+    source = (f"{profile.source}; calibrated on {len(ratios)} rounds timed while serving"
+              f"{' (' + note + ')' if note else ''}: x{overall:.3f}{' (' + per_batch + ')' if per_batch else ''}, "
+              f"ratio p10/p90/p99 {q[10]:.2f}/{q[90]:.2f}/{q[99]:.2f}")
+    # A round's predicted time is its table time plus batch x fixed_ms; the fixed cost takes
+    # the overall scale, the table the rest, so batch b's whole prediction scales by its own.
+    fixed = profile.fixed_ms
+    rows = []
+    for r in profile.rounds:
+        total = scale_for(r.batch, overall, scales) * (r.round_ms + r.batch * fixed)
+        rows.append(RoundPoint(r.batch, r.context_frames, max(total - r.batch * fixed * overall, 1e-3)))
+    return replace(profile, rounds=rows, fixed_ms=fixed * overall, jitter=jitter, source=source.lstrip("; "))

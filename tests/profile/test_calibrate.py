@@ -1,0 +1,107 @@
+"""Calibration on rounds timed while serving, and round-time jitter: the profile scales to
+the median slow-down, the jitter keeps the spread, files keep both, and the simulator
+draws each round's time from it (seeded, so a run repeats) where it would otherwise
+predict every round alike."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import replace
+
+import pytest
+
+from turboserve.config import load_config
+from turboserve.profile import ProfileLatencyModel, load_latency_model, load_profiles, save_profile
+from turboserve.profile.calibrate import MIN_ROUNDS, calibrate, quantiles, round_ratios
+from turboserve.profile.format import ProfileError, RoundPoint
+from turboserve.sim.driver import simulate
+from turboserve.traces.synth import SynthConfig, synth_trace
+
+# demo91's shape with a monotone table (a measured table's envelope would blur exact checks)
+BASE = replace(load_latency_model().profile("demo91"),
+               rounds=[RoundPoint(b, c, 50.0 + 10.0 * b + 2.0 * c) for b in (1, 2, 4, 8, 16, 32) for c in (0, 6, 12)])
+
+
+def timed_rounds(ratios, seed=0, batches=(1,)):
+    """Rounds of the base profile whose measured time is its prediction times `ratios`."""
+    model = ProfileLatencyModel([BASE])
+    rng = random.Random(seed)
+    out = []
+    for r in ratios:
+        batch, ctx = rng.choice(batches), rng.choice([0, 4, 12])
+        out.append((batch, ctx, 4, r * (model.round_ms("demo91", batch, ctx, 4) + batch * BASE.fixed_ms)))
+    return out
+
+
+def test_calibration_scales_to_the_median_and_keeps_the_spread(tmp_path):
+    ratios = [1.2] * 60 + [1.3] * 20 + [2.4] * 20  # median 1.2: a slow-down and a slow tail
+    cal = calibrate(BASE, timed_rounds(ratios))
+    assert [r.round_ms for r in cal.rounds] == pytest.approx([1.2 * r.round_ms for r in BASE.rounds])
+    assert cal.fixed_ms == pytest.approx(1.2 * BASE.fixed_ms)
+    assert statistics.median(cal.jitter) == pytest.approx(1.0)
+    assert cal.jitter[-1] == pytest.approx(2.0) and cal.jitter == sorted(cal.jitter)
+    assert "x1.200" in cal.source
+    # the calibrated profile predicts the measured rounds' median exactly
+    assert statistics.median(r for _, r in round_ratios(cal, timed_rounds(ratios))) == pytest.approx(1.0)
+    path = tmp_path / "cal.json"
+    save_profile(cal, path)
+    back = load_profiles(path)[0]
+    assert back.jitter == pytest.approx(cal.jitter)
+    assert ProfileLatencyModel([back]).jitter("demo91") == pytest.approx(tuple(cal.jitter))
+
+
+def test_each_batch_size_timed_often_enough_gets_its_own_scale():
+    """Under serving the profile's batch curve need not hold: batch 1 ran 1.1x slower than
+    profiled, batch 2 1.5x; each batch's prediction takes its own scale, and a batch never
+    timed takes the nearest timed one's."""
+    model = ProfileLatencyModel([BASE])
+    rounds = []
+    for i in range(40):
+        for batch, ratio in ((1, 1.1), (2, 1.5)):
+            ctx = (0, 4, 12)[i % 3]
+            rounds.append((batch, ctx, 4, ratio * (model.round_ms("demo91", batch, ctx, 4) + batch * BASE.fixed_ms)))
+    cal = ProfileLatencyModel([calibrate(BASE, rounds)])
+    for batch, ratio in ((1, 1.1), (2, 1.5), (4, 1.5)):
+        for ctx in (0, 12):
+            want = ratio * (model.round_ms("demo91", batch, ctx, 4) + batch * BASE.fixed_ms)
+            got = cal.round_ms("demo91", batch, ctx, 4) + batch * cal.fixed_ms("demo91")
+            assert got == pytest.approx(want, rel=1e-6), (batch, ctx)
+    assert cal.jitter("demo91") == pytest.approx((1.0,) * 41)  # no spread left once each batch is scaled
+
+
+def test_too_few_rounds_or_bad_jitter_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="at least"):
+        calibrate(BASE, timed_rounds([1.0] * (MIN_ROUNDS - 1)))
+    cal = calibrate(BASE, timed_rounds([1.0, 1.1] * MIN_ROUNDS))
+    cal.jitter = [1.2, 1.0]
+    path = tmp_path / "bad.json"
+    save_profile(cal, path)
+    with pytest.raises(ProfileError, match="jitter"):
+        load_profiles(path)
+
+
+def test_quantiles_include_both_ends():
+    assert quantiles([3.0, 1.0, 2.0], 5) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert quantiles([2.0], 3) == [2.0, 2.0, 2.0]
+
+
+def test_the_simulator_draws_round_times_from_the_jitter():
+    records = synth_trace(SynthConfig(hours=0.1, seed=3, rate_per_min=20.0))
+    cfg = load_config(None, ["cluster.gpus=2", "sim.progress=false"])
+    plain = load_latency_model()
+    plain.add_profile(BASE)
+    exact = simulate(records, "static-ll", plain, cfg).summary
+    cal = calibrate(BASE, timed_rounds([1.0] * 80 + [1.6] * 20))
+    model = load_latency_model()
+    model.add_profile(cal)
+    a = simulate(records, "static-ll", model, cfg).summary
+    b = simulate(records, "static-ll", model, cfg).summary
+    assert all(a[k] == b[k] for k in a if not k.startswith("decision_ms"))  # seeded: a run repeats
+    assert a["rounds_cruised"] == 0 and exact["rounds_cruised"] > 0  # drawn rounds are never alike
+    # the same median round: the typical chunk moves by what the slow rounds add, the tail more
+    assert exact["p50_chunk_latency_ms"] <= a["p50_chunk_latency_ms"] <= 1.6 * exact["p50_chunk_latency_ms"]
+    assert a["p99_chunk_latency_ms"] > 1.3 * exact["p99_chunk_latency_ms"]
+    other = simulate(records, "static-ll", model, load_config(None, ["cluster.gpus=2", "sim.progress=false",
+                                                                      "sim.seed=1"])).summary
+    assert other["mean_chunk_latency_ms"] != a["mean_chunk_latency_ms"]  # another seed, other draws
