@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     from turboserve.config import TurboConfig
     from turboserve.profile import ProfileLatencyModel, load_latency_model, save_profile
-    from turboserve.profile.calibrate import calibrate
+    from turboserve.profile.calibrate import calibrate, timed_round
     from turboserve.serving.app import create_app
     from turboserve.serving.cli import demo_trace
     from turboserve.serving.embedded import build_runtime
@@ -89,9 +89,7 @@ def main(argv=None) -> int:
             server_side.append(d.latency_ms)
     runtime.add_listener(on_chunk, lambda *a: None)
     rounds = []  # (batch, mean context, steps, measured ms) of every round the engines ran
-    runtime.add_round_listener(lambda wid, o: rounds.append(
-        (len(o.chunk_indices), sum(model.context_after("tiny", i) for i in o.chunk_indices) / len(o.chunk_indices),
-         o.key.steps, o.duration_ms)))
+    runtime.add_round_listener(lambda wid, o: rounds.append(timed_round(model, o)) if o.chunk_indices else None)
     with ServerThread(create_app(runtime, cfg)) as srv:
         print(f"calibration replay: {len(calibration)} sessions (seed {args.seed + 1})", file=sys.stderr)
         replay_live(calibration, srv.base_url, tmp, args.client_in_process)

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sim)
 
     prof = sub.add_parser("profile", help="measure a model on this machine and write a profile")
-    prof.add_argument("--model", required=True, help="model config: tiny, helios-tiny, wan1.3b, ...")
+    prof.add_argument("--model", default=None, help="model config: tiny, helios-tiny, wan1.3b, ...")
     prof.add_argument("--weights", default=None)
     prof.add_argument("--device", default="cpu")
     prof.add_argument("--out", required=True)
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--size", default=None, help="video WIDTHxHEIGHT, e.g. 208x112 (default: the model's)")
     prof.add_argument("--frames-per-chunk", type=int, default=None, help="video frames per chunk (multiple of 4)")
     prof.add_argument("--name", default=None, help="shape name in the written profile (default: the model name)")
+    prof.add_argument("--calibrate", default=None, metavar="ROUNDS",
+                      help="measure nothing: fit --base to the rounds `serve --record-rounds` timed")
+    prof.add_argument("--base", default=None, help="with --calibrate: the profile file (or built-in shape) served with")
     _common(prof)
 
     gen = sub.add_parser("generate", help="generate videos for a few prompts, no server")
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", default="local", choices=["local", "ray"])
     serve.add_argument("--workers", type=int, default=None, help="engines (default: one per device, 2 on CPU)")
     serve.add_argument("--profile", default=None, help="latency profile JSON of the model (turboserve profile output)")
+    serve.add_argument("--record-rounds", default=None, metavar="FILE",
+                       help="append every round's batch, context and measured ms to FILE (JSONL), "
+                            "for `turboserve profile --calibrate`")
     _common(serve)
 
     lg = sub.add_parser("loadgen", help="replay a trace against a running server")

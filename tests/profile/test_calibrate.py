@@ -105,3 +105,23 @@ def test_the_simulator_draws_round_times_from_the_jitter():
     other = simulate(records, "static-ll", model, load_config(None, ["cluster.gpus=2", "sim.progress=false",
                                                                       "sim.seed=1"])).summary
     assert other["mean_chunk_latency_ms"] != a["mean_chunk_latency_ms"]  # another seed, other draws
+
+
+def test_recorded_rounds_read_back_and_a_bad_line_is_named(tmp_path):
+    from types import SimpleNamespace
+
+    from turboserve.profile.calibrate import RoundRecorder, read_rounds
+    from turboserve.types import SessionSpec
+
+    model = load_latency_model()
+    key = SessionSpec(model="demo91").compat_key
+    rec = RoundRecorder(tmp_path / "r.jsonl", model)
+    rec("w0", SimpleNamespace(key=key, chunk_indices=(0, 20), duration_ms=80.0))
+    rec("w0", SimpleNamespace(key=key, chunk_indices=(), duration_ms=0.0))  # nothing ran: not a round
+    rec.close()
+    window_ctx = model.context_after("demo91", 20)
+    assert read_rounds(tmp_path / "r.jsonl", "demo91") == [(2, window_ctx / 2, 4, 80.0)]
+    assert read_rounds(tmp_path / "r.jsonl", "tiny") == []
+    (tmp_path / "r.jsonl").write_text('{"shape": "demo91", "batch": 1}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:1: not a timed round"):
+        read_rounds(tmp_path / "r.jsonl", "demo91")

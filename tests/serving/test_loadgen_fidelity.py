@@ -12,8 +12,8 @@ import pytest
 from serving_helpers import tiny_latency_model
 from turboserve.cli import main
 from turboserve.config import TurboConfig
-from turboserve.profile import ProfileLatencyModel
-from turboserve.profile.calibrate import calibrate
+from turboserve.profile import ProfileLatencyModel, load_profiles, save_profile
+from turboserve.profile.calibrate import RoundRecorder
 from turboserve.serving.app import create_app
 from turboserve.serving.cli import demo_trace
 from turboserve.serving.embedded import build_runtime
@@ -38,11 +38,13 @@ def live(tmp_path_factory):
                                         "cluster.gpus=1", "cluster.min_gpus=1"])
     model = tiny_latency_model()
     runtime = build_runtime(cfg, model="tiny", workers=1, latency_model=model, warmup_chunks=2)
-    rounds = []  # (chunk indices, steps, measured ms) of every round the engine ran
-    runtime.add_round_listener(lambda wid, o: rounds.append((o.chunk_indices, o.key.steps, o.duration_ms)))
+    # every round the engine ran, as `turboserve serve --record-rounds` writes them
+    recorder = RoundRecorder(tmp / "rounds.jsonl", model)
+    runtime.add_round_listener(recorder)
     with ServerThread(create_app(runtime, cfg)) as srv:
-        srv.rounds = rounds
+        srv.rounds_file = tmp / "rounds.jsonl"
         yield srv, cfg, model, tmp
+    recorder.close()
 
 
 def test_loadgen_replays_a_trace_and_agrees_with_simulate(live, capsys):
@@ -64,11 +66,16 @@ def test_loadgen_replays_a_trace_and_agrees_with_simulate(live, capsys):
     assert live_metrics["gpu_hours"] > 0 and live_metrics["cost_usd"] > 0
 
     # This shared machine's speed swings with its load, so the simulator gets the profile
-    # calibrated on the rounds the engine ran during this replay: what is compared is how
-    # latency arises from rounds, batching and scheduling, not today's CPU speed.
-    timed = [(len(ix), sum(model.context_after("tiny", i) for i in ix) / len(ix), steps, ms)
-             for ix, steps, ms in server.rounds]
-    calibrated = calibrate(model.profile("tiny"), timed)
+    # calibrated on the rounds the engine ran during this replay (`turboserve profile
+    # --calibrate`): what is compared is how latency arises from rounds, batching and
+    # scheduling, not today's CPU speed.
+    base = tmp / "tiny-base.json"
+    save_profile(model.profile("tiny"), base)
+    calibrated_file = tmp / "tiny-calibrated.json"
+    assert main(["profile", "--calibrate", str(server.rounds_file), "--base", str(base),
+                 "--out", str(calibrated_file)]) == 0
+    calibrated = load_profiles(calibrated_file)[0]
+    assert calibrated.jitter and calibrated.name == "tiny"
     sim = simulate(records, "turboserve", ProfileLatencyModel([calibrated]), cfg, shape="tiny")
     sim_p50 = sim.summary["p50_chunk_latency_ms"]
     live_p50 = live_metrics["p50_chunk_latency_ms"]

@@ -15,13 +15,20 @@ engines, batch-1 rounds profiled at 55 ms were timed at 55-130 ms. The median ca
 slow-down into every prediction (placement and the autoscaler see it too); the jitter lets
 the simulator draw each round's time, which the tail of the chunk latencies follows. On a
 GPU the ratios sit near 1 and the calibration changes little.
+
+From the command line: `turboserve serve --record-rounds R.jsonl` writes one line per
+round (`RoundRecorder`), and `turboserve profile --calibrate R.jsonl --base P --out F`
+writes the calibrated profile (`read_rounds`, `calibrate`).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import threading
 from dataclasses import replace
-from typing import Iterable
+from pathlib import Path
+from typing import Any, Iterable
 
 from .format import RoundPoint, ShapeProfile
 from .model import ProfileLatencyModel
@@ -101,3 +108,53 @@ def calibrate(profile: ShapeProfile, rounds: Iterable[tuple[int, float, int, flo
         total = scale_for(r.batch, overall, scales) * (r.round_ms + r.batch * fixed)
         rows.append(RoundPoint(r.batch, r.context_frames, max(total - r.batch * fixed * overall, 1e-3)))
     return replace(profile, rounds=rows, fixed_ms=fixed * overall, jitter=jitter, source=source.lstrip("; "))
+
+
+def timed_round(model: Any, outcome: Any) -> tuple[int, float, int, float]:
+    """(batch, mean context frames, steps, measured ms) of a finished round (an engine's
+    `RoundOutcome`); contexts from the latency model's growth rule, as the scheduler has them."""
+    shape = outcome.key.model
+    idx = outcome.chunk_indices
+    ctx = sum(model.context_after(shape, i) for i in idx) / len(idx) if idx else 0.0
+    return len(idx), ctx, outcome.key.steps, outcome.duration_ms
+
+
+class RoundRecorder:
+    """A round listener (`LiveRuntime.add_round_listener`) appending one JSON line per round:
+    `{"shape", "batch", "context_frames", "steps", "round_ms"}`. Thread-safe (engines call
+    it from their own threads); `close()` when done."""
+
+    def __init__(self, path: str | Path, model: Any):
+        self.model = model
+        self._lock = threading.Lock()
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed by close()
+
+    def __call__(self, worker_id: Any, outcome: Any) -> None:
+        if not outcome.chunk_indices:
+            return
+        batch, ctx, steps, ms = timed_round(self.model, outcome)
+        line = json.dumps({"shape": outcome.key.model, "batch": batch, "context_frames": ctx,
+                           "steps": steps, "round_ms": ms})
+        with self._lock:
+            self._file.write(line + "\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def read_rounds(path: str | Path, shape: str) -> list[tuple[int, float, int, float]]:
+    """The rounds of `shape` in a file `RoundRecorder` wrote; a bad line is an error naming it."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                if d["shape"] == shape:
+                    out.append((int(d["batch"]), float(d["context_frames"]), int(d["steps"]), float(d["round_ms"])))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a timed round ({type(e).__name__}: {e}); expected "
+                                 '{"shape", "batch", "context_frames", "steps", "round_ms"}') from None
+    return out

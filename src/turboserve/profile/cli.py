@@ -1,12 +1,16 @@
-"""`turboserve profile --model M [--weights W] --device cpu|cuda --out F [--quick]`.
+"""`turboserve profile --model M [--weights W] --device cpu|cuda --out F [--quick]`, and
+`turboserve profile --calibrate ROUNDS --base P --out F`.
 
 In: parsed CLI args. Out: a `turboserve-profile/1` JSON file at `--out` (the shape is
 named after the model config), a progress bar while measuring, and a short summary table
-on stdout. `simulate --model F` and the live scheduler plan with that file.
+on stdout. `simulate --model F` and the live scheduler plan with that file. With
+`--calibrate`, nothing is measured: profile P (a file, or a built-in shape) is fitted to
+the rounds `turboserve serve --record-rounds ROUNDS` timed (profile/calibrate.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -15,10 +19,14 @@ def run(args) -> int:
     from .format import load_profiles, save_profile
     from .profiler import profile_model
 
-    device = resolve_device(args.device)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "calibrate", None):
+        return run_calibrate(args, out)
+    if not getattr(args, "model", None):
+        raise ValueError("--model is required (or --calibrate ROUNDS --base PROFILE)")
+    device = resolve_device(args.device)
     profile = profile_model(args.model, weights=args.weights, device=device, quick=bool(args.quick),
                             seed=int(getattr(args, "seed", 0) or 0), shape_name=getattr(args, "name", None),
                             batches=_ints(getattr(args, "batches", None), "--batches"),
@@ -27,6 +35,30 @@ def run(args) -> int:
     save_profile(profile, out)
     load_profiles(out)  # what we wrote must read back (validates every field)
     print(summary(profile))
+    print(f"wrote {out}")
+    return 0
+
+
+def run_calibrate(args, out: Path) -> int:
+    from . import load_latency_model
+    from .calibrate import calibrate, read_rounds
+    from .format import load_profiles, save_profile
+
+    base = getattr(args, "base", None)
+    if not base:
+        raise ValueError("--calibrate needs --base: the profile the rounds ran with (a file or a built-in shape)")
+    if Path(base).exists():
+        profile = load_profiles(base)[0]
+    else:
+        profile = load_latency_model().profile(base)
+    rounds = read_rounds(args.calibrate, profile.name)
+    calibrated = calibrate(profile, rounds, note=str(args.calibrate))
+    if getattr(args, "name", None):
+        calibrated = replace(calibrated, shape=replace(calibrated.shape, name=args.name))
+    save_profile(calibrated, out)
+    load_profiles(out)
+    print(summary(calibrated))
+    print(calibrated.source)
     print(f"wrote {out}")
     return 0
 

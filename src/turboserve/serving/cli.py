@@ -41,13 +41,25 @@ def run_serve(args) -> int:
                                 port=args.port if args.port is not None else config.serve.port)
     config = dataclasses.replace(config, serve=serve)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..profile import load_latency_model
+
+    model = load_latency_model(_profiles(args))
     runtime = build_runtime(config, model=args.model, weights=args.weights, policy=args.policy,
-                            backend=args.backend, workers=args.workers,
-                            extra_profiles=_profiles(args))
+                            backend=args.backend, workers=args.workers, latency_model=model)
+    recorder = None
+    if getattr(args, "record_rounds", None):
+        from ..profile.calibrate import RoundRecorder
+
+        recorder = RoundRecorder(args.record_rounds, model)
+        runtime.add_round_listener(recorder)
     app = create_app(runtime, config)
     print(f"turboserve: serving {args.model} with policy {args.policy} on "
           f"http://{serve.host}:{serve.port} (web page at /, API docs at /docs)", file=sys.stderr)
-    uvicorn.run(app, host=serve.host, port=serve.port, log_level="info", ws="websockets-sansio")
+    try:
+        uvicorn.run(app, host=serve.host, port=serve.port, log_level="info", ws="websockets-sansio")
+    finally:
+        if recorder is not None:
+            recorder.close()
     return 0
 
 
