@@ -15,6 +15,7 @@ the output states.
 
     python bench/sim_matrix.py --quick                  # one small cell
     python bench/sim_matrix.py --shapes demo91 --gpus 8,16 --hours 0.5 --json out.json
+    python bench/sim_matrix.py --shapes demo91 --set autoscale.spare_fraction=0.125 --json out.json
 
 Prints a table and writes JSON (`--json`, default bench/results/sim_matrix.json).
 """
@@ -85,9 +86,9 @@ def _reduction(new: float, old: float) -> float | None:
 
 
 def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: float | None,
-             cache: Path, model) -> dict:
+             cache: Path, model, extra: tuple[str, ...] = ()) -> dict:
     path = make_trace(kind, shape, gpus, hours, seed, slo_ms, cache, model)
-    overrides = [f"cluster.gpus={gpus}", "sim.progress=false"]
+    overrides = [f"cluster.gpus={gpus}", "sim.progress=false", *extra]
     if slo_ms is not None:
         overrides.append(f"slo.slo_ms={slo_ms}")
     config = load_config(None, overrides)
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="explicit SLO for wan14b-480p (infeasible at its 750 ms playback time on an H100)")
     ap.add_argument("--cache", default=str(REPO / "runs" / "bench-traces"), help="where made traces are kept (git-ignored)")
     ap.add_argument("--json", dest="json_out", default=str(REPO / "bench" / "results" / "sim_matrix.json"))
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override for every run, e.g. autoscale.spare_fraction=0.125 (repeatable)")
     args = ap.parse_args(argv)
     shapes = args.shapes.split(",")
     clusters = [int(g) for g in args.gpus.split(",")]
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in traces:
                 print(f"cell {shape} x {gpus} GPUs x {kind} ...", flush=True)
                 try:
-                    cells.append(run_cell(shape, gpus, kind, hours, args.seed, slo, cache, model))
+                    cells.append(run_cell(shape, gpus, kind, hours, args.seed, slo, cache, model, tuple(args.set)))
                 except Exception as e:  # noqa: BLE001 - one cell's failure must not lose the matrix
                     print(f"cell {shape} x {gpus} GPUs x {kind} failed: {type(e).__name__}: {e}", flush=True)
                     cells.append({"shape": shape, "gpus": gpus, "trace": kind, "sessions": 0, "wall_s": 0.0,
