@@ -165,11 +165,13 @@ def ratios_by_batch(profile, rounds) -> dict[int, tuple[int, float, float]]:
     """batch -> (rounds, p50, p90 of measured over profiled time)."""
     from turboserve.profile.calibrate import round_ratios
 
+    by: dict[int, list[float]] = {}
+    for b, r in round_ratios(profile, rounds):
+        by.setdefault(b, []).append(r)
     out = {}
-    for b in sorted({r[0] for r in rounds}):
-        ratios = sorted(x for _, x in round_ratios(profile, [r for r in rounds if r[0] == b]))
-        if ratios:
-            out[b] = (len(ratios), ratios[len(ratios) // 2], ratios[int(0.9 * (len(ratios) - 1))])
+    for b, rs in sorted(by.items()):
+        rs.sort()
+        out[b] = (len(rs), rs[len(rs) // 2], rs[int(0.9 * (len(rs) - 1))])
     return out
 
 

@@ -119,6 +119,7 @@ def test_recorded_rounds_read_back_and_a_bad_line_is_named(tmp_path):
     rec("w0", SimpleNamespace(key=key, chunk_indices=(0, 20), duration_ms=80.0))
     rec("w0", SimpleNamespace(key=key, chunk_indices=(), duration_ms=0.0))  # nothing ran: not a round
     rec.close()
+    rec("w0", SimpleNamespace(key=key, chunk_indices=(1,), duration_ms=50.0))  # after close: dropped
     window_ctx = model.context_after("demo91", 20)
     assert read_rounds(tmp_path / "r.jsonl", "demo91") == [(2, window_ctx / 2, 4, 80.0)]
     assert read_rounds(tmp_path / "r.jsonl", "tiny") == []

@@ -136,7 +136,8 @@ class RoundRecorder:
         line = json.dumps({"shape": outcome.key.model, "batch": batch, "context_frames": ctx,
                            "steps": steps, "round_ms": ms})
         with self._lock:
-            self._file.write(line + "\n")
+            if not self._file.closed:  # a round finishing while the server shuts down
+                self._file.write(line + "\n")
 
     def close(self) -> None:
         with self._lock:
