@@ -239,6 +239,9 @@ class FakeCluster:
                 del self.workers[w.id]
 
     def pause(self, sid: str) -> None:
+        if sid in self.migrating:  # paused in transit: it lands idle, out of the source's load now
+            self._was_active[sid] = False
+            return
         self.set_session(sid, state=SessionState.IDLE, last_change_s=self.now_s)
 
     def resume(self, sid: str) -> None:

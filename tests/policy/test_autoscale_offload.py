@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from policy_fakes import FakeCluster, run_policy
+from policy_fakes import FakeCluster, FakeLatencyModel, fake_shape, run_policy, spec
 
 from turboserve.config import TurboConfig
 from turboserve.policy.demand import DemandWindow, scan_cluster
+from turboserve.policy.offload import resume_meets_slo
 from turboserve.policy.registry import get_policy
 from turboserve.policy.whatif import ModelCache
 from turboserve.types import SessionState, WorkerState
@@ -198,6 +199,28 @@ def test_grace_period_offloads_only_long_idle_sessions():
     assert get_policy("turboserve-no-offload").decide(c.view(), p.initial_memory()).offloads == ()
 
 
+def test_grace_keeps_idle_sessions_whose_restore_would_miss_the_slo():
+    # "big": 41 GB of state, ~1.6 s to restore over PCIe, against a 750 ms SLO; "fake": 1 GB
+    model = FakeLatencyModel(fake_shape(), fake_shape("big", state_base_bytes=40 * 10**9))
+    c = FakeCluster(model=model, config=_cfg(), now_s=100.0)
+    cache = ModelCache(model, c.config.engine.max_batch)
+    view = c.view()
+    assert resume_meets_slo(view, cache, spec().compat_key, 750.0)
+    assert not resume_meets_slo(view, cache, spec("big").compat_key, 750.0)
+    w = c.add_worker()
+    big = c.add_session(w, state=SessionState.IDLE, since_s=80.0, context=21, spec_=spec("big"))
+    small = c.add_session(w, state=SessionState.IDLE, since_s=90.0, context=21)
+    p = get_policy("turboserve")
+    d = p.decide(c.view(), p.initial_memory())
+    assert d.offloads == (small,)  # the big one stays: its first chunk back would be late
+    # under pressure it goes all the same: a queued session must not wait for a new GPU
+    c.now_s = 200.0
+    c.sessions.pop(small)
+    new = c.add_session(None, spec_=spec("big"))
+    d = p.decide(c.view(), p.initial_memory())
+    assert d.offloads == (big,) and new not in {x.session_id for x in d.placements}
+
+
 def test_memory_pressure_offloads_at_once_where_it_makes_room():
     full = 100e6 + 50e6 * 21
     c = FakeCluster(config=_cfg(gpus=2), now_s=100.0, memory_bytes=int(4.5 * full))
@@ -253,6 +276,18 @@ def test_rise_is_the_least_squares_slope_and_never_negative():
         falling = falling.observe(float(t), 10.0 - 0.1 * t, window_s=120.0)
     assert falling.rise_per_s(60.0, 4.0, 60.0) == 0.0
     assert DemandWindow().rise_per_s(0.0, 1.0, 60.0) == 0.0
+
+
+def test_rise_discounted_by_its_standard_error_ignores_a_lone_step():
+    ramp, step = DemandWindow(), DemandWindow()
+    for t in range(0, 30, 2):
+        ramp = ramp.observe(float(t), 0.1 * t, window_s=120.0)
+        step = step.observe(float(t), 2.0 if t < 26 else 2.5, window_s=120.0)  # one arrival at the end
+    # an exact ramp has no error: the discount changes nothing
+    assert math.isclose(ramp.rise_per_s(30.0, 3.0, 30.0, z=2.0), 0.1, rel_tol=1e-9)
+    raw = step.rise_per_s(30.0, 2.5, 30.0)
+    assert raw * 120.0 > 1.0  # projected over a 2-minute lookahead: two more sessions' worth
+    assert step.rise_per_s(30.0, 2.5, 30.0, z=2.0) < 0.5 * raw
 
 
 def test_lookahead_provisions_a_ramp_one_startup_delay_early():

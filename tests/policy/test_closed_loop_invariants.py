@@ -59,7 +59,7 @@ def test_invariants_hold_over_random_event_sequences(name, events, instant, memo
         elif sids:
             sid = sids[pick % len(sids)]
             s = c.sessions[sid]
-            if kind == "pause" and s.state is SessionState.ACTIVE:
+            if kind == "pause" and s.state in (SessionState.ACTIVE, SessionState.MIGRATING):
                 c.pause(sid)
             elif kind == "resume" and s.state in (SessionState.IDLE, SessionState.OFFLOADED):
                 c.resume(sid)

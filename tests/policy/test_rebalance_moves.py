@@ -204,6 +204,26 @@ def test_draining_worker_is_emptied_within_the_slo():
     assert not v.workers[d].sessions
 
 
+def test_a_session_paused_in_transit_is_not_counted_off_its_source_twice():
+    # found by the simulator: 4 moves off a draining worker in flight, one of them paused on
+    # the way (the view's group drops it, the policy's record still says active), then the
+    # worker's two remaining sessions drained: the what-if ran out of sessions to remove
+    c = FakeCluster(config=_cfg(max_moves_per_decision=4))
+    a, b, d = c.add_worker(), c.add_worker(), c.add_worker()
+    for _ in range(6):
+        c.add_session(d, context=21)
+    c.workers[d].state = WorkerState.DRAINING
+    p = get_policy("turboserve-no-autoscale")
+    first = p.decide(c.view(), p.initial_memory())
+    assert len(first.migrations) == 4
+    c.apply(first, instant=False)
+    c.pause(first.migrations[0].session_id)
+    c.now_s += 1.0
+    second = p.decide(c.view(), first.memory)
+    left = {sid for sid, s in c.sessions.items() if s.worker == d and s.state is SessionState.ACTIVE}
+    assert {m.session_id for m in second.migrations} == left and len(left) == 2
+
+
 def test_draining_waits_when_no_worker_stays_within_the_slo():
     cfg = replace(TurboConfig(), slo=replace(TurboConfig().slo, slo_ms=150.0))
     c = FakeCluster(config=cfg)

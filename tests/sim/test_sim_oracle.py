@@ -59,6 +59,15 @@ def test_cost_bound_integrates_ceil_of_active_over_capacity():
     assert throughput_lower_bound_gpu_hours(records, model, {key: 250.0}, 10**6) <= lb + 1e-12
 
 
+def test_an_slo_above_playback_paces_the_nominal_schedule():
+    records = [rec(0, 10.0, (0.9, 5.0), (1.0, 0.0))]  # 4 chunks, idle 5 s, 4 chunks
+    d = nominal_demand(records, {SPEC.compat_key: 500.0})[SPEC.compat_key]  # 2x playback
+    assert list(d.starts_s) == [10.0, 17.0] and list(d.ends_s) == [12.0, 19.0]
+    assert d.chunk_period_s == 0.5
+    same = nominal_demand(records, {SPEC.compat_key: 100.0})[SPEC.compat_key]  # below: playback
+    assert list(same.ends_s) == [11.0, 17.0]
+
+
 def test_idle_gaps_shape_the_nominal_schedule():
     records = [rec(0, 10.0, (0.9, 5.0), (1.0, 0.0))]  # 4 chunks, idle 5 s, 4 chunks
     d = nominal_demand(records)[SPEC.compat_key]

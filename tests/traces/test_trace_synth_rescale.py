@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from turboserve.profile import load_latency_model
 from turboserve.traces.rescale import (active_intervals, demand_curve, fit_factor, fit_to_gpus, peak_concurrent_active,
-                                       peak_demand)
+                                       peak_demand, slo_pace)
 from turboserve.traces.synth import SessionLaw, SynthConfig, synth_trace
 from turboserve.types import Period, SessionRecord, SessionSpec
 
@@ -84,6 +84,17 @@ def test_demand_curve_by_hand():
     cap2 = MODEL.capacity("demo91", 250.0, 2)
     assert cap2 > cap
     assert peak_demand([_rec(0, 0, (5, 0), steps=2)], MODEL, "demo91")[0] == pytest.approx(1 / cap2)
+
+
+def test_an_explicit_slo_above_playback_stretches_the_active_periods():
+    # wan14b-480p chunks play for 750 ms; served at a 3 s SLO a period lasts 4x longer, so
+    # two sessions 10 s apart with 5 s of playback each overlap
+    rs = [_rec(0, 0.0, (5, 2), (5, 0)), _rec(1, 10.0, (5, 0))]
+    assert slo_pace(MODEL, "wan14b-480p", None) == 1.0
+    assert slo_pace(MODEL, "demo91", 200.0) == 1.0  # never shorter than playback
+    assert slo_pace(MODEL, "wan14b-480p", 3000.0) == pytest.approx(4.0)
+    assert active_intervals(rs[0], pace=4.0) == [(0.0, 20.0), (22.0, 42.0)]
+    assert peak_demand(rs, MODEL, "wan14b-480p", slo_ms=3000.0)[0] == pytest.approx(2.0)
 
 
 def test_infeasible_shape_is_an_error():

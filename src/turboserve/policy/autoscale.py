@@ -75,7 +75,7 @@ def lookahead_rise(a: AutoscaleConfig, demand: DemandWindow, now_s: float, curre
     if a.lookahead_s <= 0:
         return 0.0
     span = a.rise_window_s if a.rise_window_s > 0 else a.lookahead_s
-    return demand.rise_per_s(now_s, current, span)
+    return demand.rise_per_s(now_s, current, span, a.rise_confidence_z)
 
 
 def spare_gpus(view: ClusterView) -> float:

@@ -151,10 +151,13 @@ class DemandWindow:
         return replace(self, samples=samples, std=_std([d for _, d in samples]))
 
 
-    def rise_per_s(self, now_s: float, demand: float, span_s: float) -> float:
+    def rise_per_s(self, now_s: float, demand: float, span_s: float, z: float = 0.0) -> float:
         """Least-squares slope (GPUs per second) of demand over the last `span_s`,
-        the current value included, scaled down while the samples cover less than the
-        span; 0 when falling or with too few samples."""
+        the current value included, less `z` standard errors of that slope, scaled down
+        while the samples cover less than the span; 0 when falling or with too few samples.
+        The discount keeps a lone arrival (a step of one session's share) from being read
+        as a ramp: demand is a step function of sessions, and a slope fitted to one step
+        near the end of the window is large but has a large standard error too."""
         pts = [(t, d) for t, d in self.samples if t >= now_s - span_s and t < now_s]
         pts.append((now_s, demand))
         if len(pts) < 3:
@@ -165,7 +168,11 @@ class DemandWindow:
         var = sum((t - mt) ** 2 for t, _ in pts)
         if var <= 0.0:
             return 0.0
-        slope = max(0.0, sum((t - mt) * (d - md) for t, d in pts) / var)
+        slope = sum((t - mt) * (d - md) for t, d in pts) / var
+        if z > 0.0 and slope > 0.0:
+            resid = sum((d - md - slope * (t - mt)) ** 2 for t, d in pts)
+            slope -= z * math.sqrt(resid / max(n - 2, 1) / var)
+        slope = max(0.0, slope)
         # Trust a slope in proportion to the history it was fitted to: a few seconds of
         # samples (just after a start) would otherwise be projected over the whole span.
         covered_s = now_s - pts[0][0]

@@ -6,6 +6,10 @@ pending sessions that found no feasible worker. Out: session ids to offload.
 
 - Grace: an idle session idle for longer than `offload.grace_s` is offloaded. The index is
   oldest first, so the scan stops at the first session still within its grace period.
+  Not a session whose first chunk back could not meet its SLO after the restore (restore
+  over the host link + a round alone > SLO: a wan14b-480p session, 27 GB over PCIe, ~1.1 s
+  before a ~2 s round at a 2.6 s SLO): the chunk that resumes it would be late whatever
+  happens, so such a session leaves the GPU only under pressure.
 - Pressure: when a pending session has no feasible worker, idle sessions are offloaded at
   once, oldest first, on the READY worker where that makes room for it with the lowest
   resulting load. Offloads already in flight count as room that is coming, so one pending
@@ -16,9 +20,11 @@ which makes every resume a free rebalancing point.
 
 from __future__ import annotations
 
-from ..types import SessionId, SessionState, WorkerId
+from ..types import CompatKey, SessionId, SessionState, WorkerId
+from .latency import transfer_ms
+from .load import GroupLoad
 from .views import ClusterView
-from .whatif import WhatIf
+from .whatif import ModelCache, WhatIf
 
 
 def prune_offloading(view: ClusterView, offloading: frozenset[SessionId]) -> frozenset[SessionId]:
@@ -33,17 +39,34 @@ def prune_offloading(view: ClusterView, offloading: frozenset[SessionId]) -> fro
     return keep if len(keep) != len(offloading) else offloading
 
 
-def grace_offloads(view: ClusterView, skip: set[SessionId] | frozenset[SessionId]) -> list[SessionId]:
-    """Idle sessions past their grace period, oldest first."""
+def resume_meets_slo(view: ClusterView, cache: ModelCache, key: CompatKey, slo_ms: float) -> bool:
+    """Whether a session of this group, offloaded with a full window, can be restored and
+    given its next chunk alone on a GPU within `slo_ms`."""
+    window = cache.shape(key.model).window_frames
+    link = view.config.link("host")
+    restore = transfer_ms(cache.full_state_bytes(key.model), link.alpha_ms, link.bandwidth_gbps)
+    return restore + cache.group_ms(GroupLoad(key, 1, float(window))) <= slo_ms
+
+
+def grace_offloads(view: ClusterView, skip: set[SessionId] | frozenset[SessionId],
+                   cache: ModelCache) -> list[SessionId]:
+    """Idle sessions past their grace period whose resume can meet the SLO, oldest first."""
     deadline = view.now_s - view.config.offload.grace_s
     out: list[SessionId] = []
+    fits: dict[CompatKey, bool] = {}
     for sid, since in view.idle_resident.items():
         if since > deadline:
             break  # oldest first: everything after is younger
         if sid in skip:
             continue
         s = view.sessions.get(sid)
-        if s is not None and s.state is SessionState.IDLE and s.worker is not None:
+        if s is None or s.state is not SessionState.IDLE or s.worker is None:
+            continue
+        key = s.spec.compat_key
+        ok = fits.get(key)
+        if ok is None:
+            ok = fits[key] = resume_meets_slo(view, cache, key, view.slo_ms(s.spec))
+        if ok:
             out.append(sid)
     return out
 

@@ -109,16 +109,40 @@ def prune_in_flight(view: ClusterView, in_flight: tuple[InFlight, ...]) -> tuple
 def apply_in_flight(view: ClusterView, whatif: WhatIf, in_flight: tuple[InFlight, ...]) -> None:
     """Count in-transit sessions' load at their destination, so that decisions made while
     they move see where they are going (the view keeps the load on the source until the
-    move commits; the destination's memory is already reserved in its `used_bytes`)."""
+    move commits; the destination's memory is already reserved in its `used_bytes`).
+    A session paused while in transit leaves its source's group in the view but not this
+    record (a MIGRATING session does not say whether it is paused), so at most as many
+    moves per source group are counted as the group holds beyond its ACTIVE sessions."""
+    left: dict[tuple[WorkerId, CompatKey], int] = {}
     for m in in_flight:
         s = view.sessions.get(m.session_id)
         if s is None or s.worker != m.src or not m.active:
             continue
         if m.src not in view.workers or m.dst not in view.workers:
             continue
-        if whatif.group(m.src, m.key) is None:
+        k = (m.src, m.key)
+        n = left.get(k)
+        if n is None:
+            n = _in_transit_counted(view, m.src, m.key)
+        if n <= 0:
+            left[k] = 0
             continue  # the view no longer counts it on the source
+        left[k] = n - 1
         whatif.move(m.src, m.dst, m.key, m.context_frames, 0, active=True)
+
+
+def _in_transit_counted(view: ClusterView, wid: WorkerId, key: CompatKey) -> int:
+    """Sessions of `key` the view counts on `wid` beyond its ACTIVE ones: those in transit."""
+    w = view.workers[wid]
+    batch = next((g.batch for g in w.groups if g.key == key), 0)
+    if batch <= 0:
+        return 0
+    active = 0
+    for sid in w.sessions:
+        s = view.sessions.get(sid)
+        if s is not None and s.worker == wid and s.state is SessionState.ACTIVE and s.spec.compat_key == key:
+            active += 1
+    return batch - active
 
 
 def uncounted(view: ClusterView, wid: WorkerId,

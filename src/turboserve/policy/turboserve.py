@@ -115,7 +115,7 @@ class TurboServePolicy:
         offloads: list[SessionId] = []
         starved = bool(unplaced)
         if use_offload:
-            offloads = grace_offloads(view, offloading)
+            offloads = grace_offloads(view, offloading, whatif.cache)
             if unplaced:
                 coming = offloading | frozenset(offloads)
                 extra, hopeless = pressure_offloads(view, whatif, ready, unplaced, coming)

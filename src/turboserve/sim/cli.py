@@ -112,7 +112,7 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
     from .driver import simulate
 
     slo_of = check_feasible(records, model, config, explicit_slo)
-    demand = oracle.nominal_demand(records)
+    demand = oracle.nominal_demand(records, slo_of)
     mem = config.cluster.gpu_memory_bytes
     gpu_hours_lb = oracle.cost_lower_bound_gpu_hours(demand, model, slo_of, mem, end_s=until_s)
     max_batch = config.engine.max_batch
@@ -198,8 +198,8 @@ def run(args) -> int:
     if args.plot:
         from .plots import write_plots
 
-        times, frac = oracle.demand_series(oracle.nominal_demand(records), model,
-                                           check_feasible(records, model, config, explicit),
+        slo_of = check_feasible(records, model, config, explicit)
+        times, frac = oracle.demand_series(oracle.nominal_demand(records, slo_of), model, slo_of,
                                            config.cluster.gpu_memory_bytes)
         end_s = max((r["end_s"] for r in light), default=0.0)
         price = config.cluster.price_per_gpu_hour_usd * (1 - config.cluster.spot_fraction) + \

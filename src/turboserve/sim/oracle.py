@@ -9,8 +9,8 @@ latency model, the SLO and the GPU memory. Out:
   maximised over time.
 
 Both use the trace's *nominal* schedule (as `traces.rescale` does): a period of n chunks
-is active for n chunks of playback time, then idle for its `idle_s`: the demand of
-sessions whose every chunk comes in real time. It does not depend on any policy's
+is active for n chunks of playback time (of the SLO, where an explicit SLO is longer),
+then idle for its `idle_s`: the demand of sessions whose every chunk comes in real time. It does not depend on any policy's
 choices, so one bound serves every run of a trace.
 
 Caveat: the engine makes a session's next chunk due as soon as the previous one is
@@ -55,12 +55,16 @@ class ShapeDemand:
                 - np.searchsorted(ends, times_s, side="right")).astype(np.int64)
 
 
-def nominal_demand(records: list[SessionRecord]) -> dict[CompatKey, ShapeDemand]:
-    """Active intervals per compatibility group, on the nominal schedule."""
+def nominal_demand(records: list[SessionRecord],
+                   slo_ms_of: dict[CompatKey, float] | None = None) -> dict[CompatKey, ShapeDemand]:
+    """Active intervals per compatibility group, on the nominal schedule: each chunk takes
+    its playback time, or its group's SLO where that is longer (`traces.rescale.slo_pace`)."""
     raw: dict[CompatKey, tuple[list, list, list, float]] = {}
     for rec in records:
         key = rec.spec.compat_key
         period_s = rec.spec.chunk_seconds
+        if slo_ms_of is not None and key in slo_ms_of:
+            period_s = max(period_s, slo_ms_of[key] / 1000.0)
         starts, ends, before, _ = raw.setdefault(key, ([], [], [], period_s))
         t = rec.arrival_s
         done = 0

@@ -6,7 +6,8 @@ shape's chunk playback time). Out: `demand_curve` (time -> GPUs needed), `peak_d
 mix unchanged) so that the peak demand needs exactly `gpus` GPUs.
 
 Demand is computed over *nominal* timelines: a session is active from its arrival for its
-first period's `active_s`, idle for `idle_s`, and so on, as if every chunk came on time.
+first period's `active_s`, idle for `idle_s`, and so on, as if every chunk came on time
+(each chunk taking its playback time, or its SLO where an explicit SLO is longer).
 Each active session occupies `1 / capacity(shape, slo, its steps)` of a GPU (capacity from
 the latency model at a full window); the GPUs needed at an instant are the sum, rounded up
 by the caller where whole GPUs matter. This is the perfect-packing demand: the same lower
@@ -22,14 +23,27 @@ from typing import Sequence
 from ..types import SessionRecord
 
 
-def active_intervals(r: SessionRecord, factor: float = 1.0) -> list[tuple[float, float]]:
-    """Nominal [start, end) seconds of each active period, arrival scaled by `factor`."""
+def active_intervals(r: SessionRecord, factor: float = 1.0, pace: float = 1.0) -> list[tuple[float, float]]:
+    """Nominal [start, end) seconds of each active period, arrival scaled by `factor`,
+    active spans stretched by `pace` (see `slo_pace`)."""
     t = r.arrival_s * factor
     out = []
     for p in r.periods:
-        out.append((t, t + p.active_s))
-        t += p.active_s + p.idle_s
+        span = p.active_s * pace
+        out.append((t, t + span))
+        t += span + p.idle_s
     return out
+
+
+def slo_pace(model, shape: str, slo_ms: float | None) -> float:
+    """How much longer than playback a period lasts when each chunk takes its SLO: 1 at the
+    default SLO (the chunk's playback time), slo / playback for an explicit SLO above it.
+    A shape too slow for playback (wan14b-480p on one H100) is served at an explicit SLO,
+    and its sessions then stay active that much longer than the trace's playback times:
+    fitting and bounding on playback times would undercount its demand by the same factor."""
+    if slo_ms is None:
+        return 1.0
+    return max(1.0, slo_ms / model.shape(shape).chunk_ms)
 
 
 def session_weights(records: Sequence[SessionRecord], model, shape: str, slo_ms: float | None = None) -> list[float]:
@@ -57,9 +71,10 @@ def demand_curve(records: Sequence[SessionRecord], model, shape: str, slo_ms: fl
     """Step function of GPUs needed: [(time_s, gpus from then on)], at every change."""
     if weights is None:
         weights = session_weights(records, model, shape, slo_ms)
+    pace = slo_pace(model, shape, slo_ms)
     events: list[tuple[float, float]] = []
     for r, w in zip(records, weights):
-        for start, end in active_intervals(r, factor):
+        for start, end in active_intervals(r, factor, pace):
             if end > start:
                 events.append((start, w))
                 events.append((end, -w))
