@@ -93,7 +93,7 @@ class AutoscaleConfig:
     rise_window_s: float = 30.0
     # TurboServe: the rise projected is the slope less this many standard errors, so that
     # noise (single arrivals and departures) is not projected over the lookahead; 0 = off
-    rise_confidence_z: float = 0.0
+    rise_confidence_z: float = 3.0
     # TurboServe: GPUs kept beyond the target at all times, so that a burst out of a quiet
     # spell lands on capacity that is already up (new GPUs take cluster.startup_delay_s)
     spare_gpus: float = 1.0

@@ -344,3 +344,34 @@ def test_completions_that_change_nothing_make_no_decision():
     tr.run_until(5.0, 3.2)  # nothing queued: the freed memory makes no decision
     assert ctl.counters.offloads == 2
     assert pol.calls == calls + 1  # the tick's
+
+
+def test_a_load_change_between_the_extremes_waits_for_the_tick():
+    """A context that grows on a worker neither the heaviest nor the lightest changes no
+    rebalancing (moves go from the bottleneck to the lightest) and no scaling (demand
+    counts sessions): the round makes no decision; the next tick sees it. A rise at the
+    top decides at once."""
+    pol = Scripted(gpus=3)
+    ctl, tr = make(pol, gpus=3)
+    w0, w1, w2 = sorted(ctl.view().workers)
+    for sid, wid in (("a", w0), ("b", w0), ("c", w0), ("d", w1), ("e", w1), ("f", w2)):
+        pol.queue.append(Decision(placements=(Placement(sid, wid),)))
+        ctl.on_event(SessionArrived(0.0, sid, DEMO, "p"))
+    assert {s: v.worker for s, v in ctl.view().sessions.items()} == {
+        "a": w0, "b": w0, "c": w0, "d": w1, "e": w1, "f": w2}
+    calls = pol.calls
+    ctl.on_event(RoundCompleted(1.0, w0, ("a", "b", "c"), 50.0, rounds=30))  # the bottleneck grows
+    assert pol.calls == calls + 1
+    before = ctl.view().workers[w1].load_ms
+    ctl.on_event(RoundCompleted(1.1, w1, ("d", "e"), 50.0, rounds=2))
+    after = ctl.view().workers[w1].load_ms
+    assert after > 1.01 * before  # it moved enough to decide, were it at an extreme
+    loads = {w: v.load_ms for w, v in ctl.view().workers.items()}
+    assert loads[w2] < after < loads[w0]
+    assert pol.calls == calls + 1
+    ctl.on_event(Tick(1.2))
+    assert pol.calls == calls + 2
+    ctl.on_event(RoundCompleted(1.3, w2, ("f",), 50.0, rounds=2))  # the lightest grows: a worse
+    assert pol.calls == calls + 2  # destination than it was, no move can come of it
+    ctl.on_event(RoundCompleted(1.4, w0, ("a", "b", "c"), 50.0, rounds=1))
+    assert pol.calls == calls + 2  # at the window already: the load did not move

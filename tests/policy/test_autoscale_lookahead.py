@@ -27,8 +27,9 @@ def test_rise_is_fitted_over_the_recent_window():
     assert a.rise_window_s == 30.0 and a.lookahead_s == 120.0
     recent = lookahead_rise(a, w, now, d)
     whole = lookahead_rise(replace(a, rise_window_s=0.0), w, now, d)  # over lookahead_s
-    assert recent == pytest.approx(w.rise_per_s(now, d, 30.0))
-    assert whole == pytest.approx(w.rise_per_s(now, d, 120.0))
+    z = a.rise_confidence_z
+    assert recent == pytest.approx(w.rise_per_s(now, d, 30.0, z))
+    assert whole == pytest.approx(w.rise_per_s(now, d, 120.0, z))
     # the onset is not averaged away by the flat spell: over a start-up delay's worth of
     # look-ahead it is worth at least one more GPU than the whole-span fit projects
     assert (recent - whole) * a.lookahead_s >= 1.0

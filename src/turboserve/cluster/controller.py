@@ -15,8 +15,11 @@ crash the loop.
 
 RoundCompleted is by far the most frequent event, and most rounds change nothing a policy
 cares about (a full-window session's context stops growing). So on RoundCompleted the
-policy is called only when something is pending, or the worker's predicted load moved by
-more than 1% since the last decision (`LOAD_CHANGE_TO_DECIDE`); every other event decides.
+policy is called only when the round changed something while sessions are pending, or
+the worker's predicted load moved by more than 1% since the last decision
+(`LOAD_CHANGE_TO_DECIDE`) where it matters at once: a rise to the heaviest load, or a
+fall to the lightest READY one, as of the last decision; other load changes wait for the
+next tick. Every other event decides.
 
 A lost worker's sessions go back to pending (the transport rebuilds them from their
 checkpoints on placement); migrations into it are cancelled. Events emitted from inside a
@@ -27,6 +30,7 @@ from several threads are serialised.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -44,6 +48,21 @@ from .state import ClusterState, StateError
 from .transport import Transport
 
 log = logging.getLogger("turboserve.controller")
+
+
+def load_extremes(view: ClusterView) -> tuple[float, float]:
+    """(lightest READY worker's load, heaviest READY or DRAINING worker's load) in ms;
+    (inf, -inf) when there is none."""
+    low, high = math.inf, -math.inf
+    for w in view.workers.values():
+        if w.state is WorkerState.READY:
+            if w.load_ms < low:
+                low = w.load_ms
+        elif w.state is not WorkerState.DRAINING:
+            continue
+        if w.load_ms > high:
+            high = w.load_ms
+    return low, high
 
 LOAD_CHANGE_TO_DECIDE = 0.01  # relative change of a worker's load that warrants a decision
 
@@ -107,6 +126,8 @@ class Controller:
         self.failed: dict[SessionId, str] = {}  # sessions ended by an error -> why
         self.now_s = 0.0
         self._decided_load: dict[WorkerId, tuple[int, float]] = {}  # wid -> (decision no., load)
+        # (lightest READY, heaviest READY or DRAINING) load in ms at the last decision
+        self._extremes: tuple[float, float] = (math.inf, -math.inf)
         self._next_worker = 0
         self._ready = 0
         self._queue: deque[Event] = deque()
@@ -240,7 +261,15 @@ class Controller:
         if epoch != self.counters.decisions:
             base = before
             self._decided_load[wid] = (self.counters.decisions, base)
-        return abs(st.worker(wid).load_ms - base) > LOAD_CHANGE_TO_DECIDE * max(base, 1e-9)
+        load = st.worker(wid).load_ms
+        if abs(load - base) <= LOAD_CHANGE_TO_DECIDE * max(base, 1e-9):
+            return False
+        # Rebalancing moves sessions off the bottleneck onto the lightest workers, and the
+        # autoscaler counts sessions, not contexts: only a rise at the top (a worse
+        # bottleneck) or a fall at the bottom (a better destination) can call for a move
+        # now. Anything else waits for the next tick (`sim.tick_s`), which also sees it.
+        low, high = self._extremes
+        return load >= high if load > base else load <= low
 
     def _on_worker_ready(self, ev: WorkerReady) -> bool:
         st = self.state
@@ -323,6 +352,7 @@ class Controller:
             return Decision(memory=self.memory)
         self.decision_ms.append((time.perf_counter() - t0) * 1000.0)
         self.counters.decisions += 1
+        self._extremes = load_extremes(view)
         self.memory = decision.memory
         if self.on_decision is not None:
             self.on_decision(view, decision)

@@ -57,7 +57,16 @@ def _synth(args, slo_ms) -> int:
         # the rate the fit implies and keep the draw that needed the smallest rescaling.
         best = None
         for _ in range(FIT_ROUNDS):
-            f = fit_factor(records, model, shape, args.fit_gpus, slo_ms)
+            try:
+                f = fit_factor(records, model, shape, args.fit_gpus, slo_ms)
+            except ValueError as e:
+                if "too small" not in str(e) or best is None:
+                    raise
+                # a redraw at a low rate can come out with too few sessions to need the
+                # GPUs at all: draw again at a higher rate
+                cfg = replace(cfg, rate_per_min=cfg.rate_per_min * 1.5)
+                records = synth_trace(cfg, model)
+                continue
             if best is None or abs(math.log(f)) < abs(math.log(best[0])):
                 best = (f, records, cfg.rate_per_min)
             if abs(math.log(f)) < 0.03:
