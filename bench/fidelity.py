@@ -6,11 +6,12 @@ CPU engines. Steps: a calibration replay of another trace (seed + 1) against the
 times its rounds, and `profile/calibrate.py` fits the profile to them (median slow-down
 and round-time jitter); then the trace is replayed against the live server (clients in a
 `turboserve loadgen` process, as a real client would be) and simulated with the profile as
-measured and as calibrated. Out: a table of p50/p99/mean per-chunk latency and SLO
-attainment for the two simulations, the live server as its clients saw it, and the live
-server's own per-chunk latencies (due -> delivered, the simulator's definition), with each
-row's relative error against the live clients; `--json OUT` writes the same numbers and the
-calibrated profile next to it.
+measured and as calibrated (rounds begun beside another engine drawn from their own
+distribution; side by side, one distribution for all rounds). Out: a table of p50/p99/mean
+per-chunk latency and SLO attainment for the simulations, the live server as its clients
+saw it, and the live server's own per-chunk latencies (due -> delivered, the simulator's
+definition), with each row's relative error against the live clients; `--json OUT` writes
+the same numbers and the calibrated profile next to it.
 
     python bench/fidelity.py --workers 2 --sessions 8 --repeat 4 --json runs/fidelity.json
 
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
 
     from turboserve.config import TurboConfig
     from turboserve.profile import ProfileLatencyModel, load_latency_model, save_profile
-    from turboserve.profile.calibrate import calibrate, timed_round
+    from turboserve.profile.calibrate import busy_at_start, calibrate, timed_round
     from turboserve.serving.app import create_app
     from turboserve.serving.cli import demo_trace
     from turboserve.serving.embedded import build_runtime
@@ -89,23 +91,38 @@ def main(argv=None) -> int:
             server_side.append(d.latency_ms)
     runtime.add_listener(on_chunk, lambda *a: None)
     rounds = []  # (batch, mean context, steps, measured ms) of every round the engines ran
-    runtime.add_round_listener(lambda wid, o: rounds.append(timed_round(model, o)) if o.chunk_indices else None)
+    timings = []  # (worker, start s, end s) of the same rounds
+
+    def on_round(wid, o):
+        if o.chunk_indices:
+            end = time.monotonic()
+            with lock:
+                rounds.append(timed_round(model, o))
+                timings.append((wid, end - o.duration_ms / 1000.0, end))
+    runtime.add_round_listener(on_round)
     with ServerThread(create_app(runtime, cfg)) as srv:
         print(f"calibration replay: {len(calibration)} sessions (seed {args.seed + 1})", file=sys.stderr)
         replay_live(calibration, srv.base_url, tmp, args.client_in_process)
-        calibrated = calibrate(model.profile("tiny"), list(rounds), note=f"bench/fidelity.py, {args.workers} engines")
-        by_batch = ratios_by_batch(model.profile("tiny"), list(rounds))
-        rounds.clear()
+        with lock:
+            cal_rounds, shared = list(rounds), busy_at_start(timings)
+            rounds.clear()
+            timings.clear()
+        calibrated = calibrate(model.profile("tiny"), cal_rounds, shared=shared,
+                               note=f"bench/fidelity.py, {args.workers} engines")
+        by_batch = ratios_by_batch(model.profile("tiny"), cal_rounds)
+        # the same rounds with one distribution whatever the other engine does (side by side)
+        iid = calibrate(model.profile("tiny"), cal_rounds, note="no contention")
         with lock:
             server_side.clear()
         print(f"replay: {len(records)} sessions (seed {args.seed})", file=sys.stderr)
         live = replay_live(records, srv.base_url, tmp, args.client_in_process)
     sim = simulate(records, args.policy, model, cfg, shape="tiny").summary
     sim_cal = seeds_mean(records, args.policy, ProfileLatencyModel([calibrated]), cfg, args.sim_seeds)
+    sim_iid = seeds_mean(records, args.policy, ProfileLatencyModel([iid]), cfg, args.sim_seeds)
     # The same calibration on this replay's own rounds: how well the simulator's batching,
     # queueing and scheduling turn the rounds the engines really ran into chunk latencies,
     # apart from how much this machine's speed moved between the two replays.
-    self_cal = calibrate(model.profile("tiny"), list(rounds), note="this replay")
+    self_cal = calibrate(model.profile("tiny"), list(rounds), shared=busy_at_start(timings), note="this replay")
     sim_self = seeds_mean(records, args.policy, ProfileLatencyModel([self_cal]), cfg, args.sim_seeds)
 
     slo = sim["slo_ms"]
@@ -113,6 +130,7 @@ def main(argv=None) -> int:
     rows = {
         "simulate": sim,
         "sim calibrated": sim_cal,
+        "sim cal. i.i.d.": sim_iid,
         "sim cal. here": sim_self,
         "live (client)": live,
         "live (server)": {

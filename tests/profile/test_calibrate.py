@@ -13,7 +13,7 @@ import pytest
 
 from turboserve.config import load_config
 from turboserve.profile import ProfileLatencyModel, load_latency_model, load_profiles, save_profile
-from turboserve.profile.calibrate import MIN_ROUNDS, calibrate, quantiles, round_ratios
+from turboserve.profile.calibrate import MIN_ROUNDS, busy_at_start, calibrate, quantiles, round_ratios
 from turboserve.profile.format import ProfileError, RoundPoint
 from turboserve.sim.driver import simulate
 from turboserve.traces.synth import SynthConfig, synth_trace
@@ -126,3 +126,76 @@ def test_recorded_rounds_read_back_and_a_bad_line_is_named(tmp_path):
     (tmp_path / "r.jsonl").write_text('{"shape": "demo91", "batch": 1}\n')
     with pytest.raises(ValueError, match=r"r.jsonl:1: not a timed round"):
         read_rounds(tmp_path / "r.jsonl", "demo91")
+
+
+def test_busy_at_start_tells_rounds_begun_beside_another_worker():
+    rounds = [("a", 0.0, 1.0), ("b", 0.5, 1.5), ("a", 1.0, 2.0), ("b", 2.5, 3.0), ("a", 2.6, 2.7)]
+    # b's first begins in a's; a's second in b's first; b's second alone; a's third in b's
+    assert busy_at_start(rounds) == [False, True, True, False, True]
+    assert busy_at_start([("a", 0.0, 1.0), ("a", 0.5, 1.5)]) == [False, False]  # own rounds do not count
+
+
+def test_rounds_begun_beside_another_engine_get_their_own_jitter(tmp_path):
+    alone, beside = [1.0] * 50 + [1.2] * 10, [1.4] * 40 + [2.0] * 10
+    rounds = timed_rounds(alone + beside)
+    shared = [False] * len(alone) + [True] * len(beside)
+    cal = calibrate(BASE, rounds, shared=shared)
+    scale = statistics.median(alone + beside)
+    assert statistics.median(cal.jitter) == pytest.approx(1.0 / scale)
+    assert statistics.median(cal.jitter_shared) == pytest.approx(1.4 / scale)
+    assert "begun beside another engine" in cal.source
+    save_profile(cal, tmp_path / "p.json")
+    assert load_profiles(tmp_path / "p.json")[0].jitter_shared == pytest.approx(cal.jitter_shared)
+    # too few of one kind: one distribution for all, as without flags
+    few = calibrate(BASE, rounds[:len(alone) + 5], shared=shared[:len(alone) + 5])
+    assert few.jitter_shared == [] and few.jitter == calibrate(BASE, rounds[:len(alone) + 5]).jitter
+    with pytest.raises(ValueError, match="flags"):
+        calibrate(BASE, rounds, shared=shared[:-1])
+    with pytest.raises(ProfileError, match="jitter_shared needs jitter"):
+        save_profile(replace(cal, jitter=[]), tmp_path / "q.json")
+        load_profiles(tmp_path / "q.json")
+
+
+def test_the_executor_draws_the_shared_jitter_while_another_engine_is_mid_round():
+    from turboserve.engine.executor import RoundPlan
+    from turboserve.engine.profiled import ProfiledExecutor, SharedHost
+    from turboserve.types import SessionSpec
+
+    model = ProfileLatencyModel([replace(BASE, jitter=[1.0, 1.0], jitter_shared=[3.0, 3.0])])
+    now = [0.0]
+    host = SharedHost(lambda: now[0])
+    a, b = ProfiledExecutor(model, host=host), ProfiledExecutor(model, host=host)
+    spec = SessionSpec(model="demo91")
+    a.add_session("x", spec, "p")
+    b.add_session("y", spec, "p")
+
+    def plan(sid, idx):
+        return RoundPlan("w", spec.compat_key, (sid,), (idx,), (0,))
+
+    base = a.round_ms("demo91", 1, 0.0, 4)
+    first = a.execute(plan("x", 0)).duration_ms
+    assert first == pytest.approx(base)  # alone
+    assert b.execute(plan("y", 0)).duration_ms == pytest.approx(3 * base)  # a is mid-round
+    now[0] = 10.0  # both done
+    assert a.execute(plan("x", 1)).duration_ms == pytest.approx(base)
+    alone = ProfiledExecutor(model)  # no host: every round from `jitter`
+    alone.add_session("z", spec, "p")
+    assert alone.execute(plan("z", 0)).duration_ms == pytest.approx(base)
+
+
+def test_recorded_rounds_carry_their_worker_and_time(tmp_path):
+    from types import SimpleNamespace
+
+    from turboserve.profile.calibrate import RoundRecorder, read_timed_rounds
+    from turboserve.types import SessionSpec
+
+    key = SessionSpec(model="demo91").compat_key
+    path = tmp_path / "r.jsonl"
+    rec = RoundRecorder(path, load_latency_model())
+    rec("w0", SimpleNamespace(key=key, chunk_indices=(0,), duration_ms=5000.0))  # long: w1's begins in it
+    rec("w1", SimpleNamespace(key=key, chunk_indices=(0,), duration_ms=1.0))
+    rec.close()
+    rounds, shared = read_timed_rounds(path, "demo91")
+    assert len(rounds) == 2 and shared == [False, True]
+    path.write_text('{"shape": "demo91", "batch": 1, "context_frames": 0, "steps": 4, "round_ms": 50}\n')
+    assert read_timed_rounds(path, "demo91")[1] is None  # an older file: no flags

@@ -7,7 +7,9 @@ formula of `policy.load.group_round_ms` for one round), state bytes from
 `model.state_bytes` at the shape's full window (what a session will hold at most, so the
 engine's memory accounting never has to grow), offload/restore durations over
 `config.link("host")`. A profile with `jitter` (profile/format.py) makes each round's
-duration that prediction times a ratio drawn from it (`seed`: this executor's draws).
+duration that prediction times a ratio drawn from it (`seed`: this executor's draws); with
+`jitter_shared` too and a `SharedHost`, a round begun while another executor of that host
+is mid-round draws from `jitter_shared` instead (engines competing for the same cores).
 With `frames=True` each chunk carries a tiny deterministic uint8
 frame (1, 8, 8, 3) tagging its session and chunk index, so tests can check order.
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import fields
-from typing import Any
+from typing import Any, Callable
 
 from ..config import TurboConfig
 from ..policy.latency import LatencyModel, transfer_ms
@@ -28,15 +30,40 @@ from ..types import SessionId, SessionSpec
 from .executor import ChunkOutput, RoundPlan, RoundResult, SessionBlob, TransferResult
 
 
+class SharedHost:
+    """The executors of one machine: until when (s, on `clock`) each is mid-round."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._busy_until: dict[int, float] = {}  # id(executor) -> end of its round
+
+    def others_busy(self, me: object, now_s: float) -> bool:
+        key = id(me)
+        return any(until > now_s for k, until in self._busy_until.items() if k != key)
+
+    def mark(self, me: object, until_s: float) -> None:
+        self._busy_until[id(me)] = until_s
+
+
+def _draw(rng: random.Random, quantiles: tuple[float, ...]) -> float:
+    """Inverse CDF: linear between the quantiles, endpoints included."""
+    pos = rng.random() * (len(quantiles) - 1)
+    i = int(pos)
+    hi = quantiles[i + 1] if i + 1 < len(quantiles) else quantiles[i]
+    return quantiles[i] + (hi - quantiles[i]) * (pos - i)
+
+
 class ProfiledExecutor:
     """Executor protocol over a LatencyModel; `model` is public (the engine reads context
     growth from it)."""
 
     def __init__(self, model: LatencyModel, config: TurboConfig | None = None, *,
-                 frames: bool = False, seed: int = 0) -> None:
+                 frames: bool = False, seed: int = 0, host: SharedHost | None = None) -> None:
         self.model = model
         self._rng = random.Random(seed)
-        self._jitter: dict[str, tuple[float, ...]] = {}
+        self.host = host
+        # shape -> (jitter, jitter_shared) quantiles
+        self._jitter: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
         self.config = config if config is not None else TurboConfig()
         self.frames = frames
         host = self.config.link("host")
@@ -109,14 +136,20 @@ class ProfiledExecutor:
         n = len(plan.session_ids)
         key = plan.key
         duration = self.round_ms(key.model, n, sum(plan.context_frames) / n, key.steps) if n else 0.0
-        jitter = self._jitter.get(key.model)
-        if jitter is None:
-            jitter = self._jitter[key.model] = tuple(getattr(self.model, "jitter", lambda _: ())(key.model))
-        if jitter and n:  # inverse CDF: linear between the quantiles, endpoints included
-            pos = self._rng.random() * (len(jitter) - 1)
-            i = int(pos)
-            hi = jitter[i + 1] if i + 1 < len(jitter) else jitter[i]
-            duration *= jitter[i] + (hi - jitter[i]) * (pos - i)
+        tables = self._jitter.get(key.model)
+        if tables is None:
+            tables = self._jitter[key.model] = (
+                tuple(getattr(self.model, "jitter", lambda _: ())(key.model)),
+                tuple(getattr(self.model, "jitter_shared", lambda _: ())(key.model)))
+        jitter, shared = tables
+        if jitter and n:
+            host = self.host
+            if shared and host is not None:
+                now_s = host.clock()
+                duration *= _draw(self._rng, shared if host.others_busy(self, now_s) else jitter)
+                host.mark(self, now_s + duration / 1000.0)
+            else:
+                duration *= _draw(self._rng, jitter)
         return RoundResult(plan, tuple(outputs), duration, errors)
 
     def offload(self, session_id: SessionId) -> TransferResult:

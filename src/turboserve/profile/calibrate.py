@@ -6,7 +6,10 @@ ms)` (`LiveRuntime.add_round_listener` gives them). Out: the same profile with i
 times scaled by the median of measured over predicted, per batch size where that batch ran
 at least `MIN_BATCH_ROUNDS` rounds (the nearest such batch's scale elsewhere; the profile's
 batch curve need not hold under serving), the fixed per-chunk cost by the overall median,
-and `jitter` set to the quantiles of each round's ratio over its batch's scale.
+and `jitter` set to the quantiles of each round's ratio over its batch's scale. Given which
+rounds began while another engine of the host was mid-round (`busy_at_start`, from each
+round's worker and times), `jitter` takes the rounds begun alone and `jitter_shared` the
+others, where each kind has at least `MIN_BATCH_ROUNDS` rounds.
 
 Why: a profile measured alone predicts how fast an engine runs alone. Where engines share
 what the profiler had to itself (CPU engines sharing cores with each other, the HTTP server
@@ -28,7 +31,8 @@ import statistics
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable
+import time
+from typing import Any, Hashable, Iterable, Sequence
 
 from .format import RoundPoint, ShapeProfile
 from .model import ProfileLatencyModel
@@ -84,22 +88,48 @@ def quantiles(values: list[float], n: int = JITTER_QUANTILES) -> list[float]:
     return out
 
 
-def calibrate(profile: ShapeProfile, rounds: Iterable[tuple[int, float, int, float]],
-              note: str = "") -> ShapeProfile:
+def busy_at_start(timings: Sequence[tuple[Hashable, float, float]]) -> list[bool]:
+    """For each round `(worker, start_s, end_s)`: whether another worker was mid-round when
+    it began (a sweep over the rounds in start order)."""
+    events = sorted((start, i) for i, (_, start, _) in enumerate(timings))
+    out = [False] * len(timings)
+    running: list[tuple[float, Hashable]] = []  # (end_s, worker) of rounds begun so far
+    for start, i in events:
+        running = [(end, w) for end, w in running if end > start]
+        me = timings[i][0]
+        out[i] = any(w != me for _, w in running)
+        running.append((timings[i][2], me))
+    return out
+
+
+def calibrate(profile: ShapeProfile, rounds: Sequence[tuple[int, float, int, float]],
+              note: str = "", shared: Sequence[bool] | None = None) -> ShapeProfile:
     """The profile scaled to the median measured/predicted ratio (per batch), with the
-    ratios' spread around it as `jitter`. Raises ValueError with fewer than MIN_ROUNDS
-    usable rounds."""
-    ratios = round_ratios(profile, rounds)
+    ratios' spread around it as `jitter` (and `jitter_shared`, see the module doc; `shared`
+    is aligned with `rounds`). Raises ValueError with fewer than MIN_ROUNDS usable rounds."""
+    if shared is not None and len(shared) != len(rounds):
+        raise ValueError(f"{len(shared)} busy-at-start flags for {len(rounds)} rounds")
+    flags = list(shared) if shared is not None else [False] * len(rounds)
+    usable = [(r, f) for r, f in zip(rounds, flags) if r[0] >= 1 and r[3] > 0]
+    ratios = round_ratios(profile, [r for r, _ in usable])
     if len(ratios) < MIN_ROUNDS:
         raise ValueError(f"calibration needs at least {MIN_ROUNDS} timed rounds of shape "
                          f"{profile.name!r}, got {len(ratios)}")
     overall, scales = batch_scales(ratios)
-    jitter = quantiles([r / scale_for(b, overall, scales) for b, r in ratios])
+    rel = [(r / scale_for(b, overall, scales), f) for (b, r), (_, f) in zip(ratios, usable)]
+    alone = [x for x, f in rel if not f]
+    beside = [x for x, f in rel if f]
+    if len(alone) >= MIN_BATCH_ROUNDS and len(beside) >= MIN_BATCH_ROUNDS:
+        jitter, jitter_shared = quantiles(alone), quantiles(beside)
+    else:
+        jitter, jitter_shared = quantiles([x for x, _ in rel]), []
     q = quantiles([r for _, r in ratios], 101)
     per_batch = ", ".join(f"batch {b} x{v:.3f}" for b, v in sorted(scales.items()))
     source = (f"{profile.source}; calibrated on {len(ratios)} rounds timed while serving"
               f"{' (' + note + ')' if note else ''}: x{overall:.3f}{' (' + per_batch + ')' if per_batch else ''}, "
-              f"ratio p10/p90/p99 {q[10]:.2f}/{q[90]:.2f}/{q[99]:.2f}")
+              f"ratio p10/p90/p99 {q[10]:.2f}/{q[90]:.2f}/{q[99]:.2f}"
+              + (f"; {len(beside)} begun beside another engine, median x{statistics.median(beside):.2f} "
+                 f"of the {len(alone)} begun alone's x{statistics.median(alone):.2f}" if jitter_shared else ""))
     # A round's predicted time is its table time plus batch x fixed_ms; the fixed cost takes
     # the overall scale, the table the rest, so batch b's whole prediction scales by its own.
     fixed = profile.fixed_ms
@@ -107,7 +137,8 @@ def calibrate(profile: ShapeProfile, rounds: Iterable[tuple[int, float, int, flo
     for r in profile.rounds:
         total = scale_for(r.batch, overall, scales) * (r.round_ms + r.batch * fixed)
         rows.append(RoundPoint(r.batch, r.context_frames, max(total - r.batch * fixed * overall, 1e-3)))
-    return replace(profile, rounds=rows, fixed_ms=fixed * overall, jitter=jitter, source=source.lstrip("; "))
+    return replace(profile, rounds=rows, fixed_ms=fixed * overall, jitter=jitter, jitter_shared=jitter_shared,
+                   source=source.lstrip("; "))
 
 
 def timed_round(model: Any, outcome: Any) -> tuple[int, float, int, float]:
@@ -121,8 +152,9 @@ def timed_round(model: Any, outcome: Any) -> tuple[int, float, int, float]:
 
 class RoundRecorder:
     """A round listener (`LiveRuntime.add_round_listener`) appending one JSON line per round:
-    `{"shape", "batch", "context_frames", "steps", "round_ms"}`. Thread-safe (engines call
-    it from their own threads); `close()` when done."""
+    `{"shape", "batch", "context_frames", "steps", "round_ms", "worker", "end_s"}` (`end_s`:
+    a monotonic clock when the engine reported the round). Thread-safe (engines call it
+    from their own threads); `close()` when done."""
 
     def __init__(self, path: str | Path, model: Any):
         self.model = model
@@ -134,7 +166,8 @@ class RoundRecorder:
             return
         batch, ctx, steps, ms = timed_round(self.model, outcome)
         line = json.dumps({"shape": outcome.key.model, "batch": batch, "context_frames": ctx,
-                           "steps": steps, "round_ms": ms})
+                           "steps": steps, "round_ms": ms, "worker": str(worker_id),
+                           "end_s": round(time.monotonic(), 6)})
         with self._lock:
             if not self._file.closed:  # a round finishing while the server shuts down
                 self._file.write(line + "\n")
@@ -146,16 +179,35 @@ class RoundRecorder:
 
 def read_rounds(path: str | Path, shape: str) -> list[tuple[int, float, int, float]]:
     """The rounds of `shape` in a file `RoundRecorder` wrote; a bad line is an error naming it."""
-    out = []
+    return read_timed_rounds(path, shape)[0]
+
+
+def read_timed_rounds(path: str | Path, shape: str) -> tuple[list[tuple[int, float, int, float]], list[bool] | None]:
+    """(rounds of `shape`, whether each began beside another worker's round) from a file
+    `RoundRecorder` wrote; the flags are None unless every line carries its worker and time.
+    Rounds of every shape in the file count as neighbours."""
+    out: list[tuple[int, float, int, float]] = []
+    timings: list[tuple[str, float, float] | None] = []
+    mine: list[int] = []  # line index of each round of `shape`
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 d = json.loads(line)
+                ms = float(d["round_ms"])
+                timing = None
+                if "worker" in d and "end_s" in d:
+                    timing = (str(d["worker"]), float(d["end_s"]) - ms / 1000.0, float(d["end_s"]))
                 if d["shape"] == shape:
-                    out.append((int(d["batch"]), float(d["context_frames"]), int(d["steps"]), float(d["round_ms"])))
+                    mine.append(len(timings))
+                    out.append((int(d["batch"]), float(d["context_frames"]), int(d["steps"]), ms))
+                timings.append(timing)
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: not a timed round ({type(e).__name__}: {e}); expected "
-                                 '{"shape", "batch", "context_frames", "steps", "round_ms"}') from None
-    return out
+                                 '{"shape", "batch", "context_frames", "steps", "round_ms"[, "worker", "end_s"]}'
+                                 ) from None
+    if not timings or any(t is None for t in timings):
+        return out, None
+    busy = busy_at_start(timings)  # type: ignore[arg-type]
+    return out, [busy[i] for i in mine]

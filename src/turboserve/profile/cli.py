@@ -41,7 +41,7 @@ def run(args) -> int:
 
 def run_calibrate(args, out: Path) -> int:
     from . import load_latency_model
-    from .calibrate import calibrate, read_rounds
+    from .calibrate import calibrate, read_timed_rounds
     from .format import load_profiles, save_profile
 
     base = getattr(args, "base", None)
@@ -51,8 +51,8 @@ def run_calibrate(args, out: Path) -> int:
         profile = load_profiles(base)[0]
     else:
         profile = load_latency_model().profile(base)
-    rounds = read_rounds(args.calibrate, profile.name)
-    calibrated = calibrate(profile, rounds, note=str(args.calibrate))
+    rounds, shared = read_timed_rounds(args.calibrate, profile.name)
+    calibrated = calibrate(profile, rounds, note=str(args.calibrate), shared=shared)
     if getattr(args, "name", None):
         calibrated = replace(calibrated, shape=replace(calibrated.shape, name=args.name))
     save_profile(calibrated, out)

@@ -35,11 +35,18 @@ Own format (`"format": "turboserve-profile/1"`), one shape per file::
       "jitter": [0.93, 0.97, 1.0, 1.08, 1.9]   # optional: a round's time over the table's,
                                          # as evenly spaced quantiles (sorted, median ~1);
                                          # absent or [] = rounds take exactly the table's time
+      "jitter_shared": [1.0, 1.2, 1.9]   # optional: the same for rounds begun while another
+                                         # engine on the host was mid-round (`jitter` then
+                                         # holds those begun alone)
     }
 
 `jitter` comes from `profile/calibrate.py` (rounds timed while serving); the simulator then
 draws each round's time from it (seeded per worker), which its p99 needs where rounds vary
-(e.g. CPU engines sharing cores with each other and the server).
+(e.g. CPU engines sharing cores with each other and the server). Where engines share a
+host, a round's time depends on whether another engine is computing at the same time (on
+two CPU engines sharing 2 cores: a median 1.08x the profile alone, 1.35x beside the other);
+`jitter_shared` lets the simulator draw the one or the other by what its other workers are
+doing when the round begins, so slow rounds come together, as they do.
 
 Shared reference format (`../shared/profiles/*.json`): top-level keys are model names whose
 value is a list of rows `{batch, cache_frames, chunk_tokens, passes, chunk_ms,
@@ -100,6 +107,7 @@ class ShapeProfile:
     device: str = ""
     measured_at: str = ""
     jitter: list[float] = field(default_factory=list)  # round time / table time, quantiles
+    jitter_shared: list[float] = field(default_factory=list)  # the same, rounds begun beside another
 
     @property
     def name(self) -> str:
@@ -126,6 +134,7 @@ class ShapeProfile:
             "activation_bytes": [{"batch": n, "bytes": b} for n, b in self.activation_bytes],
             "transfer": dict(self.transfer),
             **({"jitter": list(self.jitter)} if self.jitter else {}),
+            **({"jitter_shared": list(self.jitter_shared)} if self.jitter_shared else {}),
         }
 
 
@@ -206,6 +215,7 @@ def own_from_dict(data: dict, where: str = "<profile>") -> ShapeProfile:
         device=str(data.get("device", "")),
         measured_at=str(data.get("measured_at", "")),
         jitter=[float(x) for x in data.get("jitter", [])],
+        jitter_shared=[float(x) for x in data.get("jitter_shared", [])],
     )
     validate(profile, where)
     return profile
@@ -222,8 +232,11 @@ def validate(p: ShapeProfile, where: str) -> None:
             raise ProfileError(f"{where}: round {r} needs batch >= 1, context_frames >= 0, round_ms > 0")
     if p.fixed_ms < 0:
         raise ProfileError(f"{where}: fixed_ms must be >= 0")
-    if p.jitter and (min(p.jitter) <= 0 or list(p.jitter) != sorted(p.jitter)):
-        raise ProfileError(f"{where}: jitter must be positive ratios in ascending order (quantiles)")
+    for name, q in (("jitter", p.jitter), ("jitter_shared", p.jitter_shared)):
+        if q and (min(q) <= 0 or list(q) != sorted(q)):
+            raise ProfileError(f"{where}: {name} must be positive ratios in ascending order (quantiles)")
+    if p.jitter_shared and not p.jitter:
+        raise ProfileError(f"{where}: jitter_shared needs jitter (the rounds begun alone)")
 
 
 # ---------------------------------------------------------------- shared reference format

@@ -176,6 +176,11 @@ class ProfileLatencyModel:
         """A round's time over `round_ms + batch * fixed_ms`, as quantiles; () = exact."""
         return tuple(self._table(shape).profile.jitter)
 
+    def jitter_shared(self, shape: str) -> tuple[float, ...]:
+        """`jitter` for rounds begun while another engine on the host is mid-round; () =
+        no distinction (`jitter` for every round)."""
+        return tuple(self._table(shape).profile.jitter_shared)
+
     @property
     def has_jitter(self) -> bool:
         return any(t.profile.jitter for t in self._tables.values())

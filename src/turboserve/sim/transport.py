@@ -34,7 +34,7 @@ from ..config import TurboConfig
 from ..engine.core import EngineCore, InFlightRound, RoundOutcome
 from ..engine.executor import SessionBlob
 from ..engine.migration import Migration
-from ..engine.profiled import ProfiledExecutor
+from ..engine.profiled import ProfiledExecutor, SharedHost
 from ..engine.session_table import Tier
 from ..engine.state_pool import PoolFullError
 from ..events import (Event, MigrationFinished, OffloadFinished, RestoreFinished, RoundCompleted,
@@ -85,6 +85,9 @@ class SimTransport:
         self._host_link = config.link("host")
         self._startup_s = config.cluster.startup_delay_s
         self._max_batch = config.engine.max_batch
+        # the simulated workers share one host, as the CPU engines whose rounds a profile's
+        # `jitter_shared` was calibrated on do (a GPU calibration shows no difference)
+        self._host = SharedHost(lambda: self.loop.now_s)
         self._ready_count = 0
         self.rounds = 0
         # Cruise needs a way (set by the driver) to count the chunks of rounds run in one
@@ -134,7 +137,8 @@ class SimTransport:
             raise ValueError(f"worker {wid!r} already started")
         # each worker its own seeded draws of round-time jitter (profiles that have it)
         seed = zlib.crc32(f"{self.config.sim.seed}:{wid}".encode())
-        engine = EngineCore(wid, ProfiledExecutor(self.model, self.config, frames=self.frames, seed=seed),
+        executor = ProfiledExecutor(self.model, self.config, frames=self.frames, seed=seed, host=self._host)
+        engine = EngineCore(wid, executor,
                             memory_bytes=memory_bytes, max_batch=self._max_batch, model=self.model)
         w = self.workers[wid] = _SimWorker(wid, engine)
         if ready:
