@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     # apart from how much this machine's speed moved between the two replays.
     self_cal = calibrate(model.profile("tiny"), list(rounds), shared=busy_at_start(timings), note="this replay")
     sim_self = seeds_mean(records, args.policy, ProfileLatencyModel([self_cal]), cfg, args.sim_seeds)
+    self_iid = calibrate(model.profile("tiny"), list(rounds), note="this replay, no contention")
+    sim_self_iid = seeds_mean(records, args.policy, ProfileLatencyModel([self_iid]), cfg, args.sim_seeds)
 
     slo = sim["slo_ms"]
     srv_lat = np.asarray(server_side)
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
         "sim calibrated": sim_cal,
         "sim cal. i.i.d.": sim_iid,
         "sim cal. here": sim_self,
+        "sim here i.i.d.": sim_self_iid,
         "live (client)": live,
         "live (server)": {
             "p50_chunk_latency_ms": float(np.percentile(srv_lat, 50)) if srv_lat.size else float("nan"),

@@ -11,7 +11,9 @@ that serves the peak) and `turboserve`, `autoscale-only` (ceiling N). Reported p
 
 wan14b-480p cannot meet the 750 ms playback SLO on an H100 (one session alone needs about
 2 s per chunk); it runs with the explicit SLO `--wan14b-slo-ms` (default 2600 ms), which
-the output states.
+the output states. Its traces are fitted with each chunk taking that SLO, not its playback
+time (`traces.rescale.slo_pace`): fitted on playback times they needed 3.5x the GPUs the
+fit assumed, and every policy queued sessions for minutes.
 
     python bench/sim_matrix.py --quick                  # one small cell
     python bench/sim_matrix.py --shapes demo91 --gpus 8,16 --hours 0.5 --json out.json
