@@ -5,6 +5,7 @@ Engines run the fake generator (the real protocol, no model load per actor)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import serving_helpers  # noqa: E402
 from serving_helpers import FakeGenerator, tiny_latency_model  # noqa: E402
 
 from turboserve.config import TurboConfig  # noqa: E402
+from turboserve.profile.calibrate import RoundRecorder, read_timed_rounds  # noqa: E402
 from turboserve.serving.embedded import build_runtime  # noqa: E402
 from turboserve.types import SessionState  # noqa: E402
 
@@ -39,10 +41,14 @@ def test_ray_workers_run_migrate_offload_resume(local_ray, tmp_path):
         "rebalance.cooldown_s=0.5", "rebalance.gain_threshold_ms=1.0", "rebalance.eta=0.1",
         "cluster.gpus=2", "cluster.min_gpus=2",
     ])
-    rt = build_runtime(cfg, backend="ray", workers=2, latency_model=tiny_latency_model(),
+    model = tiny_latency_model()
+    rt = build_runtime(cfg, backend="ray", workers=2, latency_model=model,
                        generator_factory=lambda device: FakeGenerator(device, delay_s=0.02))
     col = Collector()
     rt.add_listener(col.on_chunk, col.on_end)
+    rounds_file = tmp_path / "rounds.jsonl"
+    recorder = RoundRecorder(rounds_file, model)  # what `turboserve serve --record-rounds` adds
+    rt.add_round_listener(recorder)
     rt.start()
     try:
         spec = rt.resolve_spec({})
@@ -70,3 +76,10 @@ def test_ray_workers_run_migrate_offload_resume(local_ray, tmp_path):
         assert rt.cluster().counters["resumes"] >= 1
     finally:
         rt.stop()
+        recorder.close()
+    # the actors' rounds reach the recorder as the local engines' do, with worker and time
+    rounds, shared = read_timed_rounds(rounds_file, spec.model)
+    assert len(rounds) >= sum(len(v) for v in col.indices.values()) / 4  # rounds batch up to 4 sessions
+    assert shared is not None and len(shared) == len(rounds)
+    workers = {json.loads(line)["worker"] for line in rounds_file.read_text().splitlines()}
+    assert len(workers) == 2
