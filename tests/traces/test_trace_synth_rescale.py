@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from turboserve.profile import load_latency_model
@@ -106,10 +106,12 @@ def test_infeasible_shape_is_an_error():
 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), gpus=st.integers(1, 24), shape=st.sampled_from(["demo91", "wan1.3b-320p"]))
+# found by this test: 198 sessions of 1/22 GPU sum to 9.000000000000002, "above" 9 GPUs
+@example(seed=9999, gpus=10, shape="demo91")
 def test_rescale_hits_the_target(seed, gpus, shape):
     rs = synth_trace(SynthConfig(seed=seed, hours=0.5, rate_per_min=8, shape=shape), MODEL)
     all_at_once, _ = peak_demand(rs, MODEL, shape, factor=0.0)
-    if all_at_once <= gpus - 1:
+    if all_at_once <= gpus - 1 + 1e-9:  # the fit's own tolerance for a float sum of shares
         with pytest.raises(ValueError, match="too small"):
             fit_to_gpus(rs, MODEL, shape, gpus)
         return
