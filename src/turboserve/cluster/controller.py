@@ -49,6 +49,8 @@ from .transport import Transport
 
 log = logging.getLogger("turboserve.controller")
 
+LOAD_CHANGE_TO_DECIDE = 0.01  # relative change of a worker's load that warrants a decision
+
 
 def load_extremes(view: ClusterView) -> tuple[float, float]:
     """(lightest READY worker's load, heaviest READY or DRAINING worker's load) in ms;
@@ -63,8 +65,6 @@ def load_extremes(view: ClusterView) -> tuple[float, float]:
         if w.load_ms > high:
             high = w.load_ms
     return low, high
-
-LOAD_CHANGE_TO_DECIDE = 0.01  # relative change of a worker's load that warrants a decision
 
 
 @dataclass

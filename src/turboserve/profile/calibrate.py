@@ -29,9 +29,9 @@ from __future__ import annotations
 import json
 import statistics
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
-import time
 from typing import Any, Hashable, Iterable, Sequence
 
 from .format import RoundPoint, ShapeProfile
@@ -45,15 +45,21 @@ MIN_BATCH_ROUNDS = 10  # a batch size with fewer takes the nearest better-timed 
 def round_ratios(profile: ShapeProfile, rounds: Iterable[tuple[int, float, int, float]]
                  ) -> list[tuple[int, float]]:
     """(batch, measured over predicted time) of each timed round (batch >= 1, measured > 0)."""
-    model = ProfileLatencyModel([replace(profile, jitter=[])])
+    return [(b, r) for _, b, r in _indexed_ratios(profile, rounds)]
+
+
+def _indexed_ratios(profile: ShapeProfile, rounds: Iterable[tuple[int, float, int, float]]
+                    ) -> list[tuple[int, int, float]]:
+    """(index in `rounds`, batch, ratio) of each usable round."""
+    model = ProfileLatencyModel([replace(profile, jitter=[], jitter_shared=[])])
     name, fixed = profile.name, profile.fixed_ms
     out = []
-    for batch, context, steps, measured_ms in rounds:
+    for i, (batch, context, steps, measured_ms) in enumerate(rounds):
         if batch < 1 or measured_ms <= 0:
             continue
         predicted = model.round_ms(name, batch, context, steps) + batch * fixed
         if predicted > 0:
-            out.append((batch, measured_ms / predicted))
+            out.append((i, batch, measured_ms / predicted))
     return out
 
 
@@ -109,14 +115,14 @@ def calibrate(profile: ShapeProfile, rounds: Sequence[tuple[int, float, int, flo
     is aligned with `rounds`). Raises ValueError with fewer than MIN_ROUNDS usable rounds."""
     if shared is not None and len(shared) != len(rounds):
         raise ValueError(f"{len(shared)} busy-at-start flags for {len(rounds)} rounds")
-    flags = list(shared) if shared is not None else [False] * len(rounds)
-    usable = [(r, f) for r, f in zip(rounds, flags) if r[0] >= 1 and r[3] > 0]
-    ratios = round_ratios(profile, [r for r, _ in usable])
+    indexed = _indexed_ratios(profile, rounds)
+    ratios = [(b, r) for _, b, r in indexed]
     if len(ratios) < MIN_ROUNDS:
         raise ValueError(f"calibration needs at least {MIN_ROUNDS} timed rounds of shape "
                          f"{profile.name!r}, got {len(ratios)}")
     overall, scales = batch_scales(ratios)
-    rel = [(r / scale_for(b, overall, scales), f) for (b, r), (_, f) in zip(ratios, usable)]
+    rel = [(r / scale_for(b, overall, scales), bool(shared[i]) if shared is not None else False)
+           for i, b, r in indexed]
     alone = [x for x, f in rel if not f]
     beside = [x for x, f in rel if f]
     if len(alone) >= MIN_BATCH_ROUNDS and len(beside) >= MIN_BATCH_ROUNDS:
