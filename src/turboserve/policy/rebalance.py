@@ -133,16 +133,18 @@ def apply_in_flight(view: ClusterView, whatif: WhatIf, in_flight: tuple[InFlight
 
 def _in_transit_counted(view: ClusterView, wid: WorkerId, key: CompatKey) -> int:
     """Sessions of `key` the view counts on `wid` beyond its ACTIVE ones: those in transit."""
-    w = view.workers[wid]
-    batch = next((g.batch for g in w.groups if g.key == key), 0)
-    if batch <= 0:
-        return 0
-    active = 0
-    for sid in w.sessions:
+    batch = next((g.batch for g in view.workers[wid].groups if g.key == key), 0)
+    return batch - len(_active_by_key(view, wid).get(key, ())) if batch > 0 else 0
+
+
+def _active_by_key(view: ClusterView, wid: WorkerId) -> dict[CompatKey, list[SessionId]]:
+    """The ACTIVE sessions resident on `wid`, by group."""
+    out: dict[CompatKey, list[SessionId]] = {}
+    for sid in view.workers[wid].sessions:
         s = view.sessions.get(sid)
-        if s is not None and s.worker == wid and s.state is SessionState.ACTIVE and s.spec.compat_key == key:
-            active += 1
-    return batch - active
+        if s is not None and s.worker == wid and s.state is SessionState.ACTIVE:
+            out.setdefault(s.spec.compat_key, []).append(sid)
+    return out
 
 
 def uncounted(view: ClusterView, wid: WorkerId,
@@ -152,23 +154,13 @@ def uncounted(view: ClusterView, wid: WorkerId,
     the view outnumber the group's batch with no way to tell which one is not counted,
     sessions known not to be counted). `offloading` are the offloads this policy issued
     that are still under way: an ACTIVE one among them was woken during its offload."""
-    w = view.workers[wid]
-    batch = {g.key: g.batch for g in w.groups}
-    seen: dict[CompatKey, int] = {}
+    batch = {g.key: g.batch for g in view.workers[wid].groups}
     known: set[SessionId] = set()
-    known_per_key: dict[CompatKey, int] = {}
-    for sid in w.sessions:
-        s = view.sessions.get(sid)
-        if s is None or s.worker != wid or s.state is not SessionState.ACTIVE:
-            continue
-        key = s.spec.compat_key
-        if sid in offloading:
-            known.add(sid)
-            known_per_key[key] = known_per_key.get(key, 0) + 1
-        seen[key] = seen.get(key, 0) + 1
     skip_keys = set()
-    for key, n in seen.items():
-        if n - known_per_key.get(key, 0) > batch.get(key, 0):
+    for key, sids in _active_by_key(view, wid).items():
+        woken = [sid for sid in sids if sid in offloading]
+        known.update(woken)
+        if len(sids) - len(woken) > batch.get(key, 0):
             skip_keys.add(key)
     return skip_keys, known
 

@@ -10,8 +10,8 @@ latency model, the SLO and the GPU memory. Out:
 
 Both use the trace's *nominal* schedule (as `traces.rescale` does): a period of n chunks
 is active for n chunks of playback time (of the SLO, where an explicit SLO is longer),
-then idle for its `idle_s`: the demand of sessions whose every chunk comes in real time. It does not depend on any policy's
-choices, so one bound serves every run of a trace.
+then idle for its `idle_s`: the demand of sessions whose every chunk comes in real time.
+It does not depend on any policy's choices, so one bound serves every run of a trace.
 
 Caveat: the engine makes a session's next chunk due as soon as the previous one is
 delivered, so a session served faster than real time finishes its period early and idles
