@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from turboserve.policy.latency import ShapeInfo
-from turboserve.sim.oracle import (cost_lower_bound_gpu_hours, latency_lower_bound_ms, nominal_demand,
-                                   throughput_lower_bound_gpu_hours)
+from turboserve.sim.oracle import (cost_lower_bound_gpu_hours, latency_floor_ms, latency_lower_bound_ms,
+                                   nominal_demand, throughput_lower_bound_gpu_hours)
 from turboserve.types import Period, SessionRecord, SessionSpec
 
 
@@ -96,3 +96,23 @@ def test_latency_bound_balances_over_ready_gpus():
     # 4 ready GPUs -> ceil(30/4) = 8 per GPU -> 130 ms; with 1 GPU from 50 s: 30 -> 350 ms
     assert latency_lower_bound_ms(demand, model, np.array([0.0]), np.array([4])) == pytest.approx(130.0)
     assert latency_lower_bound_ms(demand, model, np.array([0.0, 50.0]), np.array([4, 1])) == pytest.approx(350.0)
+
+
+class ContextModel(FakeModel):
+    """Round of b sessions at mean context c = 50 + 10*b + 5*c ms, 2 ms fixed per chunk."""
+
+    def round_ms(self, shape, batch, context_frames, steps):
+        return 50.0 + 10.0 * batch + 5.0 * context_frames
+
+    def fixed_ms(self, shape):
+        return 2.0
+
+
+def test_latency_floor_is_the_slowest_last_chunk_alone():
+    model = ContextModel()
+    # 4 chunks (3 done before the last: context 3), and 40 chunks (context saturates at 8)
+    short = [rec(0, 0.0, (1.0, 0.0))]
+    assert latency_floor_ms(short, model) == pytest.approx(50 + 10 + 5 * 3 + 2)
+    long = short + [rec(1, 5.0, (5.0, 3.0), (5.0, 0.0))]
+    assert latency_floor_ms(long, model) == pytest.approx(50 + 10 + 5 * 8 + 2)
+    assert latency_floor_ms([], model) == 0.0

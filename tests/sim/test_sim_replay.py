@@ -99,10 +99,13 @@ def test_fixed_count_gpu_hours_and_oracle_bound(small_records, model):
     slo = {k: 250.0 for k in demand}
     lb = oracle.cost_lower_bound_gpu_hours(demand, model, slo, cfg.cluster.gpu_memory_bytes)
     assert lb > 0
+    floor = oracle.latency_floor_ms(small_records, model, cfg.engine.max_batch)
+    assert floor > 0
     for name in policy_names():
         res = simulate(small_records, name, model, cfg)
         s = res.summary
         assert lb <= s["gpu_hours"] + 1e-9, name
+        assert floor <= s["max_chunk_latency_ms"] + 1e-9, name  # strict under any policy
         if name in FIXED_COUNT:
             assert s["gpus_max"] == GPUS
             assert s["gpu_hours"] == pytest.approx(GPUS * res.end_s / 3600.0, rel=1e-9)

@@ -145,7 +145,9 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
     report = build_report(runs, gpu_hours_lb, latency_lb, meta=meta, oracle_extra={
         "gpu_hours_lb_throughput": oracle.throughput_lower_bound_gpu_hours(records, model, slo_of, mem, max_batch),
         "latency_lb_gpus": config.cluster.gpus,
-        "basis": "nominal active load (real-time pacing); gpu_hours_lb_throughput is strict under any pacing",
+        "latency_floor_ms": oracle.latency_floor_ms(records, model, max_batch),
+        "basis": "nominal active load (real-time pacing); gpu_hours_lb_throughput and latency_floor_ms "
+                 "are strict under any pacing",
     })
     if failed:
         report["failed"] = failed

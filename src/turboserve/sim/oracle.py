@@ -19,7 +19,10 @@ until its viewer catches up: its GPUs see less concurrency than the nominal acti
 The two bounds above are therefore exact for real-time-paced serving, not strict for such
 runs (a run may show a worst case below `latency_lb_ms`). `throughput_lower_bound_gpu_hours`
 (every chunk at the best chunks-per-GPU-second within the SLO, no time structure) is
-strict under either pacing, and looser.
+strict under either pacing, and looser; so is `latency_floor_ms`, the slowest of the
+sessions' last chunks run alone (batch 1): no placement makes a chunk faster than its
+round alone, so no run's worst chunk is below it (for a profile without jitter draws).
+Where a policy's worst chunk sits on the floor, no policy can improve on it.
 """
 
 from __future__ import annotations
@@ -179,6 +182,29 @@ def latency_lower_bound_ms(demand: dict[CompatKey, ShapeDemand], model: LatencyM
             ctx = float(table[np.clip(done, 0, table.size - 1)].mean()) if done.size else 0.0
             b = int(per_gpu[i])
             best = max(best, cycle_ms([GroupLoad(key, b, b * ctx)], model, max_batch))
+    return best
+
+
+def latency_floor_ms(records: list[SessionRecord], model: LatencyModel, max_batch: int = 32) -> float:
+    """The slowest last chunk of any session run alone: one batch-1 round at the context
+    its last chunk sees, plus the per-chunk fixed cost. A strict lower bound of every
+    run's worst chunk (contexts only grow, and a batch of one is the fastest round)."""
+    best = 0.0
+    seen: set[tuple[CompatKey, int]] = set()
+    tables: dict[str, np.ndarray] = {}
+    for rec in records:
+        key = rec.spec.compat_key
+        chunks = sum(rec.chunks_in_period(i) for i in range(len(rec.periods)))
+        if chunks <= 0:
+            continue
+        table = tables.get(key.model)
+        if table is None:
+            table = tables[key.model] = _context_table(model, key.model, 100_000)
+        done = min(chunks - 1, table.size - 1)  # chunks generated before the last one
+        if (key, done) in seen:
+            continue
+        seen.add((key, done))
+        best = max(best, cycle_ms([GroupLoad(key, 1, float(table[done]))], model, max_batch))
     return best
 
 

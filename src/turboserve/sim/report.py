@@ -104,8 +104,11 @@ def format_table(report: dict) -> str:
     lines.append((f"oracle: cost lower bound {lb_h:.2f} GPU-h (nominal active load)" if lb_h is not None
                   else "oracle: cost lower bound -")
                  + (f"; {thr:.2f} GPU-h from throughput alone" if isinstance(thr, (int, float)) else ""))
-    lines.append(f"oracle: latency lower bound {lb_ms:.0f} ms at the GPU ceiling"
-                 if lb_ms is not None else "oracle: latency lower bound -")
+    floor = o.get("latency_floor_ms")
+    lines.append((f"oracle: latency lower bound {lb_ms:.0f} ms at the GPU ceiling"
+                  if lb_ms is not None else "oracle: latency lower bound -")
+                 + (f"; {floor:.0f} ms floor (each session's last chunk alone)"
+                    if isinstance(floor, (int, float)) else ""))
     return "\n".join(lines)
 
 
