@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from ..types import CompatKey, WorkerId, WorkerState
 from .views import ClusterView
 from .whatif import ModelCache
+from .worker_index import WorkerIndex
 
 
 def key_slo_ms(view: ClusterView, cache: ModelCache, key: CompatKey) -> float:
@@ -63,53 +64,31 @@ class ClusterScan:
         return len(self.ready) + len(self.starting) + len(self.draining)
 
 
+def worker_index(view: ClusterView, cache: ModelCache, share: dict[CompatKey, float] | None = None) -> WorkerIndex:
+    """The cache's `WorkerIndex` for this view's SLO setting (it changes every share),
+    brought up to date with the view: redone only for workers whose record changed.
+    `share`: CompatKey -> GPUs per session, filled as met."""
+    memo: dict[CompatKey, float] = {} if share is None else share
+
+    def share_of(key: CompatKey) -> float:
+        s = memo.get(key)
+        if s is None:
+            s = memo[key] = gpus_per_session(view, cache, key)
+        return s
+
+    index = cache.worker_index(view.config.slo.slo_ms)
+    index.refresh(view, share_of)
+    return index
+
+
 def scan_cluster(view: ClusterView, cache: ModelCache) -> ClusterScan:
-    scan = ClusterScan()
     share: dict[CompatKey, float] = {}
-    # Per-worker results keyed by the worker's view record: the controller replaces a
-    # record on every change, so an identical object means identical groups. The SLO
-    # setting is part of the key (it changes every share).
-    memos = cache.worker_scan
-    slo_key = view.config.slo.slo_ms
-    memo = memos.get(slo_key)
-    if memo is None or len(memo) > 2 * len(view.workers) + 16:
-        memo = memos[slo_key] = {}  # new setting, or many workers gone: start afresh
-    demand = 0.0
-    active = 0
-    max_load = 0.0
-    min_ready = math.inf
-    for wid, w in view.workers.items():
-        state = w.state
-        if state is WorkerState.READY:
-            scan.ready.append(wid)
-            if w.load_ms < min_ready:
-                min_ready = w.load_ms
-        elif state is WorkerState.STARTING:
-            scan.starting.append(wid)
-        elif state is WorkerState.DRAINING:
-            scan.draining.append(wid)
-        else:
-            continue  # released or lost workers hold no load (the controller drops them)
-        if w.load_ms > max_load:
-            max_load = w.load_ms
-        hit = memo.get(wid)
-        if hit is not None and hit[0] is w:  # same record as last call: nothing changed
-            demand += hit[1]
-            active += hit[2]
-            continue
-        w_demand = 0.0
-        w_active = 0
-        for g in w.groups:
-            if g.batch <= 0:
-                continue
-            s = share.get(g.key)
-            if s is None:
-                s = share[g.key] = gpus_per_session(view, cache, g.key)
-            w_demand += g.batch * s
-            w_active += g.batch
-        memo[wid] = (w, w_demand, w_active)
-        demand += w_demand
-        active += w_active
+    index = worker_index(view, cache, share)
+    scan = ClusterScan(ready=list(index.ready), starting=list(index.starting), draining=list(index.draining))
+    demand = sum(index.demand)
+    active = sum(index.active)
+    max_load = index.max_load_ms()
+    min_ready = index.min_ready_load_ms()
     sessions = view.sessions
     for sid in view.pending:
         sv = sessions.get(sid)

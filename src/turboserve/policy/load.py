@@ -9,21 +9,22 @@ snapshot and every what-if evaluation use this one function.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from ..types import CompatKey
 from .latency import LatencyModel
 
 
-@dataclass(frozen=True)
-class GroupLoad:
+class GroupLoad(NamedTuple):
+    """One coalescing group's load on a worker. A named tuple rather than a frozen
+    dataclass: what-ifs build and hash millions per simulated hour, and a tuple is built
+    without a per-field `object.__setattr__`."""
+
     key: CompatKey
     batch: int  # active sessions of this group on the worker
     context_sum: float  # sum of their context lengths, latent frames
 
     def plus(self, context: float) -> "GroupLoad":
-        # constructed directly: `dataclasses.replace` costs several times more on this hot path
         return GroupLoad(self.key, self.batch + 1, self.context_sum + context)
 
     def minus(self, context: float) -> "GroupLoad":

@@ -97,7 +97,7 @@ class MinMaxChooser:
         best: tuple[float, float, int, int] | None = None
         best_wid = None
         seen_new_group = False
-        seen: set[tuple] = set()
+        seen: dict[float, list] = {}  # wait -> groups scored with it
         budget = self.max_scored
         view = wi.view
         phased = bool(view.last_round)  # round phases known: equal groups may still differ
@@ -112,17 +112,21 @@ class MinMaxChooser:
             low = load + floor_ms
             if best is not None and (max(second, low), low) > best[:2]:
                 break
-            if not wi.fits(wid, key, need_bytes, self.headroom):
+            room = wi.room_to_join(wid, key, need_bytes, self.headroom)
+            if room is None:
                 continue
-            groups = wi.groups(wid)
+            groups, same = room
             wait = next_round_wait_ms(view, wid, delay) if phased else 0.0
-            if (groups, wait) in seen:
+            scored = seen.get(wait)
+            if scored is None:
+                seen[wait] = [groups]
+            elif groups in scored:
                 continue  # same groups and phase as a worker already scored (ranked before it)
-            seen.add((groups, wait))
-            same = wi.group(wid, key) is not None
+            else:
+                scored.append(groups)
             if not same and seen_new_group:
                 continue  # a new group adds the same time everywhere: the lighter one won
-            new_load = wi.load_with(wid, key, ctx)
+            new_load = wi.load_joining(groups, key, ctx)
             budget -= 1
             others = second if wid == top_wid else top_load
             # the session's first chunk: the round in progress there, then its own round

@@ -27,7 +27,7 @@ from typing import Any
 from ..config import TurboConfig
 from ..types import SessionId
 from .autoscale import ScaleTimers, lookahead_rise, turboserve_scale
-from .demand import DemandWindow, scan_cluster
+from .demand import DemandWindow, scan_cluster, worker_index
 from .offload import grace_offloads, pressure_offloads, prune_offloading
 from .placement import MinMaxChooser, place_pending
 from .rebalance import (InFlight, apply_in_flight, drain_moves, in_flight_record, prune_in_flight,
@@ -59,7 +59,8 @@ class LazyOrder:
 
     def __call__(self) -> LoadOrder:
         if self._order is None:
-            self._order = LoadOrder(self._whatif, self._view.workers.keys())
+            index = worker_index(self._view, self._whatif.cache)  # nothing to redo after a scan
+            self._order = LoadOrder.of_index(self._whatif, index)
         return self._order
 
 

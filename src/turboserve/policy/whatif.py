@@ -19,6 +19,7 @@ from ..types import CompatKey, WorkerId
 from .latency import LatencyModel, ShapeInfo
 from .load import GroupLoad, group_round_ms
 from .views import ClusterView
+from .worker_index import WorkerIndex
 
 _MAX_ENTRIES = 200_000  # memo size before it is dropped (keeps memory bounded on long runs)
 
@@ -33,9 +34,9 @@ class ModelCache:
         self._group_ms: dict[GroupLoad, float] = {}
         self._shape: dict[str, ShapeInfo] = {}
         self._fixed: dict[str, float] = {}
-        # Per-worker scan results, reused while the worker's view record is the same
-        # object (the controller replaces a record on every change): see `demand`.
-        self.worker_scan: dict = {}
+        # Per-worker scan results and load order per SLO setting, redone only for workers
+        # whose view record changed: see `worker_index`.
+        self._worker_index: dict[float | None, WorkerIndex] = {}
         self._full_state: dict[str, int] = {}
         self._activation: dict[tuple[str, int], int] = {}
         self._capacity: dict[tuple[str, float, int], int] = {}
@@ -43,6 +44,12 @@ class ModelCache:
 
     def matches(self, model: LatencyModel, max_batch: int) -> bool:
         return self.model is model and self.max_batch == max_batch
+
+    def worker_index(self, slo_ms: float | None) -> WorkerIndex:
+        v = self._worker_index.get(slo_ms)
+        if v is None:
+            v = self._worker_index[slo_ms] = WorkerIndex()
+        return v
 
     def group_ms(self, g: GroupLoad) -> float:
         """`policy.load.group_round_ms` of one group, memoised."""
@@ -163,7 +170,10 @@ class WhatIf:
 
     def load_with(self, wid: WorkerId, key: CompatKey, context: float) -> float:
         """Predicted load if one more active session of `key` runs on `wid`."""
-        groups = self.groups(wid)
+        return self.load_joining(self.groups(wid), key, context)
+
+    def load_joining(self, groups: tuple[GroupLoad, ...], key: CompatKey, context: float) -> float:
+        """The load of `groups` once one more active session of `key` joins them."""
         if len(groups) == 1 and groups[0].key == key:  # the common case, without copies
             g = groups[0]
             return 0 + self.cache.group_ms(GroupLoad(key, g.batch + 1, g.context_sum + context))
@@ -175,26 +185,50 @@ class WhatIf:
 
     def activation_need(self, wid: WorkerId, key: CompatKey | None = None) -> int:
         """Transient bytes the worker's largest round needs, with one more session of `key`."""
+        return self._activation_need(self.groups(wid), key)[0]
+
+    def _activation_need(self, groups: tuple[GroupLoad, ...], key: CompatKey | None) -> tuple[int, bool]:
+        """(activation bytes of the largest round with one more session of `key`, whether
+        that session joins one of `groups`)."""
         need = 0
         joined = False
-        for g in self.groups(wid):
+        activation = self.cache.activation_bytes
+        for g in groups:
             batch = g.batch
             if key is not None and g.key == key:
                 batch += 1
                 joined = True
-            need = max(need, self.cache.activation_bytes(g.key.model, batch))
+            a = activation(g.key.model, batch)
+            if a > need:
+                need = a
         if key is not None and not joined:
-            need = max(need, self.cache.activation_bytes(key.model, 1))
-        return need
+            need = max(need, activation(key.model, 1))
+        return need, joined
 
     def fits(self, wid: WorkerId, key: CompatKey, nbytes: int, headroom_frac: float) -> bool:
         """Room on `wid` for `nbytes` of state plus the activations of its largest round,
         never planning the `headroom_frac` of its memory kept for fragmentation."""
+        return self.room_to_join(wid, key, nbytes, headroom_frac) is not None
+
+    def room_to_join(self, wid: WorkerId, key: CompatKey, nbytes: int,
+                     headroom_frac: float) -> tuple[tuple[GroupLoad, ...], bool] | None:
+        """`fits` with what a placement reads next: (the worker's groups, whether the session
+        joins one of them) when it fits, else None."""
         w = self.view.workers[wid]
-        room = w.memory_bytes - self.used_bytes(wid) - int(headroom_frac * w.memory_bytes)
+        used = self._used.get(wid)
+        mem = w.memory_bytes
+        room = mem - (w.used_bytes if used is None else used) - int(headroom_frac * mem)
         if room < nbytes:
-            return False
-        return room - self.activation_need(wid, key) >= nbytes
+            return None
+        groups = self._groups.get(wid)
+        if groups is None:
+            groups = w.groups
+        need, joined = self._activation_need(groups, key)
+        return (groups, joined) if room - need >= nbytes else None
+
+    def changed_loads(self) -> list[tuple[WorkerId, float]]:
+        """(worker, what-if load) for every worker whose load a change here has set."""
+        return list(self._load.items())
 
     # -- changes ------------------------------------------------------------------------
     def add(self, wid: WorkerId, key: CompatKey, context: float, nbytes: int, active: bool = True) -> None:
@@ -238,6 +272,19 @@ class LoadOrder:
         entries.sort()
         self._sorted = entries
         whatif.listeners.append(self)
+
+    @classmethod
+    def of_index(cls, whatif: WhatIf, index: WorkerIndex) -> "LoadOrder":
+        """The order of every worker of `index` (refreshed for `whatif.view`), with the
+        what-if's changes so far applied: the same order as built from the view's workers,
+        in O(W) copying plus O(log W) per worker the what-if changed."""
+        order = cls.__new__(cls)
+        order._entry = dict(index.entry)
+        order._sorted = list(index.by_load)
+        for wid, load in whatif.changed_loads():
+            order.update(wid, load)
+        whatif.listeners.append(order)
+        return order
 
     def __len__(self) -> int:
         return len(self._sorted)
