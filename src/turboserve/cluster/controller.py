@@ -35,14 +35,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..config import TurboConfig
 from ..events import (Event, MigrationFinished, OffloadFinished, RestoreFinished, RoundCompleted,
                       SessionActivated, SessionArrived, SessionDeparted, SessionFailed, SessionPaused,
                       Tick, WorkerLost, WorkerReady)
 from ..policy.latency import LatencyModel
-from ..policy.views import ClusterView, Decision, Policy
+from ..policy.views import ClusterView, Decision, Policy, WorkerView
 from ..types import SessionId, SessionState, WorkerId, WorkerState
 from .state import ClusterState, StateError
 from .transport import Transport
@@ -52,11 +52,11 @@ log = logging.getLogger("turboserve.controller")
 LOAD_CHANGE_TO_DECIDE = 0.01  # relative change of a worker's load that warrants a decision
 
 
-def load_extremes(view: ClusterView) -> tuple[float, float]:
+def load_extremes(workers: Iterable[WorkerView]) -> tuple[float, float]:
     """(lightest READY worker's load, heaviest READY or DRAINING worker's load) in ms;
     (inf, -inf) when there is none."""
     low, high = math.inf, -math.inf
-    for w in view.workers.values():
+    for w in workers:
         if w.state is WorkerState.READY:
             if w.load_ms < low:
                 low = w.load_ms
@@ -127,7 +127,10 @@ class Controller:
         self.now_s = 0.0
         self._decided_load: dict[WorkerId, tuple[int, float]] = {}  # wid -> (decision no., load)
         # (lightest READY, heaviest READY or DRAINING) load in ms at the last decision
-        self._extremes: tuple[float, float] = (math.inf, -math.inf)
+        # The workers' records as of the last decision (records are replaced, never changed,
+        # so the list keeps that moment), and their load extremes, worked out when first needed.
+        self._decided_workers: list[WorkerView] = []
+        self._extremes: tuple[float, float] | None = (math.inf, -math.inf)
         self._next_worker = 0
         self._ready = 0
         self._queue: deque[Event] = deque()
@@ -268,6 +271,8 @@ class Controller:
         # autoscaler counts sessions, not contexts: only a rise at the top (a worse
         # bottleneck) or a fall at the bottom (a better destination) can call for a move
         # now. Anything else waits for the next tick (`sim.tick_s`), which also sees it.
+        if self._extremes is None:
+            self._extremes = load_extremes(self._decided_workers)
         low, high = self._extremes
         return load >= high if load > base else load <= low
 
@@ -352,7 +357,8 @@ class Controller:
             return Decision(memory=self.memory)
         self.decision_ms.append((time.perf_counter() - t0) * 1000.0)
         self.counters.decisions += 1
-        self._extremes = load_extremes(view)
+        self._decided_workers = list(view.workers.values())
+        self._extremes = None
         self.memory = decision.memory
         if self.on_decision is not None:
             self.on_decision(view, decision)
