@@ -11,7 +11,9 @@ distribution; side by side, one distribution for all rounds). Out: a table of p5
 per-chunk latency and SLO attainment for the simulations, the live server as its clients
 saw it, and the live server's own per-chunk latencies (due -> delivered, the simulator's
 definition), with each row's relative error against the live clients; `--json OUT` writes
-the same numbers and the calibrated profile next to it.
+the same numbers and the calibrated profile next to it. The trace is replayed live
+`--live-repeats` times: the "live again" rows are the same replay run again, their error
+how much the live server moves by itself between identical runs on this machine.
 
     python bench/fidelity.py --workers 2 --sessions 8 --repeat 4 --json runs/fidelity.json
 
@@ -45,6 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=4,
                     help="replay the trace this many times back to back (more chunks: a p99 that is not "
                          "one or two chunks)")
+    ap.add_argument("--live-repeats", type=int, default=2,
+                    help="replay the trace live this many times: the second and later runs show how much "
+                         "the live server itself moves between two identical replays (the yardstick for the "
+                         "simulator's error)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--policy", default="turboserve")
     ap.add_argument("--json", dest="json_out", default=None)
@@ -116,19 +122,25 @@ def main(argv=None) -> int:
             server_side.clear()
         print(f"replay: {len(records)} sessions (seed {args.seed})", file=sys.stderr)
         live = replay_live(records, srv.base_url, tmp, args.client_in_process)
+        with lock:  # the first replay's rounds and server-side latencies are the ones compared
+            own_rounds, own_timings, own_server = list(rounds), list(timings), list(server_side)
+        again = []
+        for k in range(1, max(1, args.live_repeats)):
+            print(f"replay again ({k + 1} of {args.live_repeats})", file=sys.stderr)
+            again.append(replay_live(records, srv.base_url, tmp, args.client_in_process))
     sim = simulate(records, args.policy, model, cfg, shape="tiny").summary
     sim_cal = seeds_mean(records, args.policy, ProfileLatencyModel([calibrated]), cfg, args.sim_seeds)
     sim_iid = seeds_mean(records, args.policy, ProfileLatencyModel([iid]), cfg, args.sim_seeds)
     # The same calibration on this replay's own rounds: how well the simulator's batching,
     # queueing and scheduling turn the rounds the engines really ran into chunk latencies,
     # apart from how much this machine's speed moved between the two replays.
-    self_cal = calibrate(model.profile("tiny"), list(rounds), shared=busy_at_start(timings), note="this replay")
+    self_cal = calibrate(model.profile("tiny"), own_rounds, shared=busy_at_start(own_timings), note="this replay")
     sim_self = seeds_mean(records, args.policy, ProfileLatencyModel([self_cal]), cfg, args.sim_seeds)
-    self_iid = calibrate(model.profile("tiny"), list(rounds), note="this replay, no contention")
+    self_iid = calibrate(model.profile("tiny"), own_rounds, note="this replay, no contention")
     sim_self_iid = seeds_mean(records, args.policy, ProfileLatencyModel([self_iid]), cfg, args.sim_seeds)
 
     slo = sim["slo_ms"]
-    srv_lat = np.asarray(server_side)
+    srv_lat = np.asarray(own_server)
     rows = {
         "simulate": sim,
         "sim calibrated": sim_cal,
@@ -144,9 +156,11 @@ def main(argv=None) -> int:
             "chunks": int(srv_lat.size),
         },
     }
+    for k, m in enumerate(again):
+        rows["live again" + (f" {k + 1}" if len(again) > 1 else "")] = m
     keys = ("p50_chunk_latency_ms", "p99_chunk_latency_ms", "mean_chunk_latency_ms", "slo_attainment", "chunks")
     print(f"calibrated profile: {calibrated.source}")
-    live_batches = ratios_by_batch(model.profile("tiny"), list(rounds))
+    live_batches = ratios_by_batch(model.profile("tiny"), own_rounds)
     for name, table in (("calibration replay", by_batch), ("replay", live_batches)):
         print(f"{name}: measured/profiled round time by batch: " + ", ".join(
             f"{b}: n={n} p50 {p50:.2f} p90 {p90:.2f}" for b, (n, p50, p90) in sorted(table.items())))

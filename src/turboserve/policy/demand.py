@@ -1,4 +1,4 @@
-"""Detect: one pass over the workers, demand in GPUs, and its recent volatility.
+"""Detect: the workers' state, demand in GPUs, and its recent volatility.
 
 In: a `ClusterView` and a `ModelCache`. Out: a `ClusterScan` (workers by state, bottleneck
 and lightest ready load, largest free memory, active session count and demand) and a
@@ -6,8 +6,10 @@ and lightest ready load, largest free memory, active session count and demand) a
 
 Demand is the number of GPUs the active and pending sessions need with perfect packing:
 sum over sessions of 1 / capacity(shape, SLO, steps). Active sessions are counted from the
-workers' coalescing groups (batch per CompatKey), never by iterating sessions, so a scan is
-O(workers + pending). A shape whose single session misses the SLO (capacity 0) counts a
+workers' coalescing groups (batch per CompatKey), never by iterating sessions, and kept per
+worker across calls (`worker_index`: redone only for workers whose record changed), so a
+scan costs O(changed workers x log workers + pending) beyond one C-level pass comparing
+records. A shape whose single session misses the SLO (capacity 0) counts a
 whole GPU per session: no packing can do better.
 """
 
