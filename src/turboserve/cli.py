@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--calibrate", default=None, metavar="ROUNDS",
                       help="measure nothing: fit --base to the rounds `serve --record-rounds` timed")
     prof.add_argument("--base", default=None, help="with --calibrate: the profile file (or built-in shape) served with")
+    prof.add_argument("--no-contention", action="store_true",
+                      help="with --calibrate: one jitter distribution for all rounds (default: rounds begun "
+                           "while another engine was mid-round get their own, `jitter_shared`)")
     _common(prof)
 
     gen = sub.add_parser("generate", help="generate videos for a few prompts, no server")

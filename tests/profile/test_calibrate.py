@@ -199,3 +199,25 @@ def test_recorded_rounds_carry_their_worker_and_time(tmp_path):
     assert len(rounds) == 2 and shared == [False, True]
     path.write_text('{"shape": "demo91", "batch": 1, "context_frames": 0, "steps": 4, "round_ms": 50}\n')
     assert read_timed_rounds(path, "demo91")[1] is None  # an older file: no flags
+
+
+def test_calibrating_from_the_command_line_with_and_without_the_contention_split(tmp_path):
+    from types import SimpleNamespace
+
+    from turboserve.cli import main
+    from turboserve.profile.calibrate import RoundRecorder
+    from turboserve.types import SessionSpec
+
+    key = SessionSpec(model="demo91").compat_key
+    path = tmp_path / "r.jsonl"
+    rec = RoundRecorder(path, load_latency_model())
+    for i in range(40):  # w0's long rounds: every w1 round begins beside one of them
+        rec("w0", SimpleNamespace(key=key, chunk_indices=(0,), duration_ms=5000.0 + i))
+        rec("w1", SimpleNamespace(key=key, chunk_indices=(0,), duration_ms=100.0 + i))
+    rec.close()
+    split, iid = tmp_path / "split.json", tmp_path / "iid.json"
+    assert main(["profile", "--calibrate", str(path), "--base", "demo91", "--out", str(split)]) == 0
+    assert main(["profile", "--calibrate", str(path), "--base", "demo91", "--out", str(iid),
+                 "--no-contention"]) == 0
+    assert load_profiles(split)[0].jitter_shared and load_profiles(split)[0].jitter
+    assert load_profiles(iid)[0].jitter_shared == [] and load_profiles(iid)[0].jitter
