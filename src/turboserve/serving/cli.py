@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,7 @@ def run_demo(args) -> int:
 
     out = Path(args.out)
     recordings = out / "recordings"
+    started = time.time()  # recordings of earlier demos may share the folder: list this run's
     config = _config(args)
     config = dataclasses.replace(
         config, serve=dataclasses.replace(config.serve, storage_dir=str(recordings)),
@@ -124,10 +126,10 @@ def run_demo(args) -> int:
         cluster = runtime.cluster()
     print(format_table(result.report))
     write_json(result.report, out / "report.json")
-    videos = sorted(recordings.glob("*.mp4"))
+    videos = sorted(v for v in recordings.glob("*.mp4") if v.stat().st_mtime >= started - 1.0)
     c = cluster.counters
     print(f"\nmigrations {c.get('migrations', 0)}, offloads {c.get('offloads', 0)}, "
-          f"resumes {c.get('resumes', 0)}; {len(videos)} recordings in {recordings}")
+          f"resumes {c.get('resumes', 0)}; {len(videos)} recordings of this run in {recordings}")
     for v in videos[:6]:
         print(f"  {v}")
     print(f"report: {out / 'report.json'}")
