@@ -190,7 +190,8 @@ def test_grace_period_offloads_only_long_idle_sessions():
     c = FakeCluster(config=_cfg(), now_s=100.0)
     w = c.add_worker()
     old = c.add_session(w, state=SessionState.IDLE, since_s=90.0, context=21)
-    young = c.add_session(w, state=SessionState.IDLE, since_s=98.0, context=21)
+    # idle for half the grace period: stays
+    young = c.add_session(w, state=SessionState.IDLE, since_s=100.0 - c.config.offload.grace_s / 2, context=21)
     c.add_session(w, context=21)
     p = get_policy("turboserve")
     d = p.decide(c.view(), p.initial_memory())
@@ -225,8 +226,11 @@ def test_memory_pressure_offloads_at_once_where_it_makes_room():
     full = 100e6 + 50e6 * 21
     c = FakeCluster(config=_cfg(gpus=2), now_s=100.0, memory_bytes=int(4.5 * full))
     a, b = c.add_worker(), c.add_worker()
-    # a: 4 idle (just paused), b: 4 active; neither has room for one more full state
-    idle = [c.add_session(a, state=SessionState.IDLE, since_s=99.0 + i * 0.1, context=21) for i in range(4)]
+    # a: 4 idle (just paused: within the grace period), b: 4 active; neither has room for one
+    # more full state
+    grace = c.config.offload.grace_s
+    idle = [c.add_session(a, state=SessionState.IDLE, since_s=100.0 - grace * (0.8 - 0.1 * i), context=21)
+            for i in range(4)]
     for _ in range(4):
         c.add_session(b, context=21)
     new = c.add_session(None)

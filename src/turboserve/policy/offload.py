@@ -5,7 +5,10 @@ sessions whose offload this policy already asked for, and, under memory pressure
 pending sessions that found no feasible worker. Out: session ids to offload.
 
 - Grace: an idle session idle for longer than `offload.grace_s` is offloaded. The index is
-  oldest first, so the scan stops at the first session still within its grace period.
+  oldest first, so the scan stops at the first session still within its grace period. The
+  grace is short (0.5 s) for latency, not memory: a session that wakes up on its GPU waits
+  for the round in progress there, up to a whole cycle; woken from host memory it is placed
+  like a new session, on the worker whose next round starts soonest.
   Not a session whose first chunk back could not meet its SLO after the restore (restore
   over the host link + a round alone > SLO: a wan14b-480p session, 27 GB over PCIe, ~1.1 s
   before a ~2 s round at a 2.6 s SLO): the chunk that resumes it would be late whatever
