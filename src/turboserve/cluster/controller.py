@@ -126,9 +126,9 @@ class Controller:
         self.failed: dict[SessionId, str] = {}  # sessions ended by an error -> why
         self.now_s = 0.0
         self._decided_load: dict[WorkerId, tuple[int, float]] = {}  # wid -> (decision no., load)
-        # (lightest READY, heaviest READY or DRAINING) load in ms at the last decision
         # The workers' records as of the last decision (records are replaced, never changed,
-        # so the list keeps that moment), and their load extremes, worked out when first needed.
+        # so the list keeps that moment), and their (lightest READY, heaviest READY or
+        # DRAINING) loads in ms, worked out when a round first needs them.
         self._decided_workers: list[WorkerView] = []
         self._extremes: tuple[float, float] | None = (math.inf, -math.inf)
         self._next_worker = 0

@@ -106,7 +106,7 @@ class AutoscaleOnlyPolicy:
         cache = cache_for(view, mem.cache)
         scan = scan_cluster(view, cache)
         whatif = WhatIf(view, cache)
-        order = LazyOrder(view, whatif)
+        order = LazyOrder(view, whatif, scan.index)
         ready = set(scan.ready)
         placements = []
         if view.pending and ready:

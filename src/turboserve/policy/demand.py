@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from ..types import CompatKey, WorkerId, WorkerState
+from ..types import CompatKey, WorkerId
 from .views import ClusterView
 from .whatif import ModelCache
 from .worker_index import WorkerIndex
@@ -54,6 +54,8 @@ class ClusterScan:
     active_sessions: int = 0  # active sessions resident on workers (from their groups)
     pending_sessions: int = 0
     demand_gpus: float = 0.0  # active + pending sessions' GPUs with perfect packing
+    # the per-worker index the scan was read from (refreshed for this view): its load order
+    index: WorkerIndex | None = field(default=None, repr=False, compare=False)
 
     @property
     def provisioned(self) -> int:
@@ -86,7 +88,8 @@ def worker_index(view: ClusterView, cache: ModelCache, share: dict[CompatKey, fl
 def scan_cluster(view: ClusterView, cache: ModelCache) -> ClusterScan:
     share: dict[CompatKey, float] = {}
     index = worker_index(view, cache, share)
-    scan = ClusterScan(ready=list(index.ready), starting=list(index.starting), draining=list(index.draining))
+    scan = ClusterScan(ready=list(index.ready), starting=list(index.starting), draining=list(index.draining),
+                       index=index)
     demand = sum(index.demand)
     active = sum(index.active)
     max_load = index.max_load_ms()

@@ -34,6 +34,7 @@ from .rebalance import (InFlight, apply_in_flight, drain_moves, in_flight_record
                         rebalance_min_max)
 from .views import ClusterView, Decision, Migration
 from .whatif import LoadOrder, ModelCache, WhatIf, cache_for
+from .worker_index import WorkerIndex
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,14 @@ def initial_autoscaled_gpus(config: TurboConfig) -> int:
 class LazyOrder:
     """Builds the `LoadOrder` of all workers on first use (many calls never need it)."""
 
-    def __init__(self, view: ClusterView, whatif: WhatIf):
-        self._view, self._whatif, self._order = view, whatif, None
+    def __init__(self, view: ClusterView, whatif: WhatIf, index: WorkerIndex | None = None):
+        """`index`: the cache's `WorkerIndex` already refreshed for `view` (by a scan);
+        None = refresh it here."""
+        self._view, self._whatif, self._index, self._order = view, whatif, index, None
 
     def __call__(self) -> LoadOrder:
         if self._order is None:
-            index = worker_index(self._view, self._whatif.cache)  # nothing to redo after a scan
+            index = self._index or worker_index(self._view, self._whatif.cache)
             self._order = LoadOrder.of_index(self._whatif, index)
         return self._order
 
@@ -100,7 +103,7 @@ class TurboServePolicy:
             if use_autoscale else mem.demand
         whatif = WhatIf(view, cache)
         apply_in_flight(view, whatif, in_flight)
-        order = LazyOrder(view, whatif)
+        order = LazyOrder(view, whatif, scan.index)
         ready = set(scan.ready)
         busy: set[SessionId] = {m.session_id for m in in_flight} | offloading
         notes: list[str] = []

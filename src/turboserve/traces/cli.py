@@ -11,7 +11,7 @@ import math
 from dataclasses import replace
 
 from ..config import load_config
-from .rescale import fit_factor, fit_to_gpus, peak_demand
+from .rescale import TraceTooSmall, fit_factor, fit_to_gpus, peak_demand
 from .schema import read_trace, write_trace
 from .stats import format_stats, trace_stats
 from .synth import SynthConfig, synth_trace
@@ -59,8 +59,8 @@ def _synth(args, slo_ms) -> int:
         for _ in range(FIT_ROUNDS):
             try:
                 f = fit_factor(records, model, shape, args.fit_gpus, slo_ms)
-            except ValueError as e:
-                if "too small" not in str(e) or best is None:
+            except TraceTooSmall:
+                if best is None:
                     raise
                 # a redraw at a low rate can come out with too few sessions to need the
                 # GPUs at all: draw again at a higher rate

@@ -23,6 +23,10 @@ from typing import Sequence
 from ..types import SessionRecord
 
 
+class TraceTooSmall(ValueError):
+    """Even with every session arriving at once the trace's peak needs fewer GPUs than asked."""
+
+
 def active_intervals(r: SessionRecord, factor: float = 1.0, pace: float = 1.0) -> list[tuple[float, float]]:
     """Nominal [start, end) seconds of each active period, arrival scaled by `factor`,
     active spans stretched by `pace` (see `slo_pace`)."""
@@ -139,7 +143,7 @@ def fit_factor(records: Sequence[SessionRecord], model, shape: str, gpus: int, s
         raise ValueError(f"one session of {shape!r} needs more than {gpus} GPUs")
     top = peak(0.0)  # every session arriving at once: the most demand the trace can make
     if top <= gpus - 1 + 1e-9:
-        raise ValueError(
+        raise TraceTooSmall(
             f"the trace is too small for {gpus} GPUs of {shape!r}: even with every session "
             f"arriving at once its peak demand is {top:.2f} GPUs"
         )
