@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--time-scale", type=float, default=1.0, help="compress the trace's clock by this factor")
     lg.add_argument("--max-sessions", type=int, default=None, help="replay only the first N sessions")
     lg.add_argument("--timeout-s", type=float, default=3600.0, help="stop after this many seconds")
+    lg.add_argument("--sessions-out", default=None, metavar="FILE",
+                    help="write what each client saw to FILE (JSONL: trace id, server session id, "
+                         "per-chunk latencies, error)")
     _common(lg)
 
     demo = sub.add_parser("demo", help="start a server, replay a short bursty trace, print the report")

@@ -52,9 +52,9 @@ def test_loadgen_replays_a_trace_and_agrees_with_simulate(live, capsys):
     records = demo_trace(3, seed=1)
     trace = tmp / "trace.jsonl"
     write_trace(records, trace)
-    out = tmp / "live.json"
+    out, per_session = tmp / "live.json", tmp / "sessions.jsonl"
     assert main(["loadgen", "--trace", str(trace), "--url", server.base_url, "--json", str(out),
-                 "--timeout-s", "120"]) == 0
+                 "--timeout-s", "120", "--sessions-out", str(per_session)]) == 0
     table = capsys.readouterr().out
     assert "p99 ms" in table and "turboserve" in table
     report = json.loads(out.read_text())
@@ -64,6 +64,14 @@ def test_loadgen_replays_a_trace_and_agrees_with_simulate(live, capsys):
     expected = sum(chunks_for(p.active_s, 0.25) for r in records for p in r.periods)
     assert (live_metrics["chunks"], live_metrics["unfinished_chunks"]) == (expected, 0)
     assert live_metrics["gpu_hours"] > 0 and live_metrics["cost_usd"] > 0
+    # what each client saw, one line per trace session: the same chunks as the report
+    clients = [json.loads(line) for line in per_session.read_text().splitlines()]
+    assert [c["trace_id"] for c in clients] == [r.id for r in records]
+    assert all(c["session_id"] and not c["error"] and not c["unfinished_waits_ms"] for c in clients)
+    assert [len(c["latencies_ms"]) for c in clients] == [
+        sum(chunks_for(p.active_s, 0.25) for p in r.periods) for r in records]
+    assert max(v for c in clients for v in c["latencies_ms"]) == pytest.approx(
+        live_metrics["max_chunk_latency_ms"], abs=1e-2)
 
     # This shared machine's speed swings with its load, so the simulator gets the profile
     # calibrated on the rounds the engine ran during this replay (`turboserve profile

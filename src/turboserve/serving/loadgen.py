@@ -25,6 +25,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -232,6 +233,19 @@ async def replay(records: list[SessionRecord], url: str, *, time_scale: float = 
     return LoadgenResult(report, stats, wall_s)
 
 
+def write_sessions(records: list[SessionRecord], clients: list[ClientStats], path: str) -> None:
+    """One JSON line per replayed session: `trace_id`, `session_id` (the server's),
+    `latencies_ms` (each chunk received, in order), `unfinished_waits_ms` (a chunk due and
+    never received: its wait until the client gave up) and `error` (empty when none)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for rec, st in zip(records, clients):
+            f.write(json.dumps({"trace_id": rec.id, "session_id": st.session_id,
+                                "latencies_ms": [round(v, 3) for v in st.latencies_ms],
+                                "unfinished_waits_ms": [round(v, 3) for v in st.unfinished_waits_ms],
+                                "error": st.error}) + "\n")
+
+
 def run(args) -> int:
     """`turboserve loadgen --trace F --url U [--json OUT] [--time-scale X]`."""
     from ..sim.report import format_table, write_json
@@ -252,6 +266,8 @@ def run(args) -> int:
     print(format_table(result.report))
     if args.json_out:
         write_json(result.report, args.json_out)
+    if getattr(args, "sessions_out", None):
+        write_sessions(records, result.clients, args.sessions_out)
     errors = result.report.get("meta", {}).get("errors", [])
     if errors:
         print(f"{len(errors)} session(s) failed, first: {errors[0]}", file=sys.stderr)
