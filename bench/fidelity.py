@@ -2,20 +2,31 @@
 
 In: a latency profile of this machine (`--profile F`, else `turboserve profile --model tiny`
 is run first), a short bursty trace (`--sessions`, `--seed`, or `--trace F`), the number of
-CPU engines. Steps: a calibration replay of another trace (seed + 1) against the live server
-times its rounds, and `profile/calibrate.py` fits the profile to them (median slow-down
-and round-time jitter); then the trace is replayed against the live server (clients in a
-`turboserve loadgen` process, as a real client would be) and simulated with the profile as
-measured and as calibrated (rounds begun beside another engine drawn from their own
-distribution; side by side, one distribution for all rounds). Out: a table of p50/p99/mean
-per-chunk latency and SLO attainment for the simulations, the live server as its clients
-saw it, and the live server's own per-chunk latencies (due -> delivered, the simulator's
-definition), with each row's relative error against the live clients; `--json OUT` writes
-the same numbers and the calibrated profile next to it. The trace is replayed live
-`--live-repeats` times: the "live again" rows are the same replay run again, their error
-how much the live server moves by itself between identical runs on this machine.
+CPU engines. The live server replays one run in which `--repeat` copies of the trace
+alternate with copies of a calibration trace (seed + 1): T C T C ..., each copy after the
+previous one's nominal end. The rounds of the calibration copies (every session in them a
+calibration one) calibrate the profile (`profile/calibrate.py`: median slow-down and
+round-time jitter; rounds begun beside another engine drawn from their own distribution,
+and side by side one distribution for all rounds); the trace's copies are what is compared.
+Interleaving matters on a shared machine: its speed drifts by 10-20% between replays a few
+minutes apart, which a calibration replayed before the compared one carries into the
+prediction; copies a few seconds apart share it. The simulator replays the trace's copies
+(same arrival times) with the profile as measured and as calibrated. Out: a table of
+p50/p99/mean per-chunk latency and SLO attainment of the trace's chunks for the
+simulations, the live server as its clients saw it (`turboserve loadgen` in its own
+process, `--sessions-out`), and the live server's own per-chunk latencies (due ->
+delivered, the simulator's definition), with each row's relative error against the live
+clients; `--json OUT` writes the same numbers and the calibrated profile next to it. The
+whole live run is done `--live-repeats` times: the "live again" rows are the same replay
+run again, their error how much the live server moves by itself between identical runs.
+The "here" rows calibrate on the rounds of the trace's own copies (a diagnostic: how well
+the simulator turns the rounds the engines really ran into chunk latencies).
 
-    python bench/fidelity.py --workers 2 --sessions 8 --repeat 4 --json runs/fidelity.json
+    python bench/fidelity.py --workers 2 --sessions 8 --repeat 12 --json runs/fidelity.json
+
+About 17 minutes on 2 CPU cores (two live runs of 8 minutes). 12 copies give the trace
+1,008 chunks: a p99 over ten chunks, which moved by 7% between two identical live runs,
+where 4 copies (336 chunks, a p99 over three or four) moved by up to 60%.
 
 The target (issue 4) is agreement within 10% on p50 and p99 (the calibrated simulation).
 """
@@ -44,12 +55,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sim-seeds", type=int, default=10,
                     help="calibrated simulations draw round times: report the mean over this many seeds")
-    ap.add_argument("--repeat", type=int, default=4,
-                    help="replay the trace this many times back to back (more chunks: a p99 that is not "
-                         "one or two chunks)")
+    ap.add_argument("--repeat", type=int, default=12,
+                    help="copies of the trace (and of the calibration trace) in the live run (more chunks: "
+                         "a p99 that is not one or two chunks)")
     ap.add_argument("--live-repeats", type=int, default=2,
-                    help="replay the trace live this many times: the second and later runs show how much "
-                         "the live server itself moves between two identical replays (the yardstick for the "
+                    help="do the live run this many times: the second and later show how much the live "
+                         "server itself moves between two identical replays (the yardstick for the "
                          "simulator's error)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--policy", default="turboserve")
@@ -65,7 +76,6 @@ def main(argv=None) -> int:
     from turboserve.serving.app import create_app
     from turboserve.serving.cli import demo_trace
     from turboserve.serving.embedded import build_runtime
-    from turboserve.serving.loadgen import replay
     from turboserve.serving.server import ServerThread
     from turboserve.sim.driver import simulate
     from turboserve.traces.schema import read_trace
@@ -83,21 +93,22 @@ def main(argv=None) -> int:
                         "--out", profile], check=True, env=env)
     model = load_latency_model([profile])
     one = read_trace(args.trace) if args.trace else demo_trace(args.sessions, seed=args.seed)
-    records = repeated(one, args.repeat)
-    calibration = repeated(demo_trace(len(one), seed=args.seed + 1), args.repeat)
+    combined = interleaved(one, demo_trace(len(one), seed=args.seed + 1), args.repeat)
+    records = [r for r in combined if r.id.startswith(TRACE_TAG)]
     cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp / 'recordings'}'",
                                         f"cluster.gpus={args.workers}", f"cluster.min_gpus={args.workers}"])
 
     runtime = build_runtime(cfg, model="tiny", policy=args.policy, workers=args.workers, latency_model=model)
-    server_side: list[float] = []
+    server_side: list[tuple[str, float]] = []  # (server session id, due -> delivered ms)
+    rounds: list[tuple] = []  # (batch, mean context, steps, measured ms) of every round run
+    timings: list[tuple] = []  # (worker, start s, end s) of the same rounds
+    members: list[tuple[str, ...]] = []  # the server session ids in each of them
     lock = threading.Lock()
 
     def on_chunk(d):
         with lock:
-            server_side.append(d.latency_ms)
+            server_side.append((d.session_id, d.latency_ms))
     runtime.add_listener(on_chunk, lambda *a: None)
-    rounds = []  # (batch, mean context, steps, measured ms) of every round the engines ran
-    timings = []  # (worker, start s, end s) of the same rounds
 
     def on_round(wid, o):
         if o.chunk_indices:
@@ -105,42 +116,38 @@ def main(argv=None) -> int:
             with lock:
                 rounds.append(timed_round(model, o))
                 timings.append((wid, end - o.duration_ms / 1000.0, end))
+                members.append(tuple(o.session_ids))
     runtime.add_round_listener(on_round)
+    runs = []
     with ServerThread(create_app(runtime, cfg)) as srv:
-        print(f"calibration replay: {len(calibration)} sessions (seed {args.seed + 1})", file=sys.stderr)
-        replay_live(calibration, srv.base_url, tmp, args.client_in_process)
-        with lock:
-            cal_rounds, shared = list(rounds), busy_at_start(timings)
-            rounds.clear()
-            timings.clear()
-        calibrated = calibrate(model.profile("tiny"), cal_rounds, shared=shared,
-                               note=f"bench/fidelity.py, {args.workers} engines")
-        by_batch = ratios_by_batch(model.profile("tiny"), cal_rounds)
-        # the same rounds with one distribution whatever the other engine does (side by side)
-        iid = calibrate(model.profile("tiny"), cal_rounds, note="no contention")
-        with lock:
-            server_side.clear()
-        print(f"replay: {len(records)} sessions (seed {args.seed})", file=sys.stderr)
-        live = replay_live(records, srv.base_url, tmp, args.client_in_process)
-        with lock:  # the first replay's rounds and server-side latencies are the ones compared
-            own_rounds, own_timings, own_server = list(rounds), list(timings), list(server_side)
-        again = []
-        for k in range(1, max(1, args.live_repeats)):
-            print(f"replay again ({k + 1} of {args.live_repeats})", file=sys.stderr)
-            again.append(replay_live(records, srv.base_url, tmp, args.client_in_process))
+        for k in range(max(1, args.live_repeats)):
+            print(f"live replay {k + 1} of {args.live_repeats}: {len(one)} trace and {len(one)} calibration "
+                  f"sessions, {args.repeat} copies each, interleaved", file=sys.stderr)
+            with lock:
+                for buf in (server_side, rounds, timings, members):
+                    buf.clear()
+            clients = replay_live(combined, srv.base_url, tmp, args.client_in_process)
+            with lock:
+                runs.append((clients, list(server_side), list(rounds), busy_at_start(timings), list(members)))
+
     sim = simulate(records, args.policy, model, cfg, shape="tiny").summary
+    slo = sim["slo_ms"]
+    clients, srv_side, all_rounds, shared, member = runs[0]
+    tag = {c["session_id"]: c["trace_id"][:1] for c in clients}
+    cal_rounds, cal_shared = rounds_of(CAL_TAG, tag, all_rounds, shared, member)
+    own_rounds, own_shared = rounds_of(TRACE_TAG, tag, all_rounds, shared, member)
+    base = model.profile("tiny")
+    calibrated = calibrate(base, cal_rounds, shared=cal_shared,
+                           note=f"bench/fidelity.py, {args.workers} engines, interleaved copies")
+    iid = calibrate(base, cal_rounds, note="no contention")
     sim_cal = seeds_mean(records, args.policy, ProfileLatencyModel([calibrated]), cfg, args.sim_seeds)
     sim_iid = seeds_mean(records, args.policy, ProfileLatencyModel([iid]), cfg, args.sim_seeds)
-    # The same calibration on this replay's own rounds: how well the simulator's batching,
-    # queueing and scheduling turn the rounds the engines really ran into chunk latencies,
-    # apart from how much this machine's speed moved between the two replays.
-    self_cal = calibrate(model.profile("tiny"), own_rounds, shared=busy_at_start(own_timings), note="this replay")
+    self_cal = calibrate(base, own_rounds, shared=own_shared, note="the trace's own copies")
     sim_self = seeds_mean(records, args.policy, ProfileLatencyModel([self_cal]), cfg, args.sim_seeds)
-    self_iid = calibrate(model.profile("tiny"), own_rounds, note="this replay, no contention")
+    self_iid = calibrate(base, own_rounds, note="the trace's own copies, no contention")
     sim_self_iid = seeds_mean(records, args.policy, ProfileLatencyModel([self_iid]), cfg, args.sim_seeds)
 
-    slo = sim["slo_ms"]
-    srv_lat = np.asarray(own_server)
+    live = client_metrics(clients, slo)
     rows = {
         "simulate": sim,
         "sim calibrated": sim_cal,
@@ -148,27 +155,22 @@ def main(argv=None) -> int:
         "sim cal. here": sim_self,
         "sim here i.i.d.": sim_self_iid,
         "live (client)": live,
-        "live (server)": {
-            "p50_chunk_latency_ms": float(np.percentile(srv_lat, 50)) if srv_lat.size else float("nan"),
-            "p99_chunk_latency_ms": float(np.percentile(srv_lat, 99)) if srv_lat.size else float("nan"),
-            "mean_chunk_latency_ms": float(srv_lat.mean()) if srv_lat.size else float("nan"),
-            "slo_attainment": float((srv_lat <= slo).mean()) if srv_lat.size else float("nan"),
-            "chunks": int(srv_lat.size),
-        },
+        "live (server)": latency_metrics([ms for sid, ms in srv_side if tag.get(sid) == TRACE_TAG], slo),
     }
-    for k, m in enumerate(again):
-        rows["live again" + (f" {k + 1}" if len(again) > 1 else "")] = m
+    for k, run in enumerate(runs[1:]):
+        rows["live again" + (f" {k + 1}" if len(runs) > 2 else "")] = client_metrics(run[0], slo)
     keys = ("p50_chunk_latency_ms", "p99_chunk_latency_ms", "mean_chunk_latency_ms", "slo_attainment", "chunks")
     print(f"calibrated profile: {calibrated.source}")
-    live_batches = ratios_by_batch(model.profile("tiny"), own_rounds)
-    for name, table in (("calibration replay", by_batch), ("replay", live_batches)):
+    by_batch = ratios_by_batch(base, cal_rounds)
+    live_batches = ratios_by_batch(base, own_rounds)
+    for name, table in (("calibration copies", by_batch), ("trace copies", live_batches)):
         print(f"{name}: measured/profiled round time by batch: " + ", ".join(
             f"{b}: n={n} p50 {p50:.2f} p90 {p90:.2f}" for b, (n, p50, p90) in sorted(table.items())))
     print(f"{'run':<15}" + "".join(f"{k.replace('_chunk_latency_ms', ' ms'):>16}" for k in keys)
           + "   p50 vs live   p99 vs live")
-    out = {"profile": profile, "sessions": len(records), "workers": args.workers,
-           "calibration": calibrated.source, "ratios_by_batch": {"calibration": by_batch, "replay": live_batches},
-           "runs": {}}
+    out = {"profile": profile, "sessions": len(records), "calibration_sessions": len(combined) - len(records),
+           "workers": args.workers, "calibration": calibrated.source,
+           "ratios_by_batch": {"calibration": by_batch, "replay": live_batches}, "runs": {}}
     for name, m in rows.items():
         vals = [m.get(k, float("nan")) for k in keys]
         err50 = m["p50_chunk_latency_ms"] / live["p50_chunk_latency_ms"] - 1.0
@@ -176,11 +178,63 @@ def main(argv=None) -> int:
         print(f"{name:<15}" + "".join(f"{v:>16.3f}" if isinstance(v, float) else f"{v:>16}" for v in vals)
               + f"{100 * err50:>13.1f}%{100 * err99:>13.1f}%")
         out["runs"][name] = {**{k: m.get(k) for k in keys}, "p50_rel_err": err50, "p99_rel_err": err99}
+    errors = [c["error"] for c in clients if c["error"]]
+    if errors:
+        print(f"{len(errors)} live session(s) failed, first: {errors[0]}", file=sys.stderr)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
         save_profile(calibrated, Path(args.json_out).with_suffix(".profile.json"))
     return 0
+
+
+TRACE_TAG, CAL_TAG = "t", "c"  # first letter of the ids of the trace's and the calibration's copies
+
+
+def interleaved(trace, calibration, n: int, gap_s: float = 2.0):
+    """n copies of `trace` alternating with n of `calibration` (T C T C ...), each copy
+    after the previous one's nominal end plus `gap_s`, ids prefixed `t{i}.` / `c{i}.`."""
+    from dataclasses import replace
+
+    from turboserve.sim.driver import nominal_end_s
+
+    if n < 1:
+        raise SystemExit(f"--repeat must be >= 1, got {n}")
+    out, t = [], 0.0
+    for i in range(n):
+        for tag, recs in ((TRACE_TAG, trace), (CAL_TAG, calibration)):
+            first = min(r.arrival_s for r in recs)
+            copy = [replace(r, id=f"{tag}{i}.{r.id}", arrival_s=t + r.arrival_s - first) for r in recs]
+            out.extend(copy)
+            t = nominal_end_s(copy) + gap_s
+    return out
+
+
+def rounds_of(want: str, tag: dict, rounds, shared, members):
+    """The rounds (and their busy-at-start flags) whose sessions all belong to copies tagged
+    `want` (a round at a copy's edge with sessions of both kinds is neither's)."""
+    keep = [i for i, ids in enumerate(members) if ids and all(tag.get(sid) == want for sid in ids)]
+    return [rounds[i] for i in keep], [shared[i] for i in keep]
+
+
+def latency_metrics(latencies_ms, slo_ms: float, unfinished_ms=()) -> dict:
+    """p50/p99/mean per-chunk latency, SLO attainment and chunks, as `simulate` reports them
+    (a chunk never delivered counts with its wait so far)."""
+    from turboserve.sim.metrics import RunMetrics
+
+    m = RunMetrics(slo_ms=slo_ms, playback_ms=slo_ms)
+    for v in latencies_ms:
+        m.record_chunks(v)
+    for v in unfinished_ms:
+        m.record_unfinished(v)
+    return m.summary(0.0)
+
+
+def client_metrics(clients, slo_ms: float) -> dict:
+    """`latency_metrics` of the trace's sessions as their clients saw them."""
+    mine = [c for c in clients if c["trace_id"].startswith(TRACE_TAG)]
+    return latency_metrics([v for c in mine for v in c["latencies_ms"]], slo_ms,
+                           [v for c in mine for v in c["unfinished_waits_ms"]])
 
 
 def seeds_mean(records, policy, model, cfg, seeds: int) -> dict:
@@ -210,37 +264,24 @@ def ratios_by_batch(profile, rounds) -> dict[int, tuple[int, float, float]]:
     return out
 
 
-def repeated(records, n: int, gap_s: float = 2.0):
-    """`records` n times back to back (each copy after the previous one's nominal end plus
-    `gap_s`), with ids made unique: the same load pattern, n times the chunks."""
-    from dataclasses import replace
-
-    from turboserve.sim.driver import nominal_end_s
-
-    if n < 1:
-        raise SystemExit(f"--repeat must be >= 1, got {n}")
-    span = nominal_end_s(records) - min(r.arrival_s for r in records) + gap_s
-    return [replace(r, id=f"{r.id}.{i}", arrival_s=r.arrival_s + i * span) for i in range(n) for r in records]
-
-
-def replay_live(records, url: str, tmp: Path, in_process: bool) -> dict:
-    """The trace replayed against the live server; returns its run's metrics as the clients
-    measured them."""
-    if in_process:
-        return asyncio.run(replay(records, url, timeout_s=900.0)).report["runs"][0]["metrics"]
-    return loadgen_process(records, url, tmp)
-
-
-def loadgen_process(records, url: str, tmp: Path) -> dict:
-    """The trace replayed by `turboserve loadgen` in its own process (its clients then take
-    no interpreter time from the server's engines); returns its run's metrics."""
+def replay_live(records, url: str, tmp: Path, in_process: bool) -> list[dict]:
+    """The trace replayed against the live server; returns what each client saw
+    (`loadgen --sessions-out` lines: trace_id, session_id, latencies_ms, unfinished_waits_ms, error)."""
+    from turboserve.serving.loadgen import replay, write_sessions
     from turboserve.traces.schema import write_trace
 
-    trace, out = tmp / "trace.jsonl", tmp / "loadgen.json"
-    write_trace(records, trace)
-    subprocess.run([sys.executable, "-m", "turboserve.cli", "loadgen", "--trace", str(trace), "--url", url,
-                    "--json", str(out), "--timeout-s", "900"], check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())["runs"][0]["metrics"]
+    out = tmp / "sessions.jsonl"
+    if in_process:
+        result = asyncio.run(replay(records, url, timeout_s=900.0))
+        write_sessions(records, result.clients, str(out))
+    else:
+        # `turboserve loadgen` in its own process: its clients take no interpreter time
+        # from the server's engines, as a real client's would not
+        trace = tmp / "trace.jsonl"
+        write_trace(records, trace)
+        subprocess.run([sys.executable, "-m", "turboserve.cli", "loadgen", "--trace", str(trace), "--url", url,
+                        "--sessions-out", str(out), "--timeout-s", "900"], check=True, stdout=subprocess.DEVNULL)
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

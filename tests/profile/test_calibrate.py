@@ -13,7 +13,8 @@ import pytest
 
 from turboserve.config import load_config
 from turboserve.profile import ProfileLatencyModel, load_latency_model, load_profiles, save_profile
-from turboserve.profile.calibrate import MIN_ROUNDS, busy_at_start, calibrate, quantiles, round_ratios
+from turboserve.profile.calibrate import (JITTER_QUANTILES, MIN_ROUNDS, busy_at_start, calibrate, quantiles,
+                                          round_ratios)
 from turboserve.profile.format import ProfileError, RoundPoint
 from turboserve.sim.driver import simulate
 from turboserve.traces.synth import SynthConfig, synth_trace
@@ -67,7 +68,7 @@ def test_each_batch_size_timed_often_enough_gets_its_own_scale():
             want = ratio * (model.round_ms("demo91", batch, ctx, 4) + batch * BASE.fixed_ms)
             got = cal.round_ms("demo91", batch, ctx, 4) + batch * cal.fixed_ms("demo91")
             assert got == pytest.approx(want, rel=1e-6), (batch, ctx)
-    assert cal.jitter("demo91") == pytest.approx((1.0,) * 41)  # no spread left once each batch is scaled
+    assert cal.jitter("demo91") == pytest.approx((1.0,) * JITTER_QUANTILES)  # no spread left once each batch is scaled
 
 
 def test_too_few_rounds_or_bad_jitter_are_refused(tmp_path):
