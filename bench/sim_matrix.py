@@ -7,7 +7,10 @@ that serves the peak) and `turboserve`, `autoscale-only` (ceiling N). Reported p
 - worst-case latency reduction of turboserve-no-autoscale vs static-ll and vs static-rr;
 - cost reduction of turboserve vs the fixed count serving the peak (static-ll at N) and vs
   autoscale-only, with whether turboserve's worst case is equal or better there;
-- turboserve's gap to the oracle cost lower bound; SLO attainment.
+- turboserve's gap to the oracle cost lower bound; SLO attainment;
+- at equal cost (DESIGN.md's `equal-cost` count): static-ll and static-rr again at
+  turboserve's mean GPU count, and turboserve's worst-case latency reduction against them
+  (what its cost buys; where that count rounds to N, against their peak rows).
 The averages come over every cell, and for latency also over the cells where a baseline's
 worst chunk is above the oracle's latency floor (a session's last chunk run alone): where
 both baselines sit on it, as most wan14b-480p cells do, no policy can reduce it.
@@ -40,7 +43,7 @@ sys.path.insert(0, str(REPO / "src"))
 from turboserve.cli import main as turboserve_main  # noqa: E402
 from turboserve.config import load_config  # noqa: E402
 from turboserve.profile import load_latency_model  # noqa: E402
-from turboserve.sim.cli import map_to_shape, run_matrix  # noqa: E402
+from turboserve.sim.cli import EQUAL_COST, map_to_shape, run_matrix  # noqa: E402
 from turboserve.traces.schema import read_trace  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "traces"
@@ -111,6 +114,8 @@ def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: 
                 "slo_explicit": slo_ms is not None, "failed": report["failed"], "report": report}
     ts, tna = by["turboserve"], by["turboserve-no-autoscale"]
     ll, rr, auto = by["static-ll"], by["static-rr"], by["autoscale-only"]
+    # the baselines at turboserve's mean GPU count (the peak rows when that is the ceiling)
+    ll_eq, rr_eq = by.get("static-ll" + EQUAL_COST, ll), by.get("static-rr" + EQUAL_COST, rr)
     lb = report["oracle"]["gpu_hours_lb"]
     # Both baselines' worst chunk is a session's last chunk run alone: no policy can do better
     floor = report["oracle"].get("latency_floor_ms") or 0.0
@@ -125,6 +130,12 @@ def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: 
         "turboserve_latency_ok_vs_peak_fixed": ts["max_chunk_latency_ms"] <= ll["max_chunk_latency_ms"],
         "turboserve_latency_ok_vs_autoscale_only": ts["max_chunk_latency_ms"] <= auto["max_chunk_latency_ms"],
         "oracle_gap": None if lb <= 0 else ts["gpu_hours"] / lb - 1.0,
+        "equal_cost_gpus": report.get("equal_cost", {}).get("gpus"),
+        "latency_reduction_at_equal_cost_vs_static_ll": _reduction(ts["max_chunk_latency_ms"],
+                                                                   ll_eq["max_chunk_latency_ms"]),
+        "latency_reduction_at_equal_cost_vs_static_rr": _reduction(ts["max_chunk_latency_ms"],
+                                                                   rr_eq["max_chunk_latency_ms"]),
+        "slo_attainment_at_equal_cost": {"static-ll": ll_eq["slo_attainment"], "static-rr": rr_eq["slo_attainment"]},
         "latency_floor_ms": floor,
         "baselines_on_floor": on_floor,
         "slo_attainment": {p: by[p]["slo_attainment"] for p in POLICIES},
@@ -146,19 +157,20 @@ def _change(reduction) -> str:
 
 def format_rows(cells: list[dict]) -> str:
     head = ("shape", "GPUs", "trace", "sess", "max lat vs LL", "max lat vs RR", "cost vs peak", "cost vs auto",
-            "oracle gap", "SLO ts", "SLO ts-na", "wall s")
+            "oracle gap", "same cost: GPUs", "max lat vs LL", "SLO ts", "SLO ts-na", "wall s")
     rows = [head]
     for c in cells:
         if c.get("failed"):
             rows.append((c["shape"], str(c["gpus"]), c["trace"], str(c["sessions"]),
-                         "failed: " + ",".join(f["policy"] for f in c["failed"]), "", "", "", "", "", "",
+                         "failed: " + ",".join(f["policy"] for f in c["failed"]), "", "", "", "", "", "", "", "",
                          f"{c['wall_s']:.0f}"))
             continue
         rows.append((c["shape"] + ("*" if c["slo_explicit"] else ""), str(c["gpus"]), c["trace"], str(c["sessions"]),
                      _change(c["latency_reduction_vs_static_ll"]), _change(c["latency_reduction_vs_static_rr"]),
                      _change(c["cost_reduction_vs_peak_fixed"]) + ("" if c["turboserve_latency_ok_vs_peak_fixed"] else " (worse max)"),
                      _change(c["cost_reduction_vs_autoscale_only"]) + ("" if c["turboserve_latency_ok_vs_autoscale_only"] else " (worse max)"),
-                     _pct(c["oracle_gap"]),
+                     _pct(c["oracle_gap"]), str(c.get("equal_cost_gpus") or "-"),
+                     _change(c.get("latency_reduction_at_equal_cost_vs_static_ll")),
                      f"{100 * c['slo_attainment']['turboserve']:.2f}%",
                      f"{100 * c['slo_attainment']['turboserve-no-autoscale']:.2f}%", f"{c['wall_s']:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -175,7 +187,9 @@ def averages(cells: list[dict]) -> dict:
         vals = [c[key] for c in among if c[key] is not None]
         return sum(vals) / len(vals) if vals else None
     return {k: mean(k) for k in ("latency_reduction_vs_static_ll", "latency_reduction_vs_static_rr",
-                                  "cost_reduction_vs_peak_fixed", "cost_reduction_vs_autoscale_only", "oracle_gap")} | {
+                                  "cost_reduction_vs_peak_fixed", "cost_reduction_vs_autoscale_only", "oracle_gap",
+                                  "latency_reduction_at_equal_cost_vs_static_ll",
+                                  "latency_reduction_at_equal_cost_vs_static_rr")} | {
         # the cells where scheduling can change the worst chunk (a baseline is above the floor)
         "latency_reduction_vs_static_ll_above_floor": mean("latency_reduction_vs_static_ll", above),
         "latency_reduction_vs_static_rr_above_floor": mean("latency_reduction_vs_static_rr", above),

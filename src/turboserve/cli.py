@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", default=None, help="directory for PNG plots")
     sim.add_argument("--slo-ms", type=float, default=None)
     sim.add_argument("--link", default=None, help="migration link: nvlink, infiniband, pcie")
+    sim.add_argument("--no-equal-cost", dest="equal_cost", action="store_false",
+                     help="skip the fixed-count baselines' runs at turboserve's mean GPU count")
     _common(sim)
 
     prof = sub.add_parser("profile", help="measure a model on this machine and write a profile")

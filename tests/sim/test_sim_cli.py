@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
 
 from turboserve.cli import main
 from turboserve.sim.report import REQUIRED_METRICS, REQUIRED_ORACLE
@@ -18,7 +21,7 @@ def test_simulate_writes_json_and_plots(small_trace_path, tmp_path, capsys):
     assert "static-rr" in printed and "turboserve" in printed and "oracle" in printed
     assert "autoscalers start at 2 GPUs (warm: demand over the first 60 s)" in printed
     doc = json.loads(out.read_text())
-    assert [r["policy"] for r in doc["runs"]] == ["static-rr", "turboserve"]
+    assert [r["policy"] for r in doc["runs"]][:2] == ["static-rr", "turboserve"]
     for run in doc["runs"]:
         assert set(run) >= {"policy", "gpus", "metrics"}
         assert set(run["gpus"]) == {"max", "mean"}
@@ -28,6 +31,41 @@ def test_simulate_writes_json_and_plots(small_trace_path, tmp_path, capsys):
     for name in ("latency_cdf.png", "gpus_over_time.png", "cost.png"):
         png = plots / name
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fixed_count_baselines_also_run_at_turboserves_mean_gpu_count(small_trace_path, tmp_path, capsys):
+    # DESIGN.md: fixed-count baselines at the peak count and at turboserve's average count
+    out = tmp_path / "report.json"
+    assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "6",
+                 "--policy", "static-ll,turboserve,autoscale-only,static-rr", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    by = {r["policy"]: r for r in doc["runs"]}
+    mean = by["turboserve"]["gpus"]["mean"]
+    n = max(1, math.floor(mean + 0.5))
+    assert n < 6, "the trace must leave turboserve below the ceiling for this test"
+    assert doc["equal_cost"] == {"gpus": n, "turboserve_gpus_mean": mean, "policies": ["static-ll", "static-rr"]}
+    # only the fixed-count baselines run again, after every policy asked for
+    assert [r["policy"] for r in doc["runs"]] == ["static-ll", "turboserve", "autoscale-only", "static-rr",
+                                                   "static-ll@equal-cost", "static-rr@equal-cost"]
+    for name in ("static-ll", "static-rr"):
+        peak, same = by[name], by[name + "@equal-cost"]
+        assert (peak["gpus"]["max"], same["gpus"]["max"]) == (6, n)
+        assert same["gpus"]["mean"] == pytest.approx(n) and same["gpu_count"] == "equal-cost"
+        assert same["metrics"]["gpu_hours"] < peak["metrics"]["gpu_hours"]
+        assert same["metrics"]["max_chunk_latency_ms"] >= peak["metrics"]["max_chunk_latency_ms"] - 1e-6
+    assert f"equal cost: static-ll, static-rr again at {n} GPUs" in printed
+    assert "static-ll@equal-cost" in printed
+
+    # asked not to: no extra rows; and none without turboserve to match
+    assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "6",
+                 "--policy", "static-ll,turboserve", "--json", str(out), "--no-equal-cost"]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["policy"] for r in doc["runs"]] == ["static-ll", "turboserve"] and "equal_cost" not in doc
+    assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "6",
+                 "--policy", "static-ll", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["policy"] for r in doc["runs"]] == ["static-ll"] and "equal_cost" not in doc
 
 
 def test_infeasible_shape_is_refused_without_explicit_slo(small_trace_path, capsys):

@@ -1,12 +1,14 @@
 """`turboserve simulate`: replay a trace under each policy and report latency and cost.
 
 In: the parsed arguments of `turboserve.cli` (`--trace`, `--model`, `--gpus`, `--policy`,
-`--slo-ms`, `--link`, `--json`, `--plot`, `--config`, `--set`). Out: the table on stdout,
-the report JSON (`sim/report.py`) and PNG plots when asked; exit code 0.
+`--slo-ms`, `--link`, `--json`, `--plot`, `--no-equal-cost`, `--config`, `--set`). Out: the
+table on stdout, the report JSON (`sim/report.py`) and PNG plots when asked; exit code 0.
 
 `--model` is the shape every session uses (the trace's own is overridden: its frames per
 chunk and fps follow the shape's profile). `--gpus` is the fixed count of fixed-count
-policies and the ceiling of autoscaling ones. A shape one session of which cannot meet the
+policies and the ceiling of autoscaling ones; the fixed-count baselines also run at
+`turboserve`'s mean GPU count (`NAME@equal-cost` rows: the same cost, so their latency
+is what turboserve's buys). A shape one session of which cannot meet the
 SLO on one GPU is refused unless `--slo-ms` is given explicitly (and refused even then if
 that SLO is still out of reach): such a run would report SLO attainment for a load no
 cluster can serve.
@@ -14,6 +16,7 @@ cluster can serve.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 from typing import Any
@@ -104,11 +107,27 @@ def policies_from(arg: str) -> list[str]:
     return names
 
 
+# DESIGN.md: fixed-count baselines run at the count that serves the peak (`--gpus`) and at
+# the same average GPU count as `turboserve` (equal cost); their equal-cost rows carry this suffix.
+EQUAL_COST_BASELINES = ("static-rr", "static-ll", "migrate-only")
+EQUAL_COST = "@equal-cost"
+
+
+def equal_cost_gpus(gpus_mean: float) -> int:
+    """The fixed count nearest `turboserve`'s mean GPU count (halves round up), at least 1."""
+    return max(1, int(math.floor(gpus_mean + 0.5)))
+
+
 def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], model: LatencyModel,
                config: TurboConfig, *, explicit_slo: bool, until_s: float | None = None,
                progress: bool = False, meta: dict[str, Any] | None = None,
-               keep_results: bool = False) -> tuple[dict, list]:
-    """Run every policy on the (shape-mapped) trace; returns (report, SimResults if kept)."""
+               keep_results: bool = False, equal_cost: bool = True) -> tuple[dict, list]:
+    """Run every policy on the (shape-mapped) trace; returns (report, SimResults if kept).
+
+    With `equal_cost`, when `turboserve` ran, the fixed-count baselines among `policies`
+    run again at `equal_cost_gpus(turboserve's mean GPUs)` as `NAME@equal-cost` (unless that
+    count is the ceiling: their peak rows are then the equal-cost ones); the report's
+    `equal_cost` says which count that was."""
     from .driver import simulate
 
     slo_of = check_feasible(records, model, config, explicit_slo)
@@ -121,27 +140,45 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
     runs = []
     results = []
     failed = []
-    for name in policies:
+
+    def run_one(name: str, label: str, cfg: TurboConfig, extra: dict | None = None) -> None:
         try:
-            res = simulate(records, name, model, config, until_s=until_s, progress=progress, shape=shape)
+            res = simulate(records, name, model, cfg, until_s=until_s, progress=progress, shape=shape)
         except Exception as e:  # noqa: BLE001 - a crashing policy must not take the others' results
             import traceback
 
             where = traceback.extract_tb(e.__traceback__)[-1]
             why = f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})"
-            print(f"policy {name} failed: {why}", file=sys.stderr)
-            failed.append({"policy": name, "error": why})
-            continue
+            print(f"policy {label} failed: {why}", file=sys.stderr)
+            failed.append({"policy": label, "error": why})
+            return
         series = res.metrics.gpu_series
         ready_t = np.array([s[0] for s in series])
         ready_n = np.array([s[2] for s in series])
         res.summary["latency_lb_ms"] = oracle.latency_lower_bound_ms(demand, model, ready_t, ready_n, max_batch,
                                                                      end_s=res.end_s)
-        runs.append(run_entry(name, res.summary))
+        runs.append(run_entry(label, res.summary, extra))
         if keep_results:
             results.append(res)
         else:
-            results.append(_light(res))
+            light = _light(res)
+            light["policy"] = label
+            results.append(light)
+
+    for name in policies:
+        run_one(name, name, config)
+    ts = next((r for r in runs if r["policy"] == "turboserve"), None)
+    same_cost = None
+    if equal_cost and ts is not None:
+        n = equal_cost_gpus(ts["gpus"]["mean"])
+        same_cost = {"gpus": n, "turboserve_gpus_mean": ts["gpus"]["mean"],
+                     "policies": [p for p in policies if p in EQUAL_COST_BASELINES]}
+        if n >= config.cluster.gpus:
+            same_cost["note"] = "turboserve's mean GPU count rounds to the ceiling: the peak rows are the equal-cost ones"
+        else:
+            cfg = replace(config, cluster=replace(config.cluster, gpus=n, min_gpus=min(config.cluster.min_gpus, n)))
+            for name in same_cost["policies"]:
+                run_one(name, name + EQUAL_COST, cfg, {"gpu_count": "equal-cost"})
     report = build_report(runs, gpu_hours_lb, latency_lb, meta=meta, oracle_extra={
         "gpu_hours_lb_throughput": oracle.throughput_lower_bound_gpu_hours(records, model, slo_of, mem, max_batch),
         "latency_lb_gpus": config.cluster.gpus,
@@ -149,6 +186,8 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
         "basis": "nominal active load (real-time pacing); gpu_hours_lb_throughput and latency_floor_ms "
                  "are strict under any pacing",
     })
+    if same_cost is not None:
+        report["equal_cost"] = same_cost
     if failed:
         report["failed"] = failed
     return report, results
@@ -187,7 +226,7 @@ def run(args) -> int:
                               "warm: the trace's demand over its first start-up delay"),
     }
     report, light = run_matrix(records, shape, policies, model, config, explicit_slo=explicit,
-                               progress=progress, meta=meta)
+                               progress=progress, meta=meta, equal_cost=getattr(args, "equal_cost", True))
     print(f"trace {args.trace}: {len(records)} sessions, shape {shape}, up to {config.cluster.gpus} GPUs, "
           f"SLO {meta['slo_ms']:.0f} ms{' (explicit)' if explicit else ' (chunk playback time)'}; "
           f"autoscalers start at {meta['initial_gpus_autoscaling']} GPUs "

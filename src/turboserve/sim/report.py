@@ -4,7 +4,8 @@ In: each policy's name, its `RunMetrics.summary(...)` dict, and the oracle bound
 Out: `build_report(...)` -> the JSON document
 `{"runs": [{"policy", "gpus": {"max", "mean"}, "metrics": {...}}], "oracle": {...}}`
 (the keys scripts rely on are `REQUIRED_METRICS` and `REQUIRED_ORACLE`; more sit beside
-them), `format_table(report)` -> the printed table, and `write_json`.
+them, e.g. `equal_cost`: the GPU count the fixed-count baselines ran at again to match
+turboserve's cost), `format_table(report)` -> the printed table, and `write_json`.
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ def format_table(report: dict) -> str:
                   if lb_ms is not None else "oracle: latency lower bound -")
                  + (f"; {floor:.0f} ms floor (each session's last chunk alone)"
                     if isinstance(floor, (int, float)) else ""))
+    same = report.get("equal_cost")
+    if same and same.get("policies"):
+        lines.append(f"equal cost: {', '.join(same['policies'])} "
+                     + (f"again at {same['gpus']} GPUs (@equal-cost), turboserve's mean "
+                        f"{same['turboserve_gpus_mean']:.2f} rounded" if "note" not in same else
+                        f"at {same['gpus']} GPUs are the peak rows (turboserve's mean "
+                        f"{same['turboserve_gpus_mean']:.2f} rounds to the ceiling)"))
     return "\n".join(lines)
 
 
