@@ -8,9 +8,13 @@ previous one's nominal end. The rounds of the calibration copies (every session 
 calibration one) calibrate the profile (`profile/calibrate.py`: median slow-down and
 round-time jitter; rounds begun beside another engine drawn from their own distribution,
 and side by side one distribution for all rounds); the trace's copies are what is compared.
-Interleaving matters on a shared machine: its speed drifts by 10-20% between replays a few
+Interleaving matters on a shared machine: its speed drifted by 10-20% between replays a few
 minutes apart, which a calibration replayed before the compared one carries into the
-prediction; copies a few seconds apart share it. The simulator replays the trace's copies
+prediction; copies a few seconds apart share it. What remains between the two traces is
+their load: the calibration trace keeps more sessions active, more of its rounds begin while
+the other engine is mid-round and run slower (x1.36 against x1.14 of the profile in one
+run; alone x1.08 and beside another x1.4-1.5 in both), which the calibrated profile's two
+jitter distributions carry over. The simulator replays the trace's copies
 (same arrival times) with the profile as measured and as calibrated. Out: a table of
 p50/p99/mean per-chunk latency and SLO attainment of the trace's chunks for the
 simulations, the live server as its clients saw it (`turboserve loadgen` in its own
