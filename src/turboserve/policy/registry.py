@@ -27,8 +27,11 @@ _FACTORIES: dict[str, Callable[[], Policy]] = {
 
 ALL: tuple[str, ...] = tuple(_FACTORIES)
 
-# Policies whose GPU count never changes (run at `peak` and `equal-cost` counts by reports).
+# Policies whose GPU count never changes.
 FIXED_COUNT: frozenset[str] = frozenset({"static-rr", "static-ll", "migrate-only", "turboserve-no-autoscale"})
+# DESIGN.md's fixed-count baselines: reports run them at the count that serves the peak and
+# again at turboserve's mean count (`equal-cost`, sim/cli.py).
+FIXED_COUNT_BASELINES: tuple[str, ...] = ("static-rr", "static-ll", "migrate-only")
 
 
 def policy_names() -> list[str]:

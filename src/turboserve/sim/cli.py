@@ -25,6 +25,7 @@ import numpy as np
 
 from ..config import LINKS, TurboConfig, load_config
 from ..policy.latency import LatencyModel
+from ..policy.registry import FIXED_COUNT_BASELINES
 from ..types import CompatKey, SessionRecord
 from . import oracle
 from .report import build_report, format_table, run_entry, write_json
@@ -109,7 +110,6 @@ def policies_from(arg: str) -> list[str]:
 
 # DESIGN.md: fixed-count baselines run at the count that serves the peak (`--gpus`) and at
 # the same average GPU count as `turboserve` (equal cost); their equal-cost rows carry this suffix.
-EQUAL_COST_BASELINES = ("static-rr", "static-ll", "migrate-only")
 EQUAL_COST = "@equal-cost"
 
 
@@ -172,7 +172,7 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
     if equal_cost and ts is not None:
         n = equal_cost_gpus(ts["gpus"]["mean"])
         same_cost = {"gpus": n, "turboserve_gpus_mean": ts["gpus"]["mean"],
-                     "policies": [p for p in policies if p in EQUAL_COST_BASELINES]}
+                     "policies": [p for p in policies if p in FIXED_COUNT_BASELINES]}
         if n >= config.cluster.gpus:
             same_cost["note"] = "turboserve's mean GPU count rounds to the ceiling: the peak rows are the equal-cost ones"
         else:
