@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--no-contention", action="store_true",
                       help="with --calibrate: one jitter distribution for all rounds (default: rounds begun "
                            "while another engine was mid-round get their own, `jitter_shared`)")
+    prof.add_argument("--jitter-unit", choices=("ms", "ratio"), default="ms",
+                      help="with --calibrate: draws added to a round's time (ms, default) or multiplying it")
     _common(prof)
 
     gen = sub.add_parser("generate", help="generate videos for a few prompts, no server")

@@ -37,7 +37,7 @@ def timed_rounds(ratios, seed=0, batches=(1,)):
 
 def test_calibration_scales_to_the_median_and_keeps_the_spread(tmp_path):
     ratios = [1.2] * 60 + [1.3] * 20 + [2.4] * 20  # median 1.2: a slow-down and a slow tail
-    cal = calibrate(BASE, timed_rounds(ratios))
+    cal = calibrate(BASE, timed_rounds(ratios), unit="ratio")
     assert [r.round_ms for r in cal.rounds] == pytest.approx([1.2 * r.round_ms for r in BASE.rounds])
     assert cal.fixed_ms == pytest.approx(1.2 * BASE.fixed_ms)
     assert statistics.median(cal.jitter) == pytest.approx(1.0)
@@ -62,7 +62,7 @@ def test_each_batch_size_timed_often_enough_gets_its_own_scale():
         for batch, ratio in ((1, 1.1), (2, 1.5)):
             ctx = (0, 4, 12)[i % 3]
             rounds.append((batch, ctx, 4, ratio * (model.round_ms("demo91", batch, ctx, 4) + batch * BASE.fixed_ms)))
-    cal = ProfileLatencyModel([calibrate(BASE, rounds)])
+    cal = ProfileLatencyModel([calibrate(BASE, rounds, unit="ratio")])
     for batch, ratio in ((1, 1.1), (2, 1.5), (4, 1.5)):
         for ctx in (0, 12):
             want = ratio * (model.round_ms("demo91", batch, ctx, 4) + batch * BASE.fixed_ms)
@@ -74,12 +74,51 @@ def test_each_batch_size_timed_often_enough_gets_its_own_scale():
 def test_too_few_rounds_or_bad_jitter_are_refused(tmp_path):
     with pytest.raises(ValueError, match="at least"):
         calibrate(BASE, timed_rounds([1.0] * (MIN_ROUNDS - 1)))
-    cal = calibrate(BASE, timed_rounds([1.0, 1.1] * MIN_ROUNDS))
+    cal = calibrate(BASE, timed_rounds([1.0, 1.1] * MIN_ROUNDS), unit="ratio")
     cal.jitter = [1.2, 1.0]
     path = tmp_path / "bad.json"
     save_profile(cal, path)
     with pytest.raises(ProfileError, match="jitter"):
         load_profiles(path)
+
+
+def test_jitter_in_ms_is_each_rounds_excess_over_its_scaled_prediction(tmp_path):
+    """The default unit: a slow round adds ms, whatever its length (a CPU's interruptions
+    last about as long on a long round as on a short one)."""
+    from turboserve.engine.executor import RoundPlan
+    from turboserve.engine.profiled import ProfiledExecutor
+    from turboserve.types import SessionSpec
+
+    model = ProfileLatencyModel([BASE])
+    rounds = []
+    for i in range(60):  # batch 1 and batch 2 rounds, each at its scale, a third 30 ms late
+        for batch in (1, 2):
+            predicted = model.round_ms("demo91", batch, 4, 4) + batch * BASE.fixed_ms
+            rounds.append((batch, 4, 4, predicted + (30.0 if i % 3 == 0 else 0.0)))
+    cal = calibrate(BASE, rounds)
+    assert cal.jitter_unit == "ms" and "jitter in ms" in cal.source
+    assert statistics.median(cal.jitter) == pytest.approx(0.0) and cal.jitter[-1] == pytest.approx(30.0)
+    assert load_profiles(_saved(cal, tmp_path))[0].jitter_unit == "ms"  # files keep the unit
+    with pytest.raises(ValueError, match="unit"):
+        calibrate(BASE, rounds, unit="percent")
+    with pytest.raises(ProfileError, match="jitter_unit"):
+        load_profiles(_saved(replace(cal, jitter_unit="percent"), tmp_path))
+    # the executor adds the draw: every round of either batch is its table time + 0 or 30 ms
+    ex = ProfiledExecutor(ProfileLatencyModel([replace(cal, jitter=[30.0, 30.0])]), seed=1)
+    plain = ProfiledExecutor(ProfileLatencyModel([replace(cal, jitter=[])]))
+    for batch in (1, 2):
+        sids = [f"s{batch}.{k}" for k in range(batch)]
+        for e in (ex, plain):
+            for sid in sids:
+                e.add_session(sid, SessionSpec(model="demo91"), "p")
+        plan = RoundPlan("w", SessionSpec(model="demo91").compat_key, tuple(sids), (0,) * batch, (0,) * batch)
+        assert ex.execute(plan).duration_ms == pytest.approx(plain.execute(plan).duration_ms + 30.0)
+
+
+def _saved(profile, tmp_path):
+    path = tmp_path / "saved.json"
+    save_profile(profile, path)
+    return path
 
 
 def test_quantiles_include_both_ends():
@@ -93,7 +132,7 @@ def test_the_simulator_draws_round_times_from_the_jitter():
     plain = load_latency_model()
     plain.add_profile(BASE)
     exact = simulate(records, "static-ll", plain, cfg).summary
-    cal = calibrate(BASE, timed_rounds([1.0] * 80 + [1.6] * 20))
+    cal = calibrate(BASE, timed_rounds([1.0] * 80 + [1.6] * 20), unit="ratio")
     model = load_latency_model()
     model.add_profile(cal)
     a = simulate(records, "static-ll", model, cfg).summary
@@ -140,7 +179,7 @@ def test_rounds_begun_beside_another_engine_get_their_own_jitter(tmp_path):
     alone, beside = [1.0] * 50 + [1.2] * 10, [1.4] * 40 + [2.0] * 10
     rounds = timed_rounds(alone + beside)
     shared = [False] * len(alone) + [True] * len(beside)
-    cal = calibrate(BASE, rounds, shared=shared)
+    cal = calibrate(BASE, rounds, shared=shared, unit="ratio")
     scale = statistics.median(alone + beside)
     assert statistics.median(cal.jitter) == pytest.approx(1.0 / scale)
     assert statistics.median(cal.jitter_shared) == pytest.approx(1.4 / scale)
@@ -148,8 +187,8 @@ def test_rounds_begun_beside_another_engine_get_their_own_jitter(tmp_path):
     save_profile(cal, tmp_path / "p.json")
     assert load_profiles(tmp_path / "p.json")[0].jitter_shared == pytest.approx(cal.jitter_shared)
     # too few of one kind: one distribution for all, as without flags
-    few = calibrate(BASE, rounds[:len(alone) + 5], shared=shared[:len(alone) + 5])
-    assert few.jitter_shared == [] and few.jitter == calibrate(BASE, rounds[:len(alone) + 5]).jitter
+    few = calibrate(BASE, rounds[:len(alone) + 5], shared=shared[:len(alone) + 5], unit="ratio")
+    assert few.jitter_shared == [] and few.jitter == calibrate(BASE, rounds[:len(alone) + 5], unit="ratio").jitter
     with pytest.raises(ValueError, match="flags"):
         calibrate(BASE, rounds, shared=shared[:-1])
     with pytest.raises(ProfileError, match="jitter_shared needs jitter"):

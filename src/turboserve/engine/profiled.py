@@ -7,7 +7,8 @@ formula of `policy.load.group_round_ms` for one round), state bytes from
 `model.state_bytes` at the shape's full window (what a session will hold at most, so the
 engine's memory accounting never has to grow), offload/restore durations over
 `config.link("host")`. A profile with `jitter` (profile/format.py) makes each round's
-duration that prediction times a ratio drawn from it (`seed`: this executor's draws); with
+duration that prediction times a ratio drawn from it, or plus a draw in ms where its
+`jitter_unit` is "ms" (`seed`: this executor's draws); with
 `jitter_shared` too and a `SharedHost`, a round begun while another executor of that host
 is mid-round draws from `jitter_shared` instead (engines competing for the same cores).
 With `frames=True` each chunk carries a tiny deterministic uint8
@@ -45,6 +46,9 @@ class SharedHost:
         self._busy_until[id(me)] = until_s
 
 
+MIN_ROUND_MS = 0.001  # an added draw below the median never makes a round free
+
+
 def _draw(rng: random.Random, quantiles: tuple[float, ...]) -> float:
     """Inverse CDF: linear between the quantiles, endpoints included."""
     pos = rng.random() * (len(quantiles) - 1)
@@ -62,8 +66,8 @@ class ProfiledExecutor:
         self.model = model
         self._rng = random.Random(seed)
         self.host = host
-        # shape -> (jitter, jitter_shared) quantiles
-        self._jitter: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+        # shape -> (jitter, jitter_shared quantiles, whether they are ms added, not ratios)
+        self._jitter: dict[str, tuple[tuple[float, ...], tuple[float, ...], bool]] = {}
         self.config = config if config is not None else TurboConfig()
         self.frames = frames
         host = self.config.link("host")
@@ -140,16 +144,16 @@ class ProfiledExecutor:
         if tables is None:
             tables = self._jitter[key.model] = (
                 tuple(getattr(self.model, "jitter", lambda _: ())(key.model)),
-                tuple(getattr(self.model, "jitter_shared", lambda _: ())(key.model)))
-        jitter, shared = tables
+                tuple(getattr(self.model, "jitter_shared", lambda _: ())(key.model)),
+                getattr(self.model, "jitter_unit", lambda _: "ratio")(key.model) == "ms")
+        jitter, shared, added = tables
         if jitter and n:
             host = self.host
-            if shared and host is not None:
-                now_s = host.clock()
-                duration *= _draw(self._rng, shared if host.others_busy(self, now_s) else jitter)
+            now_s = host.clock() if shared and host is not None else None
+            draw = _draw(self._rng, shared if now_s is not None and host.others_busy(self, now_s) else jitter)
+            duration = max(MIN_ROUND_MS, duration + draw) if added else duration * draw
+            if now_s is not None:
                 host.mark(self, now_s + duration / 1000.0)
-            else:
-                duration *= _draw(self._rng, jitter)
         return RoundResult(plan, tuple(outputs), duration, errors)
 
     def offload(self, session_id: SessionId) -> TransferResult:

@@ -6,7 +6,8 @@ ms)` (`LiveRuntime.add_round_listener` gives them). Out: the same profile with i
 times scaled by the median of measured over predicted, per batch size where that batch ran
 at least `MIN_BATCH_ROUNDS` rounds (the nearest such batch's scale elsewhere; the profile's
 batch curve need not hold under serving), the fixed per-chunk cost by the overall median,
-and `jitter` set to the quantiles of each round's ratio over its batch's scale. Given which
+and `jitter` set to the quantiles of each round's excess over its batch's scaled prediction,
+in ms (`jitter_unit` "ms"; `unit="ratio"`: of its ratio over that scale). Given which
 rounds began while another engine of the host was mid-round (`busy_at_start`, from each
 round's worker and times), `jitter` takes the rounds begun alone and `jitter_shared` the
 others, where each kind has at least `MIN_BATCH_ROUNDS` rounds.
@@ -17,7 +18,12 @@ and the video encoders), rounds run slower and vary: on a 2-core machine serving
 engines, batch-1 rounds profiled at 55 ms were timed at 55-130 ms. The median carries the
 slow-down into every prediction (placement and the autoscaler see it too); the jitter lets
 the simulator draw each round's time, which the tail of the chunk latencies follows. On a
-GPU the ratios sit near 1 and the calibration changes little.
+GPU the ratios sit near 1 and the calibration changes little. Why ms, not ratios: what slows
+a round on a shared CPU is interruptions that last about as long whatever the round; the
+timed rounds are mostly short (batch 1), and their ratios applied to the rarer long ones
+(batch 2 and more) overstated those rounds' tail: on 1,008 chunks of `bench/fidelity.py`,
+a simulation calibrated on the trace's own rounds put the p99 chunk 21% over the live one
+with ratios and 0.1% with ms.
 
 From the command line: `turboserve serve --record-rounds R.jsonl` writes one line per
 round (`RoundRecorder`), and `turboserve profile --calibrate R.jsonl --base P --out F`
@@ -113,20 +119,30 @@ def busy_at_start(timings: Sequence[tuple[Hashable, float, float]]) -> list[bool
 
 
 def calibrate(profile: ShapeProfile, rounds: Sequence[tuple[int, float, int, float]],
-              note: str = "", shared: Sequence[bool] | None = None) -> ShapeProfile:
+              note: str = "", shared: Sequence[bool] | None = None, unit: str = "ms") -> ShapeProfile:
     """The profile scaled to the median measured/predicted ratio (per batch), with the
-    ratios' spread around it as `jitter` (and `jitter_shared`, see the module doc; `shared`
-    is aligned with `rounds`). Raises ValueError with fewer than MIN_ROUNDS usable rounds."""
+    rounds' spread around it as `jitter` (and `jitter_shared`, see the module doc; `shared`
+    is aligned with `rounds`): each round's measured ms less its scaled prediction (`unit`
+    "ms"), or its ratio over its batch's scale ("ratio"). Raises ValueError with fewer than
+    MIN_ROUNDS usable rounds."""
     if shared is not None and len(shared) != len(rounds):
         raise ValueError(f"{len(shared)} busy-at-start flags for {len(rounds)} rounds")
+    if unit not in ("ms", "ratio"):
+        raise ValueError(f"jitter unit {unit!r} is not 'ms' or 'ratio'")
     indexed = _indexed_ratios(profile, rounds)
     ratios = [(b, r) for _, b, r in indexed]
     if len(ratios) < MIN_ROUNDS:
         raise ValueError(f"calibration needs at least {MIN_ROUNDS} timed rounds of shape "
                          f"{profile.name!r}, got {len(ratios)}")
     overall, scales = batch_scales(ratios)
-    rel = [(r / scale_for(b, overall, scales), bool(shared[i]) if shared is not None else False)
-           for i, b, r in indexed]
+
+    def spread(i: int, b: int, r: float) -> float:
+        scale = scale_for(b, overall, scales)
+        if unit == "ratio":
+            return r / scale
+        measured = rounds[i][3]
+        return measured - scale * measured / r  # ms over the scaled prediction
+    rel = [(spread(i, b, r), bool(shared[i]) if shared is not None else False) for i, b, r in indexed]
     alone = [x for x, f in rel if not f]
     beside = [x for x, f in rel if f]
     if len(alone) >= MIN_BATCH_ROUNDS and len(beside) >= MIN_BATCH_ROUNDS:
@@ -138,8 +154,9 @@ def calibrate(profile: ShapeProfile, rounds: Sequence[tuple[int, float, int, flo
     source = (f"{profile.source}; calibrated on {len(ratios)} rounds timed while serving"
               f"{' (' + note + ')' if note else ''}: x{overall:.3f}{' (' + per_batch + ')' if per_batch else ''}, "
               f"ratio p10/p90/p99 {q[10]:.2f}/{q[90]:.2f}/{q[99]:.2f}"
-              + (f"; {len(beside)} begun beside another engine, median x{statistics.median(beside):.2f} "
-                 f"of the {len(alone)} begun alone's x{statistics.median(alone):.2f}" if jitter_shared else ""))
+              + (f"; {len(beside)} begun beside another engine, median {_spread(statistics.median(beside), unit)} "
+                 f"of the {len(alone)} begun alone's {_spread(statistics.median(alone), unit)}" if jitter_shared else "")
+              + f"; jitter in {unit}")
     # A round's predicted time is its table time plus batch x fixed_ms; the fixed cost takes
     # the overall scale, the table the rest, so batch b's whole prediction scales by its own.
     fixed = profile.fixed_ms
@@ -148,7 +165,11 @@ def calibrate(profile: ShapeProfile, rounds: Sequence[tuple[int, float, int, flo
         total = scale_for(r.batch, overall, scales) * (r.round_ms + r.batch * fixed)
         rows.append(RoundPoint(r.batch, r.context_frames, max(total - r.batch * fixed * overall, 1e-3)))
     return replace(profile, rounds=rows, fixed_ms=fixed * overall, jitter=jitter, jitter_shared=jitter_shared,
-                   source=source.lstrip("; "))
+                   jitter_unit=unit, source=source.lstrip("; "))
+
+
+def _spread(v: float, unit: str) -> str:
+    return f"x{v:.2f}" if unit == "ratio" else f"{v:+.1f} ms"
 
 
 def timed_round(model: Any, outcome: Any) -> tuple[int, float, int, float]:

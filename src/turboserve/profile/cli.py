@@ -54,7 +54,8 @@ def run_calibrate(args, out: Path) -> int:
     rounds, shared = read_timed_rounds(args.calibrate, profile.name)
     if getattr(args, "no_contention", False):
         shared = None  # one distribution for every round, whatever the other engines did
-    calibrated = calibrate(profile, rounds, note=str(args.calibrate), shared=shared)
+    calibrated = calibrate(profile, rounds, note=str(args.calibrate), shared=shared,
+                           unit=getattr(args, "jitter_unit", "ms"))
     if getattr(args, "name", None):
         calibrated = replace(calibrated, shape=replace(calibrated.shape, name=args.name))
     save_profile(calibrated, out)

@@ -38,10 +38,16 @@ Own format (`"format": "turboserve-profile/1"`), one shape per file::
       "jitter_shared": [1.0, 1.2, 1.9]   # optional: the same for rounds begun while another
                                          # engine on the host was mid-round (`jitter` then
                                          # holds those begun alone)
+      "jitter_unit": "ratio"             # optional: "ratio" (default) or "ms" (the tables
+                                         # hold ms added to the table's time)
     }
 
 `jitter` comes from `profile/calibrate.py` (rounds timed while serving); the simulator then
-draws each round's time from it (seeded per worker), which its p99 needs where rounds vary
+draws each round's time from it (seeded per worker): with `"jitter_unit": "ratio"` (the
+default) the table's time times the draw, with `"ms"` the table's time plus the draw (an
+excess in ms, negative below the median; what calibrate writes: interruptions on a
+shared CPU last about as long whatever the round, so a ratio fitted on short rounds
+overstated long rounds' tails). Its p99 needs these draws where rounds vary
 (e.g. CPU engines sharing cores with each other and the server). Where engines share a
 host, a round's time depends on whether another engine is computing at the same time (on
 two CPU engines sharing 2 cores: a median 1.08x the profile alone, 1.35x beside the other);
@@ -77,6 +83,7 @@ from pathlib import Path
 from ..policy.latency import ShapeInfo
 
 FORMAT = "turboserve-profile/1"
+JITTER_UNITS = ("ratio", "ms")
 TRANSFER_KEYS = ("d2h_pinned_gbps", "h2d_pinned_gbps", "d2h_pageable_gbps", "d2d_gbps")
 GIB = 2**30
 PIXELS_PER_TOKEN = 256  # Wan: VAE 8x8 spatial stride times a 2x2 patch
@@ -108,6 +115,7 @@ class ShapeProfile:
     measured_at: str = ""
     jitter: list[float] = field(default_factory=list)  # round time / table time, quantiles
     jitter_shared: list[float] = field(default_factory=list)  # the same, rounds begun beside another
+    jitter_unit: str = "ratio"  # "ratio": a round takes table time x a draw; "ms": table time + a draw
 
     @property
     def name(self) -> str:
@@ -135,6 +143,7 @@ class ShapeProfile:
             "transfer": dict(self.transfer),
             **({"jitter": list(self.jitter)} if self.jitter else {}),
             **({"jitter_shared": list(self.jitter_shared)} if self.jitter_shared else {}),
+            **({"jitter_unit": self.jitter_unit} if self.jitter and self.jitter_unit != "ratio" else {}),
         }
 
 
@@ -216,6 +225,7 @@ def own_from_dict(data: dict, where: str = "<profile>") -> ShapeProfile:
         measured_at=str(data.get("measured_at", "")),
         jitter=[float(x) for x in data.get("jitter", [])],
         jitter_shared=[float(x) for x in data.get("jitter_shared", [])],
+        jitter_unit=str(data.get("jitter_unit", "ratio")),
     )
     validate(profile, where)
     return profile
@@ -232,9 +242,13 @@ def validate(p: ShapeProfile, where: str) -> None:
             raise ProfileError(f"{where}: round {r} needs batch >= 1, context_frames >= 0, round_ms > 0")
     if p.fixed_ms < 0:
         raise ProfileError(f"{where}: fixed_ms must be >= 0")
+    if p.jitter_unit not in JITTER_UNITS:
+        raise ProfileError(f"{where}: jitter_unit {p.jitter_unit!r} is not one of {', '.join(JITTER_UNITS)}")
     for name, q in (("jitter", p.jitter), ("jitter_shared", p.jitter_shared)):
-        if q and (min(q) <= 0 or list(q) != sorted(q)):
-            raise ProfileError(f"{where}: {name} must be positive ratios in ascending order (quantiles)")
+        if q and list(q) != sorted(q):
+            raise ProfileError(f"{where}: {name} must be quantiles in ascending order")
+        if q and p.jitter_unit == "ratio" and min(q) <= 0:
+            raise ProfileError(f"{where}: {name} must be positive ratios (jitter_unit \"ratio\")")
     if p.jitter_shared and not p.jitter:
         raise ProfileError(f"{where}: jitter_shared needs jitter (the rounds begun alone)")
 

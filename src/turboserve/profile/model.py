@@ -176,6 +176,10 @@ class ProfileLatencyModel:
         """A round's time over `round_ms + batch * fixed_ms`, as quantiles; () = exact."""
         return tuple(self._table(shape).profile.jitter)
 
+    def jitter_unit(self, shape: str) -> str:
+        """How `jitter` applies: "ratio" (times the table's time) or "ms" (added to it)."""
+        return self._table(shape).profile.jitter_unit
+
     def jitter_shared(self, shape: str) -> tuple[float, ...]:
         """`jitter` for rounds begun while another engine on the host is mid-round; () =
         no distinction (`jitter` for every round)."""
