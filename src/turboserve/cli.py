@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from .profile.format import JITTER_UNITS  # a constant: no torch, no numpy
+
 # subcommand -> "module:function"; each function takes the parsed args and returns an int
 COMMANDS = {
     "trace": "turboserve.traces.cli:run",
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--no-contention", action="store_true",
                       help="with --calibrate: one jitter distribution for all rounds (default: rounds begun "
                            "while another engine was mid-round get their own, `jitter_shared`)")
-    prof.add_argument("--jitter-unit", choices=("ms", "ratio"), default="ms",
+    prof.add_argument("--jitter-unit", choices=JITTER_UNITS, default="ms",
                       help="with --calibrate: draws added to a round's time (ms, default) or multiplying it")
     _common(prof)
 

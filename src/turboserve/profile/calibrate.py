@@ -40,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Sequence
 
-from .format import RoundPoint, ShapeProfile
+from .format import JITTER_UNITS, RoundPoint, ShapeProfile
 from .model import ProfileLatencyModel
 
 # 0%, 1%, ..., 100%. The simulator draws linearly between them, so the top segment spreads
@@ -127,8 +127,8 @@ def calibrate(profile: ShapeProfile, rounds: Sequence[tuple[int, float, int, flo
     MIN_ROUNDS usable rounds."""
     if shared is not None and len(shared) != len(rounds):
         raise ValueError(f"{len(shared)} busy-at-start flags for {len(rounds)} rounds")
-    if unit not in ("ms", "ratio"):
-        raise ValueError(f"jitter unit {unit!r} is not 'ms' or 'ratio'")
+    if unit not in JITTER_UNITS:
+        raise ValueError(f"jitter unit {unit!r} is not one of {', '.join(JITTER_UNITS)}")
     indexed = _indexed_ratios(profile, rounds)
     ratios = [(b, r) for _, b, r in indexed]
     if len(ratios) < MIN_ROUNDS:
