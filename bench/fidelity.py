@@ -7,7 +7,9 @@ alternate with copies of a calibration trace (seed + 1): T C T C ..., each copy 
 previous one's nominal end. The rounds of the calibration copies (every session in them a
 calibration one) calibrate the profile (`profile/calibrate.py`: median slow-down and
 round-time jitter; rounds begun beside another engine drawn from their own distribution,
-and side by side one distribution for all rounds); the trace's copies are what is compared.
+each batch size timed often enough from its own; side by side, one distribution for rounds
+begun alone and beside another ("i.i.d.") and one for all batch sizes ("pooled")); the
+trace's copies are what is compared.
 Interleaving matters on a shared machine: its speed drifted by 10-20% between replays a few
 minutes apart, which a calibration replayed before the compared one carries into the
 prediction; copies a few seconds apart share it. What remains between the two traces is
@@ -30,7 +32,9 @@ the simulator turns the rounds the engines really ran into chunk latencies).
 
 About 17 minutes on 2 CPU cores (two live runs of 8 minutes). 12 copies give the trace
 1,008 chunks: a p99 over ten chunks, which moved by 7% between two identical live runs,
-where 4 copies (336 chunks, a p99 over three or four) moved by up to 60%.
+where 4 copies (336 chunks, a p99 over three or four) moved by up to 60%. `--dump F` keeps
+what the live runs recorded (and the profile); `--from-dump F` redoes the calibrations and
+simulations from it in seconds (to try another calibration on the same live runs).
 
 The target (issue 4) is agreement within 10% on p50 and p99 (the calibrated simulation).
 """
@@ -69,6 +73,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--policy", default="turboserve")
     ap.add_argument("--json", dest="json_out", default=None)
+    ap.add_argument("--dump", default=None,
+                    help="write what the live runs recorded (clients, rounds, server-side latencies) to this "
+                         "JSON file, to analyse again with --from-dump")
+    ap.add_argument("--from-dump", default=None,
+                    help="skip the profiling and the live runs: read them from a --dump file (give the same "
+                         "--trace/--sessions/--seed/--repeat) and redo the calibration, simulations and table")
     ap.add_argument("--client-in-process", action="store_true",
                     help="run the WebSocket clients in the server's process (default: a separate "
                          "`turboserve loadgen` process, as a real client would be)")
@@ -76,17 +86,19 @@ def main(argv=None) -> int:
 
     from turboserve.config import TurboConfig
     from turboserve.profile import ProfileLatencyModel, load_latency_model, save_profile
-    from turboserve.profile.calibrate import busy_at_start, calibrate, timed_round
-    from turboserve.serving.app import create_app
+    from turboserve.profile.calibrate import calibrate
     from turboserve.serving.cli import demo_trace
-    from turboserve.serving.embedded import build_runtime
-    from turboserve.serving.server import ServerThread
     from turboserve.sim.driver import simulate
     from turboserve.traces.schema import read_trace
 
     tmp = Path(tempfile.mkdtemp(prefix="turboserve-fidelity-"))
     profile = args.profile
-    if profile is None:
+    dumped = None
+    if args.from_dump:
+        dumped = json.loads(Path(args.from_dump).read_text())
+        profile = str(tmp / "dumped-profile.json")
+        Path(profile).write_text(json.dumps(dumped["profile"]))
+    elif profile is None:
         profile = str(tmp / "tiny-profile.json")
         print(f"profiling tiny on this machine -> {profile}", file=sys.stderr)
         # Profile under the conditions the live engines run in: each of the N CPU engines
@@ -102,37 +114,14 @@ def main(argv=None) -> int:
     cfg = TurboConfig().with_overrides([f"serve.storage_dir='{tmp / 'recordings'}'",
                                         f"cluster.gpus={args.workers}", f"cluster.min_gpus={args.workers}"])
 
-    runtime = build_runtime(cfg, model="tiny", policy=args.policy, workers=args.workers, latency_model=model)
-    server_side: list[tuple[str, float]] = []  # (server session id, due -> delivered ms)
-    rounds: list[tuple] = []  # (batch, mean context, steps, measured ms) of every round run
-    timings: list[tuple] = []  # (worker, start s, end s) of the same rounds
-    members: list[tuple[str, ...]] = []  # the server session ids in each of them
-    lock = threading.Lock()
-
-    def on_chunk(d):
-        with lock:
-            server_side.append((d.session_id, d.latency_ms))
-    runtime.add_listener(on_chunk, lambda *a: None)
-
-    def on_round(wid, o):
-        if o.chunk_indices:
-            end = time.monotonic()
-            with lock:
-                rounds.append(timed_round(model, o))
-                timings.append((wid, end - o.duration_ms / 1000.0, end))
-                members.append(tuple(o.session_ids))
-    runtime.add_round_listener(on_round)
-    runs = []
-    with ServerThread(create_app(runtime, cfg)) as srv:
-        for k in range(max(1, args.live_repeats)):
-            print(f"live replay {k + 1} of {args.live_repeats}: {len(one)} trace and {len(one)} calibration "
-                  f"sessions, {args.repeat} copies each, interleaved", file=sys.stderr)
-            with lock:
-                for buf in (server_side, rounds, timings, members):
-                    buf.clear()
-            clients = replay_live(combined, srv.base_url, tmp, args.client_in_process)
-            with lock:
-                runs.append((clients, list(server_side), list(rounds), busy_at_start(timings), list(members)))
+    if dumped is not None:
+        runs = [tuple(run[k] for k in RUN_KEYS) for run in dumped["runs"]]
+    else:
+        runs = live_runs(args, cfg, model, combined, tmp)
+        if args.dump:  # the live runs and the profile they ran with
+            Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.dump).write_text(json.dumps({"profile": json.loads(Path(profile).read_text()),
+                                                   "runs": [dict(zip(RUN_KEYS, run)) for run in runs]}) + "\n")
 
     sim = simulate(records, args.policy, model, cfg, shape="tiny").summary
     slo = sim["slo_ms"]
@@ -144,20 +133,26 @@ def main(argv=None) -> int:
     calibrated = calibrate(base, cal_rounds, shared=cal_shared,
                            note=f"bench/fidelity.py, {args.workers} engines, interleaved copies")
     iid = calibrate(base, cal_rounds, note="no contention")
+    pooled = calibrate(base, cal_rounds, shared=cal_shared, by_batch=False, note="one table for all batch sizes")
     sim_cal = seeds_mean(records, args.policy, ProfileLatencyModel([calibrated]), cfg, args.sim_seeds)
     sim_iid = seeds_mean(records, args.policy, ProfileLatencyModel([iid]), cfg, args.sim_seeds)
+    sim_pooled = seeds_mean(records, args.policy, ProfileLatencyModel([pooled]), cfg, args.sim_seeds)
     self_cal = calibrate(base, own_rounds, shared=own_shared, note="the trace's own copies")
     sim_self = seeds_mean(records, args.policy, ProfileLatencyModel([self_cal]), cfg, args.sim_seeds)
     self_iid = calibrate(base, own_rounds, note="the trace's own copies, no contention")
     sim_self_iid = seeds_mean(records, args.policy, ProfileLatencyModel([self_iid]), cfg, args.sim_seeds)
 
+    held_out = held_out_metrics(records, args.policy, base, clients, all_rounds, shared, member, cfg,
+                                args.sim_seeds, slo)
     live = client_metrics(clients, slo)
     rows = {
         "simulate": sim,
         "sim calibrated": sim_cal,
         "sim cal. i.i.d.": sim_iid,
+        "sim cal. pooled": sim_pooled,
         "sim cal. here": sim_self,
         "sim here i.i.d.": sim_self_iid,
+        "sim held-out": held_out,
         "live (client)": live,
         "live (server)": latency_metrics([ms for sid, ms in srv_side if tag.get(sid) == TRACE_TAG], slo),
     }
@@ -182,6 +177,32 @@ def main(argv=None) -> int:
         print(f"{name:<15}" + "".join(f"{v:>16.3f}" if isinstance(v, float) else f"{v:>16}" for v in vals)
               + f"{100 * err50:>13.1f}%{100 * err99:>13.1f}%")
         out["runs"][name] = {**{k: m.get(k) for k in keys}, "p50_rel_err": err50, "p99_rel_err": err99}
+    # Every live run against the simulations calibrated on that run's rounds: the same
+    # comparison again, on the machine as it ran then; and how far the live p50 and p99 move
+    # when the copies are resampled (the sampling noise of a p99 over a thousand chunks).
+    out["per_live_run"] = []
+    for k, (c_k, _, rounds_k, shared_k, member_k) in enumerate(runs, start=1):
+        tag_k = {c["session_id"]: c["trace_id"][:1] for c in c_k}
+        if k == 1:
+            sims = {"calibrated": sim_cal, "held-out": held_out}
+        else:
+            r_k, s_k = rounds_of(CAL_TAG, tag_k, rounds_k, shared_k, member_k)
+            sims = {"calibrated": seeds_mean(records, args.policy, ProfileLatencyModel(
+                        [calibrate(base, r_k, shared=s_k, note=f"live run {k}")]), cfg, args.sim_seeds),
+                    "held-out": held_out_metrics(records, args.policy, base, c_k, rounds_k, shared_k, member_k, cfg,
+                                                 args.sim_seeds, slo)}
+        live_k = client_metrics(c_k, slo)
+        ci = copy_bootstrap(c_k)
+        entry = {"live_p50_ms": live_k["p50_chunk_latency_ms"], "live_p99_ms": live_k["p99_chunk_latency_ms"],
+                 "live_p50_ci90_ms": ci[0], "live_p99_ci90_ms": ci[1]}
+        text = []
+        for name, m in sims.items():
+            for q in ("p50", "p99"):
+                entry[f"{name}_{q}_rel_err"] = m[f"{q}_chunk_latency_ms"] / live_k[f"{q}_chunk_latency_ms"] - 1
+            text.append(f"{name} {100 * entry[f'{name}_p50_rel_err']:+.1f}% / {100 * entry[f'{name}_p99_rel_err']:+.1f}%")
+        out["per_live_run"].append(entry)
+        print(f"live run {k}: p50 {entry['live_p50_ms']:.1f} ms (copies resampled, 90%: {ci[0][0]:.1f}-{ci[0][1]:.1f}), "
+              f"p99 {entry['live_p99_ms']:.1f} ms ({ci[1][0]:.1f}-{ci[1][1]:.1f}); sim p50 / p99 error: " + ", ".join(text))
     errors = [c["error"] for c in clients if c["error"]]
     if errors:
         print(f"{len(errors)} live session(s) failed, first: {errors[0]}", file=sys.stderr)
@@ -192,7 +213,50 @@ def main(argv=None) -> int:
     return 0
 
 
+def live_runs(args, cfg, model, combined, tmp: Path) -> list[tuple]:
+    """`--live-repeats` live replays of `combined`; each (clients, server-side (id, ms),
+    rounds, busy-at-start flags, session ids of each round)."""
+    from turboserve.profile.calibrate import busy_at_start, timed_round
+    from turboserve.serving.app import create_app
+    from turboserve.serving.embedded import build_runtime
+    from turboserve.serving.server import ServerThread
+
+    runtime = build_runtime(cfg, model="tiny", policy=args.policy, workers=args.workers, latency_model=model)
+    server_side: list[tuple[str, float]] = []  # (server session id, due -> delivered ms)
+    rounds: list[tuple] = []  # (batch, mean context, steps, measured ms) of every round run
+    timings: list[tuple] = []  # (worker, start s, end s) of the same rounds
+    members: list[tuple[str, ...]] = []  # the server session ids in each of them
+    lock = threading.Lock()
+
+    def on_chunk(d):
+        with lock:
+            server_side.append((d.session_id, d.latency_ms))
+    runtime.add_listener(on_chunk, lambda *a: None)
+
+    def on_round(wid, o):
+        if o.chunk_indices:
+            end = time.monotonic()
+            with lock:
+                rounds.append(timed_round(model, o))
+                timings.append((wid, end - o.duration_ms / 1000.0, end))
+                members.append(tuple(o.session_ids))
+    runtime.add_round_listener(on_round)
+    runs = []
+    with ServerThread(create_app(runtime, cfg)) as srv:
+        for k in range(max(1, args.live_repeats)):
+            print(f"live replay {k + 1} of {args.live_repeats}: {len(combined)} sessions ({args.repeat} copies each "
+                  "of the trace and the calibration trace, interleaved)", file=sys.stderr)
+            with lock:
+                for buf in (server_side, rounds, timings, members):
+                    buf.clear()
+            clients = replay_live(combined, srv.base_url, tmp, args.client_in_process)
+            with lock:
+                runs.append((clients, list(server_side), list(rounds), busy_at_start(timings), list(members)))
+    return runs
+
+
 TRACE_TAG, CAL_TAG = "t", "c"  # first letter of the ids of the trace's and the calibration's copies
+RUN_KEYS = ("clients", "server_side", "rounds", "busy_at_start", "members")  # of each live run
 
 
 def interleaved(trace, calibration, n: int, gap_s: float = 2.0):
@@ -241,13 +305,69 @@ def client_metrics(clients, slo_ms: float) -> dict:
                            [v for c in mine for v in c["unfinished_waits_ms"]])
 
 
+def copy_bootstrap(clients, draws: int = 2000, seed: int = 0) -> tuple[tuple[float, float], tuple[float, float]]:
+    """90% intervals of the trace's live p50 and p99 when its copies are drawn again with
+    replacement (a copy's chunks share its slow moments, so copies, not chunks, are drawn)."""
+    by_copy: dict[int, list[float]] = {}
+    for c in clients:
+        if c["trace_id"].startswith(TRACE_TAG):
+            by_copy.setdefault(copy_of(c["trace_id"]), []).extend(c["latencies_ms"])
+    copies = [np.asarray(v) for v in by_copy.values() if v]
+    rng = np.random.default_rng(seed)
+    p50, p99 = [], []
+    for _ in range(draws):
+        v = np.concatenate([copies[i] for i in rng.integers(0, len(copies), len(copies))])
+        p50.append(np.percentile(v, 50))
+        p99.append(np.percentile(v, 99))
+    return tuple(np.percentile(p50, [5, 95]).tolist()), tuple(np.percentile(p99, [5, 95]).tolist())
+
+
+def copy_of(session_id: str) -> int:
+    """The copy index i of an id `t{i}.x` / `c{i}.x` (`interleaved`)."""
+    return int(session_id.split(".", 1)[0][1:])
+
+
+def held_out_metrics(records, policy, base, clients, rounds, shared, members, cfg, seeds: int,
+                     slo_ms: float) -> dict:
+    """Two-fold cross-fitting over the trace's copies: the even copies simulated with the
+    profile calibrated on the rounds of the odd ones, and the other way round; the chunks of
+    both simulations together, averaged over `seeds` like `seeds_mean`. Unlike "here", no
+    simulated chunk comes from rounds its calibration saw; unlike "calibrated", the rounds
+    calibrated on ran the same workload (as a service calibrated on yesterday's traffic)."""
+    from turboserve.profile import ProfileLatencyModel
+    from turboserve.profile.calibrate import calibrate
+    from turboserve.sim.driver import simulate
+
+    copy = {c["session_id"]: copy_of(c["trace_id"]) for c in clients if c["trace_id"].startswith(TRACE_TAG)}
+    folds = []  # (records of the fold, the model calibrated on the other fold's rounds)
+    for fold in (0, 1):
+        other = [i for i, ids in enumerate(members)
+                 if ids and all(sid in copy and copy[sid] % 2 != fold for sid in ids)]
+        profile = calibrate(base, [rounds[i] for i in other], shared=[shared[i] for i in other],
+                            note=f"the trace's {'odd' if fold == 0 else 'even'} copies")
+        folds.append(([r for r in records if copy_of(r.id) % 2 == fold], ProfileLatencyModel([profile])))
+    runs = []
+    for k in range(max(1, seeds)):
+        lat = []
+        for recs, model in folds:
+            values, counts = simulate(recs, policy, model, cfg.with_overrides([f"sim.seed={k}"]),
+                                      shape="tiny").metrics.latencies()
+            lat.append(np.repeat(values, counts.astype(int)))
+        runs.append(latency_metrics(np.concatenate(lat), slo_ms))
+    return mean_of(runs)
+
+
 def seeds_mean(records, policy, model, cfg, seeds: int) -> dict:
     """The simulation's summary with each latency figure and the SLO attainment averaged
     over `seeds` seeds of the round-time draws (one run's p99 is a handful of chunks)."""
     from turboserve.sim.driver import simulate
 
-    runs = [simulate(records, policy, model, cfg.with_overrides([f"sim.seed={k}"]), shape="tiny").summary
-            for k in range(max(1, seeds))]
+    return mean_of([simulate(records, policy, model, cfg.with_overrides([f"sim.seed={k}"]), shape="tiny").summary
+                    for k in range(max(1, seeds))])
+
+
+def mean_of(runs: list[dict]) -> dict:
+    """The first summary with its latency figures and SLO attainment averaged over all."""
     out = dict(runs[0])
     for k in ("p50_chunk_latency_ms", "p99_chunk_latency_ms", "mean_chunk_latency_ms", "slo_attainment"):
         out[k] = float(np.mean([r[k] for r in runs]))

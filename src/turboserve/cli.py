@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "while another engine was mid-round get their own, `jitter_shared`)")
     prof.add_argument("--jitter-unit", choices=JITTER_UNITS, default="ms",
                       help="with --calibrate: draws added to a round's time (ms, default) or multiplying it")
+    prof.add_argument("--pooled-jitter", action="store_true",
+                      help="with --calibrate: one jitter table for all batch sizes (default: a batch size "
+                           "timed often enough gets its own, `jitter_by_batch`)")
     _common(prof)
 
     gen = sub.add_parser("generate", help="generate videos for a few prompts, no server")

@@ -104,7 +104,7 @@ def test_jitter_in_ms_is_each_rounds_excess_over_its_scaled_prediction(tmp_path)
     with pytest.raises(ProfileError, match="jitter_unit"):
         load_profiles(_saved(replace(cal, jitter_unit="percent"), tmp_path))
     # the executor adds the draw: every round of either batch is its table time + 0 or 30 ms
-    ex = ProfiledExecutor(ProfileLatencyModel([replace(cal, jitter=[30.0, 30.0])]), seed=1)
+    ex = ProfiledExecutor(ProfileLatencyModel([replace(cal, jitter=[30.0, 30.0], jitter_by_batch={})]), seed=1)
     plain = ProfiledExecutor(ProfileLatencyModel([replace(cal, jitter=[])]))
     for batch in (1, 2):
         sids = [f"s{batch}.{k}" for k in range(batch)]
@@ -113,6 +113,66 @@ def test_jitter_in_ms_is_each_rounds_excess_over_its_scaled_prediction(tmp_path)
                 e.add_session(sid, SessionSpec(model="demo91"), "p")
         plan = RoundPlan("w", SessionSpec(model="demo91").compat_key, tuple(sids), (0,) * batch, (0,) * batch)
         assert ex.execute(plan).duration_ms == pytest.approx(plain.execute(plan).duration_ms + 30.0)
+
+
+def test_each_batch_size_timed_often_enough_gets_its_own_jitter_table(tmp_path):
+    """A pooled table carries the calibration workload's mix of batch sizes into another
+    workload: batch 2's longer excess must not reach batch 1's rounds."""
+    model = ProfileLatencyModel([BASE])
+    rounds = []
+    for i in range(60):  # a third of the rounds late: batch 1 by 10 ms, batch 2 by 40 ms
+        for batch, late in ((1, 10.0), (2, 40.0)):
+            predicted = model.round_ms("demo91", batch, 4, 4) + batch * BASE.fixed_ms
+            rounds.append((batch, 4, 4, predicted + (late if i % 3 == 0 else 0.0)))
+    cal = calibrate(BASE, rounds)
+    assert set(cal.jitter_by_batch) == {1, 2} and cal.jitter_shared_by_batch == {}
+    assert cal.jitter_by_batch[1][-1] == pytest.approx(10.0) and cal.jitter_by_batch[2][-1] == pytest.approx(40.0)
+    assert cal.jitter[-1] == pytest.approx(40.0)  # the pooled table, for the batch sizes without one
+    assert "own tables for batch [1, 2]" in cal.source
+    back = load_profiles(_saved(cal, tmp_path))[0]
+    assert back.jitter_by_batch == pytest.approx(cal.jitter_by_batch)
+    assert calibrate(BASE, rounds, by_batch=False).jitter_by_batch == {}
+    # one batch size with enough rounds: the pooled table is nearly its own, no tables
+    few = [r for r in rounds if r[0] == 1] + [r for r in rounds if r[0] == 2][:10]
+    assert calibrate(BASE, few).jitter_by_batch == {}
+    # contention split: each kind's tables come from that kind's rounds
+    shared = [i % 2 == 1 for i in range(len(rounds))]  # every batch-2 round begun beside another
+    split = calibrate(BASE, rounds, shared=shared)
+    assert split.jitter_by_batch == {} and split.jitter_shared_by_batch == {}  # one batch size per kind
+    with pytest.raises(ProfileError, match="jitter_by_batch needs jitter"):
+        load_profiles(_saved(replace(cal, jitter=[]), tmp_path))
+    with pytest.raises(ProfileError, match="batch sizes >= 1"):
+        load_profiles(_saved(replace(cal, jitter_by_batch={0: [1.0]}), tmp_path))
+    with pytest.raises(ProfileError, match="ascending"):
+        load_profiles(_saved(replace(cal, jitter_by_batch={2: [3.0, 1.0]}), tmp_path))
+
+
+def test_the_executor_draws_from_the_table_of_the_rounds_batch_size():
+    from turboserve.engine.executor import RoundPlan
+    from turboserve.engine.profiled import ProfiledExecutor, SharedHost
+    from turboserve.types import SessionSpec
+
+    profile = replace(BASE, jitter_unit="ms", jitter=[5.0, 5.0], jitter_by_batch={2: [40.0, 40.0]},
+                      jitter_shared=[7.0, 7.0], jitter_shared_by_batch={2: [70.0, 70.0]})
+    now = [0.0]
+    host = SharedHost(lambda: now[0])
+    ex, other = (ProfiledExecutor(ProfileLatencyModel([profile]), host=host) for _ in range(2))
+    plain = ProfiledExecutor(ProfileLatencyModel([replace(profile, jitter=[], jitter_shared=[], jitter_by_batch={},
+                                                          jitter_shared_by_batch={})]))
+    spec = SessionSpec(model="demo91")
+    other.add_session("o", spec, "p")
+    o_chunks = iter(range(10))
+    for batch, alone_ms, beside_ms in ((1, 5.0, 7.0), (2, 40.0, 70.0), (3, 5.0, 7.0)):
+        sids = tuple(f"b{batch}.{k}" for k in range(batch))
+        for e in (ex, plain):
+            for sid in sids:
+                e.add_session(sid, spec, "p")
+        for idx, busy, extra_ms in ((0, False, alone_ms), (1, True, beside_ms)):
+            now[0] += 100.0  # every engine's rounds are over
+            if busy:  # the other engine of the host begins a round
+                other.execute(RoundPlan("w", spec.compat_key, ("o",), (next(o_chunks),), (0,)))
+            plan = RoundPlan("w", spec.compat_key, sids, (idx,) * batch, (0,) * batch)
+            assert ex.execute(plan).duration_ms == pytest.approx(plain.execute(plan).duration_ms + extra_ms)
 
 
 def _saved(profile, tmp_path):
@@ -261,3 +321,25 @@ def test_calibrating_from_the_command_line_with_and_without_the_contention_split
                  "--no-contention"]) == 0
     assert load_profiles(split)[0].jitter_shared and load_profiles(split)[0].jitter
     assert load_profiles(iid)[0].jitter_shared == [] and load_profiles(iid)[0].jitter
+
+
+def test_pooled_jitter_from_the_command_line(tmp_path):
+    from types import SimpleNamespace
+
+    from turboserve.cli import main
+    from turboserve.profile.calibrate import MIN_JITTER_BATCH_ROUNDS, RoundRecorder
+    from turboserve.types import SessionSpec
+
+    key = SessionSpec(model="demo91").compat_key
+    path = tmp_path / "r.jsonl"
+    rec = RoundRecorder(path, load_latency_model())
+    for i in range(MIN_JITTER_BATCH_ROUNDS):  # batch 1 and batch 2 rounds, each often enough
+        rec("w0", SimpleNamespace(key=key, chunk_indices=(0,), duration_ms=100.0 + i))
+        rec("w0", SimpleNamespace(key=key, chunk_indices=(0, 0), duration_ms=200.0 + 3 * i))
+    rec.close()
+    own, pooled = tmp_path / "own.json", tmp_path / "pooled.json"
+    assert main(["profile", "--calibrate", str(path), "--base", "demo91", "--out", str(own)]) == 0
+    assert main(["profile", "--calibrate", str(path), "--base", "demo91", "--out", str(pooled),
+                 "--pooled-jitter"]) == 0
+    assert set(load_profiles(own)[0].jitter_by_batch) == {1, 2}
+    assert load_profiles(pooled)[0].jitter_by_batch == {} and load_profiles(pooled)[0].jitter

@@ -11,6 +11,8 @@ duration that prediction times a ratio drawn from it, or plus a draw in ms where
 `jitter_unit` is "ms" (`seed`: this executor's draws); with
 `jitter_shared` too and a `SharedHost`, a round begun while another executor of that host
 is mid-round draws from `jitter_shared` instead (engines competing for the same cores).
+A round whose batch size has its own table (`jitter_by_batch`, `jitter_shared_by_batch`)
+draws from that one.
 With `frames=True` each chunk carries a tiny deterministic uint8
 frame (1, 8, 8, 3) tagging its session and chunk index, so tests can check order.
 
@@ -66,8 +68,9 @@ class ProfiledExecutor:
         self.model = model
         self._rng = random.Random(seed)
         self.host = host
-        # shape -> (jitter, jitter_shared quantiles, whether they are ms added, not ratios)
-        self._jitter: dict[str, tuple[tuple[float, ...], tuple[float, ...], bool]] = {}
+        # shape -> (jitter, jitter_shared quantiles, whether they are ms added, not ratios,
+        #           batch -> jitter, batch -> jitter_shared)
+        self._jitter: dict[str, tuple] = {}
         self.config = config if config is not None else TurboConfig()
         self.frames = frames
         host = self.config.link("host")
@@ -142,15 +145,19 @@ class ProfiledExecutor:
         duration = self.round_ms(key.model, n, sum(plan.context_frames) / n, key.steps) if n else 0.0
         tables = self._jitter.get(key.model)
         if tables is None:
+            m = self.model
             tables = self._jitter[key.model] = (
-                tuple(getattr(self.model, "jitter", lambda _: ())(key.model)),
-                tuple(getattr(self.model, "jitter_shared", lambda _: ())(key.model)),
-                getattr(self.model, "jitter_unit", lambda _: "ratio")(key.model) == "ms")
-        jitter, shared, added = tables
+                tuple(getattr(m, "jitter", lambda _: ())(key.model)),
+                tuple(getattr(m, "jitter_shared", lambda _: ())(key.model)),
+                getattr(m, "jitter_unit", lambda _: "ratio")(key.model) == "ms",
+                getattr(m, "jitter_by_batch", lambda _: {})(key.model),
+                getattr(m, "jitter_shared_by_batch", lambda _: {})(key.model))
+        jitter, shared, added, by_batch, shared_by_batch = tables
         if jitter and n:
             host = self.host
             now_s = host.clock() if shared and host is not None else None
-            draw = _draw(self._rng, shared if now_s is not None and host.others_busy(self, now_s) else jitter)
+            busy = now_s is not None and host.others_busy(self, now_s)
+            draw = _draw(self._rng, shared_by_batch.get(n, shared) if busy else by_batch.get(n, jitter))
             duration = max(MIN_ROUND_MS, duration + draw) if added else duration * draw
             if now_s is not None:
                 host.mark(self, now_s + duration / 1000.0)

@@ -10,7 +10,9 @@ and `jitter` set to the quantiles of each round's excess over its batch's scaled
 in ms (`jitter_unit` "ms"; `unit="ratio"`: of its ratio over that scale). Given which
 rounds began while another engine of the host was mid-round (`busy_at_start`, from each
 round's worker and times), `jitter` takes the rounds begun alone and `jitter_shared` the
-others, where each kind has at least `MIN_BATCH_ROUNDS` rounds.
+others, where each kind has at least `MIN_BATCH_ROUNDS` rounds. A batch size with at least
+`MIN_JITTER_BATCH_ROUNDS` rounds of a kind gets that kind's table of its own
+(`jitter_by_batch`, `jitter_shared_by_batch`); the pooled table serves the others.
 
 Why: a profile measured alone predicts how fast an engine runs alone. Where engines share
 what the profiler had to itself (CPU engines sharing cores with each other, the HTTP server
@@ -50,6 +52,9 @@ from .model import ProfileLatencyModel
 JITTER_QUANTILES = 101
 MIN_ROUNDS = 20  # fewer timed rounds say too little about a distribution
 MIN_BATCH_ROUNDS = 10  # a batch size with fewer takes the nearest better-timed batch's scale
+# A batch size with fewer rounds of a kind draws from the kind's table pooled over batch sizes:
+# a table of its own would be a handful of rounds spread over 101 quantiles.
+MIN_JITTER_BATCH_ROUNDS = 30
 
 
 def round_ratios(profile: ShapeProfile, rounds: Iterable[tuple[int, float, int, float]]
@@ -119,12 +124,13 @@ def busy_at_start(timings: Sequence[tuple[Hashable, float, float]]) -> list[bool
 
 
 def calibrate(profile: ShapeProfile, rounds: Sequence[tuple[int, float, int, float]],
-              note: str = "", shared: Sequence[bool] | None = None, unit: str = "ms") -> ShapeProfile:
+              note: str = "", shared: Sequence[bool] | None = None, unit: str = "ms",
+              by_batch: bool = True) -> ShapeProfile:
     """The profile scaled to the median measured/predicted ratio (per batch), with the
     rounds' spread around it as `jitter` (and `jitter_shared`, see the module doc; `shared`
     is aligned with `rounds`): each round's measured ms less its scaled prediction (`unit`
-    "ms"), or its ratio over its batch's scale ("ratio"). Raises ValueError with fewer than
-    MIN_ROUNDS usable rounds."""
+    "ms"), or its ratio over its batch's scale ("ratio"); `by_batch=False`: no per-batch
+    tables. Raises ValueError with fewer than MIN_ROUNDS usable rounds."""
     if shared is not None and len(shared) != len(rounds):
         raise ValueError(f"{len(shared)} busy-at-start flags for {len(rounds)} rounds")
     if unit not in JITTER_UNITS:
@@ -142,21 +148,26 @@ def calibrate(profile: ShapeProfile, rounds: Sequence[tuple[int, float, int, flo
             return r / scale
         measured = rounds[i][3]
         return measured - scale * measured / r  # ms over the scaled prediction
-    rel = [(spread(i, b, r), bool(shared[i]) if shared is not None else False) for i, b, r in indexed]
-    alone = [x for x, f in rel if not f]
-    beside = [x for x, f in rel if f]
-    if len(alone) >= MIN_BATCH_ROUNDS and len(beside) >= MIN_BATCH_ROUNDS:
-        jitter, jitter_shared = quantiles(alone), quantiles(beside)
-    else:
-        jitter, jitter_shared = quantiles([x for x, _ in rel]), []
+    rel = [(spread(i, b, r), b, bool(shared[i]) if shared is not None else False) for i, b, r in indexed]
+    alone = [(x, b) for x, b, f in rel if not f]
+    beside = [(x, b) for x, b, f in rel if f]
+    split = len(alone) >= MIN_BATCH_ROUNDS and len(beside) >= MIN_BATCH_ROUNDS
+    if not split:
+        alone, beside = [(x, b) for x, b, _ in rel], []
+    jitter, jitter_shared = quantiles([x for x, _ in alone]), quantiles([x for x, _ in beside]) if beside else []
+    jitter_by_batch = _batch_tables(alone) if by_batch else {}
+    jitter_shared_by_batch = _batch_tables(beside) if by_batch else {}
     q = quantiles([r for _, r in ratios], 101)
     per_batch = ", ".join(f"batch {b} x{v:.3f}" for b, v in sorted(scales.items()))
     source = (f"{profile.source}; calibrated on {len(ratios)} rounds timed while serving"
               f"{' (' + note + ')' if note else ''}: x{overall:.3f}{' (' + per_batch + ')' if per_batch else ''}, "
               f"ratio p10/p90/p99 {q[10]:.2f}/{q[90]:.2f}/{q[99]:.2f}"
-              + (f"; {len(beside)} begun beside another engine, median {_spread(statistics.median(beside), unit)} "
-                 f"of the {len(alone)} begun alone's {_spread(statistics.median(alone), unit)}" if jitter_shared else "")
-              + f"; jitter in {unit}")
+              + (f"; {len(beside)} begun beside another engine, median {_spread(statistics.median(x for x, _ in beside), unit)} "
+                 f"of the {len(alone)} begun alone's {_spread(statistics.median(x for x, _ in alone), unit)}"
+                 if jitter_shared else "")
+              + f"; jitter in {unit}"
+              + (f", own tables for batch {sorted(set(jitter_by_batch) | set(jitter_shared_by_batch))}"
+                 if jitter_by_batch or jitter_shared_by_batch else ""))
     # A round's predicted time is its table time plus batch x fixed_ms; the fixed cost takes
     # the overall scale, the table the rest, so batch b's whole prediction scales by its own.
     fixed = profile.fixed_ms
@@ -165,7 +176,18 @@ def calibrate(profile: ShapeProfile, rounds: Sequence[tuple[int, float, int, flo
         total = scale_for(r.batch, overall, scales) * (r.round_ms + r.batch * fixed)
         rows.append(RoundPoint(r.batch, r.context_frames, max(total - r.batch * fixed * overall, 1e-3)))
     return replace(profile, rounds=rows, fixed_ms=fixed * overall, jitter=jitter, jitter_shared=jitter_shared,
-                   jitter_unit=unit, source=source.lstrip("; "))
+                   jitter_unit=unit, jitter_by_batch=jitter_by_batch, jitter_shared_by_batch=jitter_shared_by_batch,
+                   source=source.lstrip("; "))
+
+
+def _batch_tables(spreads: list[tuple[float, int]]) -> dict[int, list[float]]:
+    """batch -> quantiles of the spreads of its rounds, for batches with enough rounds; none
+    when only one batch size has (the pooled table is then that batch's already, nearly)."""
+    by: dict[int, list[float]] = {}
+    for x, b in spreads:
+        by.setdefault(b, []).append(x)
+    tables = {b: quantiles(xs) for b, xs in by.items() if len(xs) >= MIN_JITTER_BATCH_ROUNDS}
+    return tables if len(tables) > 1 else {}
 
 
 def _spread(v: float, unit: str) -> str:

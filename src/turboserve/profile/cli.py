@@ -55,7 +55,7 @@ def run_calibrate(args, out: Path) -> int:
     if getattr(args, "no_contention", False):
         shared = None  # one distribution for every round, whatever the other engines did
     calibrated = calibrate(profile, rounds, note=str(args.calibrate), shared=shared,
-                           unit=getattr(args, "jitter_unit", "ms"))
+                           unit=getattr(args, "jitter_unit", "ms"), by_batch=not getattr(args, "pooled_jitter", False))
     if getattr(args, "name", None):
         calibrated = replace(calibrated, shape=replace(calibrated.shape, name=args.name))
     save_profile(calibrated, out)

@@ -38,8 +38,10 @@ Own format (`"format": "turboserve-profile/1"`), one shape per file::
       "jitter_shared": [1.0, 1.2, 1.9]   # optional: the same for rounds begun while another
                                          # engine on the host was mid-round (`jitter` then
                                          # holds those begun alone)
-      "jitter_unit": "ratio"             # optional: "ratio" (default) or "ms" (the tables
+      "jitter_unit": "ratio",            # optional: "ratio" (default) or "ms" (the tables
                                          # hold ms added to the table's time)
+      "jitter_by_batch": {"2": [...]},   # optional: quantiles for rounds of that batch size
+      "jitter_shared_by_batch": {"2": [...]}  # (`jitter` / `jitter_shared` for the others)
     }
 
 `jitter` comes from `profile/calibrate.py` (rounds timed while serving); the simulator then
@@ -52,7 +54,10 @@ overstated long rounds' tails). Its p99 needs these draws where rounds vary
 host, a round's time depends on whether another engine is computing at the same time (on
 two CPU engines sharing 2 cores: a median 1.08x the profile alone, 1.35x beside the other);
 `jitter_shared` lets the simulator draw the one or the other by what its other workers are
-doing when the round begins, so slow rounds come together, as they do.
+doing when the round begins, so slow rounds come together, as they do. The `_by_batch`
+tables replace them for rounds of a batch size timed often enough: how long a round's
+interruptions add up to depends on the round, and a table pooled over batch sizes carries
+the mix of the workload it was timed on (many batch-2 rounds) into another (mostly batch 1).
 
 Shared reference format (`../shared/profiles/*.json`): top-level keys are model names whose
 value is a list of rows `{batch, cache_frames, chunk_tokens, passes, chunk_ms,
@@ -116,6 +121,8 @@ class ShapeProfile:
     jitter: list[float] = field(default_factory=list)  # round time / table time, quantiles
     jitter_shared: list[float] = field(default_factory=list)  # the same, rounds begun beside another
     jitter_unit: str = "ratio"  # "ratio": a round takes table time x a draw; "ms": table time + a draw
+    jitter_by_batch: dict[int, list[float]] = field(default_factory=dict)  # batch -> `jitter` of its rounds
+    jitter_shared_by_batch: dict[int, list[float]] = field(default_factory=dict)  # the same, `jitter_shared`
 
     @property
     def name(self) -> str:
@@ -144,6 +151,10 @@ class ShapeProfile:
             **({"jitter": list(self.jitter)} if self.jitter else {}),
             **({"jitter_shared": list(self.jitter_shared)} if self.jitter_shared else {}),
             **({"jitter_unit": self.jitter_unit} if self.jitter and self.jitter_unit != "ratio" else {}),
+            **({"jitter_by_batch": {str(b): list(q) for b, q in sorted(self.jitter_by_batch.items())}}
+               if self.jitter_by_batch else {}),
+            **({"jitter_shared_by_batch": {str(b): list(q) for b, q in sorted(self.jitter_shared_by_batch.items())}}
+               if self.jitter_shared_by_batch else {}),
         }
 
 
@@ -226,9 +237,21 @@ def own_from_dict(data: dict, where: str = "<profile>") -> ShapeProfile:
         jitter=[float(x) for x in data.get("jitter", [])],
         jitter_shared=[float(x) for x in data.get("jitter_shared", [])],
         jitter_unit=str(data.get("jitter_unit", "ratio")),
+        jitter_by_batch=_batch_tables(data, "jitter_by_batch", where),
+        jitter_shared_by_batch=_batch_tables(data, "jitter_shared_by_batch", where),
     )
     validate(profile, where)
     return profile
+
+
+def _batch_tables(data: dict, key: str, where: str) -> dict[int, list[float]]:
+    tables = data.get(key, {})
+    if not isinstance(tables, dict):
+        raise ProfileError(f"{where}: {key} must be an object of batch size -> quantiles")
+    try:
+        return {int(b): [float(x) for x in q] for b, q in tables.items()}
+    except (TypeError, ValueError):
+        raise ProfileError(f"{where}: {key} must map batch sizes (integers) to lists of numbers") from None
 
 
 def validate(p: ShapeProfile, where: str) -> None:
@@ -244,7 +267,17 @@ def validate(p: ShapeProfile, where: str) -> None:
         raise ProfileError(f"{where}: fixed_ms must be >= 0")
     if p.jitter_unit not in JITTER_UNITS:
         raise ProfileError(f"{where}: jitter_unit {p.jitter_unit!r} is not one of {', '.join(JITTER_UNITS)}")
-    for name, q in (("jitter", p.jitter), ("jitter_shared", p.jitter_shared)):
+    tables = [("jitter", p.jitter), ("jitter_shared", p.jitter_shared)]
+    for key, by_batch in (("jitter_by_batch", p.jitter_by_batch), ("jitter_shared_by_batch", p.jitter_shared_by_batch)):
+        for b, q in by_batch.items():
+            if b < 1 or not q:
+                raise ProfileError(f"{where}: {key} needs batch sizes >= 1, each with quantiles")
+            tables.append((f"{key}[{b}]", q))
+    if p.jitter_by_batch and not p.jitter:
+        raise ProfileError(f"{where}: jitter_by_batch needs jitter (the rounds of the other batch sizes)")
+    if p.jitter_shared_by_batch and not p.jitter_shared:
+        raise ProfileError(f"{where}: jitter_shared_by_batch needs jitter_shared (the rounds of the other batch sizes)")
+    for name, q in tables:
         if q and list(q) != sorted(q):
             raise ProfileError(f"{where}: {name} must be quantiles in ascending order")
         if q and p.jitter_unit == "ratio" and min(q) <= 0:

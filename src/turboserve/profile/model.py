@@ -185,6 +185,14 @@ class ProfileLatencyModel:
         no distinction (`jitter` for every round)."""
         return tuple(self._table(shape).profile.jitter_shared)
 
+    def jitter_by_batch(self, shape: str) -> dict[int, tuple[float, ...]]:
+        """batch -> the `jitter` of rounds of that size, where calibration timed enough of them."""
+        return {b: tuple(q) for b, q in self._table(shape).profile.jitter_by_batch.items()}
+
+    def jitter_shared_by_batch(self, shape: str) -> dict[int, tuple[float, ...]]:
+        """batch -> the `jitter_shared` of rounds of that size."""
+        return {b: tuple(q) for b, q in self._table(shape).profile.jitter_shared_by_batch.items()}
+
     @property
     def has_jitter(self) -> bool:
         return any(t.profile.jitter for t in self._tables.values())
