@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         "sim cal. pooled": sim_pooled,
         "sim cal. here": sim_self,
         "sim here i.i.d.": sim_self_iid,
-        "sim held-out": held_out,
+        **({"sim held-out": held_out} if held_out is not None else {}),
         "live (client)": live,
         "live (server)": latency_metrics([ms for sid, ms in srv_side if tag.get(sid) == TRACE_TAG], slo),
     }
@@ -254,6 +254,7 @@ def each_live_run(runs, records, policy, base, cfg, seeds: int, slo_ms: float, f
             sims = {"calibrated": seeds_mean(records, policy, ProfileLatencyModel([profile]), cfg, seeds),
                     "held-out": held_out_metrics(records, policy, base, clients, rounds, shared, members, cfg,
                                                  seeds, slo_ms)}
+        sims = {name: m for name, m in sims.items() if m is not None}
         live = client_metrics(clients, slo_ms)
         ci50, ci99 = copy_bootstrap(clients)
         entry = {"live_p50_ms": live["p50_chunk_latency_ms"], "live_p99_ms": live["p99_chunk_latency_ms"],
@@ -266,8 +267,9 @@ def each_live_run(runs, records, policy, base, cfg, seeds: int, slo_ms: float, f
         out.append(entry)
         print(f"live run {k}: p50 {entry['live_p50_ms']:.1f} ms (copies drawn again, 90%: {ci50[0]:.1f}-{ci50[1]:.1f}), "
               f"p99 {entry['live_p99_ms']:.1f} ms ({ci99[0]:.1f}-{ci99[1]:.1f}); sim p50 / p99 error: " + ", ".join(text))
-    within = {name: sum(1 for e in out if abs(e[f"{name}_p50_rel_err"]) <= 0.1 and abs(e[f"{name}_p99_rel_err"]) <= 0.1)
-              for name in first}
+    within = {name: sum(1 for e in out if abs(e.get(f"{name}_p50_rel_err", 1.0)) <= 0.1
+                        and abs(e.get(f"{name}_p99_rel_err", 1.0)) <= 0.1)
+              for name in first if any(f"{name}_p50_rel_err" in e for e in out)}
     print("within 10% on p50 and p99: " + ", ".join(f"{name} in {n} of {len(out)} live runs" for name, n in within.items()))
     return out
 
@@ -324,7 +326,10 @@ def client_metrics(clients, slo_ms: float) -> dict:
 
 def copy_bootstrap(clients, draws: int = 2000, seed: int = 0) -> tuple[tuple[float, float], tuple[float, float]]:
     """90% intervals of the trace's live p50 and p99 when its copies are drawn again with
-    replacement (a copy's chunks share its slow moments, so copies, not chunks, are drawn)."""
+    replacement (a copy's chunks share its slow moments, so copies, not chunks, are drawn);
+    quantiles by nearest rank, as `simulate` and the live rows report them."""
+    from turboserve.sim.metrics import weighted_quantile
+
     by_copy: dict[int, list[float]] = {}
     for c in clients:
         if c["trace_id"].startswith(TRACE_TAG):
@@ -334,8 +339,9 @@ def copy_bootstrap(clients, draws: int = 2000, seed: int = 0) -> tuple[tuple[flo
     p50, p99 = [], []
     for _ in range(draws):
         v = np.concatenate([copies[i] for i in rng.integers(0, len(copies), len(copies))])
-        p50.append(np.percentile(v, 50))
-        p99.append(np.percentile(v, 99))
+        ones = np.ones_like(v)
+        p50.append(weighted_quantile(v, ones, 0.50))
+        p99.append(weighted_quantile(v, ones, 0.99))
     return tuple(np.percentile(p50, [5, 95]).tolist()), tuple(np.percentile(p99, [5, 95]).tolist())
 
 
@@ -345,14 +351,15 @@ def copy_of(session_id: str) -> int:
 
 
 def held_out_metrics(records, policy, base, clients, rounds, shared, members, cfg, seeds: int,
-                     slo_ms: float) -> dict:
+                     slo_ms: float) -> dict | None:
     """Two-fold cross-fitting over the trace's copies: the even copies simulated with the
     profile calibrated on the rounds of the odd ones, and the other way round; the chunks of
     both simulations together, averaged over `seeds` like `seeds_mean`. Unlike "here", no
     simulated chunk comes from rounds its calibration saw; unlike "calibrated", the rounds
-    calibrated on ran the same workload (as a service calibrated on yesterday's traffic)."""
+    calibrated on ran the same workload (as a service calibrated on yesterday's traffic).
+    None when a fold has too few rounds to calibrate on (e.g. `--repeat 1`: no odd copy)."""
     from turboserve.profile import ProfileLatencyModel
-    from turboserve.profile.calibrate import calibrate
+    from turboserve.profile.calibrate import MIN_ROUNDS, calibrate
     from turboserve.sim.driver import simulate
 
     copy = {c["session_id"]: copy_of(c["trace_id"]) for c in clients if c["trace_id"].startswith(TRACE_TAG)}
@@ -360,6 +367,8 @@ def held_out_metrics(records, policy, base, clients, rounds, shared, members, cf
     for fold in (0, 1):
         other = [i for i, ids in enumerate(members)
                  if ids and all(sid in copy and copy[sid] % 2 != fold for sid in ids)]
+        if len(other) < MIN_ROUNDS:
+            return None
         profile = calibrate(base, [rounds[i] for i in other], shared=[shared[i] for i in other],
                             note=f"the trace's {'odd' if fold == 0 else 'even'} copies")
         folds.append(([r for r in records if copy_of(r.id) % 2 == fold], ProfileLatencyModel([profile])))

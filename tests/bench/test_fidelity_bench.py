@@ -67,3 +67,18 @@ def test_the_analysis_is_redone_from_a_recorded_live_run(tmp_path, capsys):
     assert lo <= run["live_p99_ms"] <= hi
     assert run["calibrated_p50_rel_err"] == pytest.approx(d["runs"]["sim calibrated"]["p50_rel_err"])
     assert Path(str(out.with_suffix(".profile.json"))).exists()
+
+
+def test_one_copy_leaves_no_fold_to_hold_out(tmp_path):
+    """`--repeat 1`: no odd copy to calibrate the even one on; the held-out row is skipped."""
+    from turboserve.config import TurboConfig
+    from turboserve.profile import load_profiles
+
+    run = json.loads(DUMP.read_text())
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(run["profile"]))
+    base = load_profiles(path)[0]
+    live = run["runs"][0]
+    one_copy = [c for c in live["clients"] if fidelity.copy_of(c["trace_id"]) == 0]
+    assert fidelity.held_out_metrics([], "turboserve", base, one_copy, live["rounds"], live["busy_at_start"],
+                                     live["members"], TurboConfig(), 1, 250.0) is None
