@@ -45,6 +45,10 @@ def fake_shape(name: str = "fake", **kw) -> FakeShape:
 class FakeLatencyModel:
     """Round time linear in batch and context; state linear in context."""
 
+    # rounds never get faster with batch or context (context_factor >= 0 in every shape
+    # here), contexts stop at the window: the policies' bounds may rely on it
+    round_ms_monotone = True
+
     def __init__(self, *shapes: FakeShape):
         shapes = shapes or (fake_shape(),)
         self.shapes = {s.info.name: s for s in shapes}

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy_fakes import GB, FakeCluster, FakeLatencyModel, fake_shape, random_cluster, spec
 
 from turboserve.config import TurboConfig
 from turboserve.policy.registry import get_policy
+from turboserve.policy import rebalance, turboserve
 from turboserve.policy.rebalance import migration_cost_ms
 from turboserve.policy.whatif import ModelCache
 from turboserve.types import SessionState, WorkerState
@@ -256,3 +258,66 @@ def test_a_move_never_makes_the_moved_sessions_first_chunk_late_while_the_slo_ho
     # and once the bottleneck misses the SLO on every chunk, the gain alone decides
     c.config = replace(cfg, slo=replace(cfg.slo, slo_ms=300.0))
     assert p.decide(c.view(), p.initial_memory()).migrations != ()
+
+
+@PROFILE
+@given(st.data())
+def test_the_source_bound_skips_listing_but_changes_no_decision(data):
+    """`_source_could_pay` judges the bottleneck from its groups alone: with it and without
+    it (every candidate session listed and tried), the same decisions."""
+    cfg = _cfg(cooldown_s=data.draw(st.sampled_from([0.0, 10.0])),
+               max_moves_per_decision=data.draw(st.integers(1, 6)),
+               eta=data.draw(st.sampled_from([0.0, 1.0, 5.0])),
+               gain_threshold_ms=data.draw(st.sampled_from([0.0, 2.0, 20.0])))
+    c = random_cluster(data.draw, st, max_sessions=14, config=cfg)
+    name = data.draw(st.sampled_from(["turboserve", "turboserve-no-autoscale"]))
+    view = c.view()
+    p = get_policy(name)
+    fast = p.decide(view, p.initial_memory())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(turboserve, "rebalance_min_max",
+                   lambda *a, **kw: rebalance.rebalance_min_max(*a, **kw, source_bound=False))
+        ref = p.decide(view, p.initial_memory())
+    assert fast.migrations == ref.migrations
+    assert fast == ref
+
+
+def _count_listings(mp: pytest.MonkeyPatch) -> list[int]:
+    listed = [0]
+    real = rebalance._candidates
+
+    def counting(*a, **kw):
+        listed[0] += 1
+        return real(*a, **kw)
+    mp.setattr(rebalance, "_candidates", counting)
+    return listed
+
+
+def test_a_balanced_cluster_is_judged_without_listing_sessions(monkeypatch):
+    """Three sessions per worker and one to place: the worker it lands on could lose at
+    most one session's round share (~26 ms), under the 40 ms threshold, so rebalancing
+    (which a placement sets off) ends before listing anything."""
+    c = FakeCluster(config=_cfg(gain_threshold_ms=40.0))
+    ws = [c.add_worker() for _ in range(3)]
+    for w in ws:
+        for i in range(3):
+            c.add_session(w, context=21, arrival_s=float(i))
+    listed = _count_listings(monkeypatch)
+    p = get_policy("turboserve-no-autoscale")
+    view = c.view()
+    assert max(w.load_ms for w in view.workers.values()) - min(w.load_ms for w in view.workers.values()) == 0.0
+    c.add_session(None, context=0, arrival_s=1.0)
+    d = p.decide(c.view(), p.initial_memory())
+    assert len(d.placements) == 1 and not d.migrations
+    assert listed[0] == 0
+
+
+def test_without_a_monotone_model_every_decision_lists_the_candidates(monkeypatch):
+    c = _skewed()
+    c.apply(get_policy("turboserve-no-autoscale").decide(c.view(), get_policy("turboserve-no-autoscale").initial_memory()))
+    monkeypatch.setattr(type(c.model), "round_ms_monotone", False)
+    listed = _count_listings(monkeypatch)
+    c.add_session(None, context=0, arrival_s=1.0)
+    p = get_policy("turboserve-no-autoscale")
+    p.decide(c.view(), p.initial_memory())
+    assert listed[0] >= 1

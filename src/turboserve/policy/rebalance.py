@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 from ..types import CompatKey, SessionId, SessionState, WorkerId, WorkerState
 from .latency import transfer_ms
+from .load import GroupLoad
 from .views import ClusterView, Migration, SessionView
 from .whatif import LoadOrder, ModelCache, WhatIf, groups_minus, groups_plus
 
@@ -208,6 +209,35 @@ def _plus_k(whatif: WhatIf, wid: WorkerId, key: CompatKey, ctx: float, k: int) -
     return whatif.cache.cycle_ms(groups)
 
 
+def _source_could_pay(whatif: WhatIf, src: WorkerId, peak: float, kmax: int, min_cost_ms: float,
+                      threshold_ms: float) -> bool:
+    """Whether some move of up to `kmax` sessions of one group off `src` could pass the
+    source-side test of `rebalance_min_max` (`peak - src_after - cost > threshold`), judged
+    from the worker's groups alone: most decisions move nothing, and listing the
+    bottleneck's sessions to find that out is most of their cost. Each removed session takes
+    at most its shape's window of context, round times never fall with context (the model's
+    `round_ms_monotone`; without it, True), and a move costs at least `min_cost_ms`. Exact:
+    False only when every candidate would fail the test."""
+    cache = whatif.cache
+    if not cache.monotone:
+        return True
+    groups = whatif.groups(src)
+    total = cache.cycle_ms(groups)
+    max_batch = cache.max_batch
+    for g in groups:
+        cmax = cache.shape(g.key.model).window_frames
+        rest = total - cache.group_ms(g)
+        rounds = -(-g.batch // max_batch)
+        for k in range(1, min(g.batch, rounds, kmax) + 1):
+            left = g.batch - k
+            after = rest + (cache.group_ms(GroupLoad(g.key, left, max(0.0, g.context_sum - k * cmax)))
+                            if left > 0 else 0.0)
+            # the margin covers summation-order rounding against `_minus_k`
+            if peak - after - min_cost_ms > threshold_ms - 1e-6:
+                return True
+    return False
+
+
 def _destinations(whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], exclude: WorkerId,
                   key: CompatKey, need: int, limit: int) -> list[WorkerId]:
     headroom = whatif.view.config.placement.memory_headroom
@@ -224,9 +254,12 @@ def _destinations(whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], exclud
 
 def rebalance_min_max(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId],
                       busy: set[SessionId], budget: int,
-                      offloading: frozenset[SessionId] = frozenset()) -> list[Migration]:
+                      offloading: frozenset[SessionId] = frozenset(),
+                      source_bound: bool = True) -> list[Migration]:
     """TurboServe's min-max moves off the bottleneck; `busy` (sessions in transit or
-    already moved in this call) grows with each move; `offloading`: offloads under way.
+    already moved in this call) grows with each move; `offloading`: offloads under way;
+    `source_bound`: skip listing the bottleneck's sessions when `_source_could_pay` says
+    none could move (the same moves, faster; False is the reference for tests).
 
     A group split into r rounds (batch > max_batch) only gets faster once r sessions leave
     (the per-round batch is ceil(batch / r)), so up to r equal sessions may move together
@@ -235,12 +268,17 @@ def rebalance_min_max(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready
     cache = whatif.cache
     max_batch = cache.max_batch
     moves: list[Migration] = []
+    # every move's cost is at least eta times the link's latency (`migration_cost_ms`)
+    min_cost_ms = cfg.eta * view.config.link("gpu").alpha_ms if source_bound and cfg.eta >= 0 else None
     while len(moves) < budget:
         top = order.top()
         if top is None:
             break
         peak, _, src = top
         if peak <= 0.0 or view.workers[src].state is WorkerState.STARTING:
+            break
+        if min_cost_ms is not None and not _source_could_pay(whatif, src, peak, budget - len(moves),
+                                                             min_cost_ms, cfg.gain_threshold_ms):
             break
         best = None  # (score, sessions, destination)
         for same in _candidates(view, src, busy, cfg.candidate_sessions, offloading):

@@ -65,6 +65,12 @@ class ModelCache:
         """`policy.load.cycle_ms`, bit-identical (same summation order)."""
         return sum(self.group_ms(g) for g in groups)
 
+    @property
+    def monotone(self) -> bool:
+        """Whether the model declares round times that never fall as batch or context grow,
+        and contexts capped at each shape's window (`round_ms_monotone`)."""
+        return bool(getattr(self.model, "round_ms_monotone", False))
+
     def fixed_ms(self, shape: str) -> float:
         v = self._fixed.get(shape)
         if v is None:

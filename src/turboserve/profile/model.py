@@ -118,6 +118,12 @@ def _lerp_extrapolate(xs: list[float], ys: list[float], x: float) -> float:
 class ProfileLatencyModel:
     """Implements `turboserve.policy.latency.LatencyModel` from measured profiles."""
 
+    # round_ms never falls as batch or context grows (the tables are running maxima, and
+    # interpolation and extrapolation keep that), and context_after never passes the
+    # shape's window: policies may bound a change's effect without listing its sessions
+    # (`policy.rebalance`)
+    round_ms_monotone = True
+
     def __init__(self, profiles: Iterable[ShapeProfile] = ()):
         self._tables: dict[str, _ShapeTable] = {}
         self._round_memo: dict[tuple, float] = {}
