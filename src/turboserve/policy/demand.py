@@ -15,6 +15,7 @@ whole GPU per session: no packing can do better.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field, replace
 
@@ -142,25 +143,43 @@ class DemandWindow:
         The discount keeps a lone arrival (a step of one session's share) from being read
         as a ramp: demand is a step function of sessions, and a slope fitted to one step
         near the end of the window is large but has a large standard error too."""
-        pts = [(t, d) for t, d in self.samples if t >= now_s - span_s and t < now_s]
+        samples = self.samples
+        # oldest first: the span is a suffix (decisions come many times a second, so no scan)
+        first = bisect.bisect_left(samples, now_s - span_s, key=_time_of)
+        pts = [p for p in samples[first:] if p[0] < now_s]
         pts.append((now_s, demand))
         if len(pts) < 3:
             return 0.0
         n = len(pts)
-        mt = sum(t for t, _ in pts) / n
-        md = sum(d for _, d in pts) / n
-        var = sum((t - mt) ** 2 for t, _ in pts)
+        # plain loops, not generator sums: this runs on every decision (same additions,
+        # same order, so the same floats)
+        st = sd = 0
+        for t, d in pts:
+            st += t
+            sd += d
+        mt = st / n
+        md = sd / n
+        var = cov = 0
+        for t, d in pts:
+            var += (t - mt) ** 2
+            cov += (t - mt) * (d - md)
         if var <= 0.0:
             return 0.0
-        slope = sum((t - mt) * (d - md) for t, d in pts) / var
+        slope = cov / var
         if z > 0.0 and slope > 0.0:
-            resid = sum((d - md - slope * (t - mt)) ** 2 for t, d in pts)
+            resid = 0
+            for t, d in pts:
+                resid += (d - md - slope * (t - mt)) ** 2
             slope -= z * math.sqrt(resid / max(n - 2, 1) / var)
         slope = max(0.0, slope)
         # Trust a slope in proportion to the history it was fitted to: a few seconds of
         # samples (just after a start) would otherwise be projected over the whole span.
         covered_s = now_s - pts[0][0]
         return slope * min(1.0, covered_s / max(span_s, 1e-9))
+
+
+def _time_of(sample: tuple[float, float]) -> float:
+    return sample[0]
 
 
 def _std(values: list[float]) -> float:

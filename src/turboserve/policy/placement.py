@@ -91,8 +91,11 @@ class MinMaxChooser:
             return None
         top_load, _, top_wid = top
         second = order.second()
-        # Joining never makes a round faster, and every session adds its fixed per-chunk
-        # cost: a worker's resulting load is at least its load plus that.
+        # The stop rule below takes a worker's resulting load to be at least its load plus
+        # the session's fixed per-chunk cost. Nearly always so, not always: a fresh session
+        # lowers its group's mean context, which can shorten the round (demo91: by up to
+        # 5 ms, one session at a short context joined by a new one), so it is a rule, not a
+        # bound: a worker it passes over could, rarely, have scored a little better.
         floor_ms = wi.cache.fixed_ms(key.model)
         best: tuple[float, float, int, int] | None = None
         best_wid = None

@@ -40,7 +40,7 @@ MAX_GROWTH_ROUNDS = 4096  # contexts growing longer than this: no cruise (never 
 
 class Cruise:
     __slots__ = ("rnd", "t0", "k", "gen", "end_s", "starts", "durs_ms", "sat_ms", "ctx", "changing",
-                 "grow", "told", "_seen")
+                 "grow", "told", "seen", "next_s")
 
     def __init__(self, rnd: InFlightRound, k: int, gen: int, starts: frozenset, durs_ms: list[float],
                  sat_ms: float, ctx: list[list[int]], changing: list[tuple[SessionId, ...]],
@@ -56,7 +56,10 @@ class Cruise:
         self.changing = changing  # changing[j-1]: sessions whose context grows with round j
         self.grow = grow  # per plan session: rounds in which its context grows
         self.told = 0  # growth rounds already reported to the controller
-        self._seen = (0, self.t0)  # completed_by's last answer: later reads continue from it
+        self.seen = (0, self.t0)  # completed_by's last answer: later reads continue from it
+        # when the round after `seen`'s completes (-inf: not yet known): a reader that asks
+        # before then already has the answer in `seen` (placement reads phases per worker)
+        self.next_s = float("-inf")
         # when round k completes; the same additions as round by round (t + ms / 1000)
         t = self.t0
         nd = min(len(durs_ms), k)
@@ -88,7 +91,8 @@ class Cruise:
         new.sat_ms = self.sat_ms
         new.changing = self.changing[c:]
         new.told = 0
-        new._seen = (0, new.t0)
+        new.seen = (0, new.t0)
+        new.next_s = float("-inf")
         new.end_s = self.end_s
         return new
 
@@ -105,31 +109,33 @@ class Cruise:
     def completed_by(self, now_s: float) -> tuple[int, float]:
         """(rounds completed by now_s, finish time of the last of them (t0 if none)).
         Simulated time only moves forward: a read continues from the previous one."""
-        c, t = self._seen
+        c, t = self.seen
         if t > now_s:
             c, t = 0, self.t0
-        c, t = self._count(c, t, now_s)
-        self._seen = (c, t)
+        c, t, self.next_s = self._count(c, t, now_s)
+        self.seen = (c, t)
         return c, t
 
-    def _count(self, c: int, t: float, now_s: float) -> tuple[int, float]:
+    def _count(self, c: int, t: float, now_s: float) -> tuple[int, float, float]:
+        """(rounds completed by now_s, the last one's finish, the next one's finish (inf
+        after round k)), counting on from round c finished at t."""
         k = self.k
         durs = self.durs_ms
         nd = min(len(durs), k)
         while c < nd:
             nxt = t + durs[c] / 1000.0
             if nxt > now_s:
-                return c, t
+                return c, t, nxt
             t = nxt
             c += 1
         sat_s = self.sat_ms / 1000.0
         while c < k:
             nxt = t + sat_s
             if nxt > now_s:
-                break
+                return c, t, nxt
             t = nxt
             c += 1
-        return c, t
+        return c, t, float("inf")
 
 
 def rounds_before_period_end(engine: EngineCore, rnd: InFlightRound) -> int:
