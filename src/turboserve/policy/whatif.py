@@ -229,6 +229,9 @@ class WhatIf:
         groups = self._groups.get(wid)
         if groups is None:
             groups = w.groups
+        if len(groups) == 1 and groups[0].key is key:  # the common case, without the loop
+            need = max(0, self.cache.activation_bytes(key.model, groups[0].batch + 1))
+            return (groups, True) if room - need >= nbytes else None
         need, joined = self._activation_need(groups, key)
         return (groups, joined) if room - need >= nbytes else None
 
