@@ -4,6 +4,11 @@ In: a shape name (a model at a resolution with a measured profile), a batch of c
 sessions, their context length. Out: predicted milliseconds and bytes. The implementation
 (`turboserve.profile.model.ProfileLatencyModel`) interpolates measured tables; policies
 only see this protocol, so they stay pure and testable with a hand-written fake.
+
+An implementation may also set `round_ms_monotone = True` when `round_ms` never falls as
+batch or context grow and `context_after` never passes the shape's window: rebalancing
+then rules out moves from a worker's groups alone (`policy.rebalance._source_could_pay`),
+with the same decisions; without it every candidate session is listed and tried.
 """
 
 from __future__ import annotations
