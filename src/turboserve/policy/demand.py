@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 
 from ..types import CompatKey, WorkerId
 from .views import ClusterView
@@ -145,7 +146,7 @@ class DemandWindow:
         near the end of the window is large but has a large standard error too."""
         samples = self.samples
         # oldest first: the span is a suffix (decisions come many times a second, so no scan)
-        first = bisect.bisect_left(samples, now_s - span_s, key=_time_of)
+        first = bisect.bisect_left(samples, now_s - span_s, key=itemgetter(0))
         pts = [p for p in samples[first:] if p[0] < now_s]
         pts.append((now_s, demand))
         if len(pts) < 3:
@@ -176,10 +177,6 @@ class DemandWindow:
         # samples (just after a start) would otherwise be projected over the whole span.
         covered_s = now_s - pts[0][0]
         return slope * min(1.0, covered_s / max(span_s, 1e-9))
-
-
-def _time_of(sample: tuple[float, float]) -> float:
-    return sample[0]
 
 
 def _std(values: list[float]) -> float:

@@ -106,9 +106,8 @@ class TraceDriver:
         # policies need no hook. A policy that does not say is assumed to read them.
         if getattr(policy, "reads_round_phase", True):
             ctl = self.controller
-            self.transport.phase_clock = ctl
             state.set_phase_hook(lambda wid: self.transport.report_worker(wid, ctl.now_s),
-                                 before_read=self.transport.read_phase)
+                                 before_read=lambda wid: self.transport.read_phase(wid, ctl.now_s))
             self.transport.note_phase = state.note_round_completion
         # cruise (sim/cruise.py): rounds run in one step are counted straight into the
         # controller's state

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Any, Callable
+from typing import Callable
 
 from ..config import TurboConfig
 from ..engine.core import EngineCore, InFlightRound, RoundOutcome
@@ -98,7 +98,6 @@ class SimTransport:
         self.apply_rounds: Callable[[WorkerId, tuple[SessionId, ...], float, int], None] | None = None
         # (worker, completion s): a bulk-run round that changed nothing but the worker's phase
         self.note_phase: Callable[[WorkerId, float], None] | None = None
-        self.phase_clock: Any = loop  # whose `now_s` a phase read without a time uses
         self._cruising: dict[WorkerId, _SimWorker] = {}
         self._saturated: dict[str, float] = {}
         self.cruised_rounds = 0
@@ -440,18 +439,15 @@ class SimTransport:
         if w is not None:
             self._settle(w, now_s, recruise=True)
 
-    def read_phase(self, wid: WorkerId, now_s: float | None = None) -> None:
+    def read_phase(self, wid: WorkerId, now_s: float) -> None:
         """Placement is about to read worker `wid`'s round phase: bring it to what
-        round-by-round reporting would give at now_s (None: `phase_clock.now_s`, the
-        controller's time; placement reads a phase per candidate worker, so the hook is this
-        method itself). Once a cruise's growth rounds are all told, its later rounds change
-        nothing the controller holds but the phase, so only the phase moves (O(1), and the
-        worker cruises on untouched); otherwise its rounds are reported (`report_worker`)."""
+        round-by-round reporting would give at now_s. Once a cruise's growth rounds are all
+        told, its later rounds change nothing the controller holds but the phase, so only
+        the phase moves (O(1), and the worker cruises on untouched); otherwise its rounds
+        are reported (`report_worker`)."""
         w = self._cruising.get(wid)
         if w is None:
             return
-        if now_s is None:
-            now_s = self.phase_clock.now_s
         cr = w.cruise
         c, tc = cr.seen
         if not tc <= now_s < cr.next_s:  # no round completed since the last read: as it was
