@@ -13,6 +13,7 @@ from dataclasses import replace
 from ..config import load_config
 from .rescale import TraceTooSmall, fit_factor, fit_to_gpus, peak_demand
 from .schema import read_trace, write_trace
+from .span_fit import fit_in_span
 from .stats import format_stats, trace_stats
 from .synth import SynthConfig, synth_trace
 
@@ -97,7 +98,13 @@ def _convert(args, slo_ms) -> int:
         records = [r for r in records if r.arrival_s < args.hours * 3600.0]
     if not records:
         raise ValueError(f"no sessions left from {args.inputs} (check the inputs and --hours)")
-    if args.fit_gpus is not None:
+    if args.span_hours is not None and args.fit_gpus is None:
+        raise ValueError("--span-hours fits the peak within the span: give --fit-gpus too")
+    if args.fit_gpus is not None and args.span_hours is not None:
+        records, fit = fit_in_span(records, model, shape, args.fit_gpus, args.span_hours * 3600.0, slo_ms,
+                                   seed=args.seed, jitter_s=args.copy_jitter_s)
+        print(f"{fit.describe()} to fit {args.fit_gpus} GPUs of {shape}")
+    elif args.fit_gpus is not None:
         f = fit_factor(records, model, shape, args.fit_gpus, slo_ms)
         records = fit_to_gpus(records, model, shape, args.fit_gpus, slo_ms)
         print(f"arrivals scaled by {f:.4f} to fit {args.fit_gpus} GPUs of {shape}")
