@@ -2,11 +2,11 @@
 
 For each cell (shape, GPUs N, trace) the trace is made (synthetic bursty, Mooncake,
 ServeGen) and fitted so its peak demand needs N GPUs of the shape (`--fit-gpus`) within the
-simulated hours: the synthetic generator redraws at the rate the fit implies; the public
-traces keep their time axis over those hours and are fitted by sampling their sessions, or
-overlaying jittered copies where too small (`--span-hours`, `traces.span_fit`). Fitting
-them by moving arrivals instead stretched Mooncake to 37 h for wan14b-480p at 32 GPUs (a
-one-hour replay saw 3% of it) and squeezed it into 4 min for demo91 at 64 GPUs. Then it is
+simulated hours: each trace keeps its time axis over those hours and is fitted by sampling
+its sessions, or overlaying jittered copies where too small (`--span-hours`,
+`traces.span_fit`); the synthetic and ServeGen ones are drawn at a rate whose peak exceeds
+N. Fitting by moving arrivals instead stretched Mooncake to 37 h for wan14b-480p at 32 GPUs
+(a one-hour replay saw 3% of it) and squeezed it into 4 min for demo91 at 64 GPUs. Then it is
 replayed under `static-rr`, `static-ll`, `turboserve-no-autoscale` (fixed N GPUs: the count
 that serves the peak) and `turboserve`, `autoscale-only` (ceiling N). Reported per cell:
 - worst-case latency reduction of turboserve-no-autoscale vs static-ll and vs static-rr;
@@ -61,8 +61,8 @@ FLOOR_TOLERANCE = 0.001  # a worst chunk within 0.1% of the oracle's latency flo
 
 
 def synth_rate_per_min(model, shape: str, gpus: int, slo_ms: float | None) -> float:
-    """An arrival rate whose peak comfortably exceeds `gpus` GPUs (the fit then scales it
-    down): ~8 arrivals per minute per 22 sessions of per-GPU capacity."""
+    """An arrival rate whose peak comfortably exceeds `gpus` GPUs (the fit then keeps a share
+    of the sessions): ~8 arrivals per minute per 22 sessions of per-GPU capacity."""
     cap = max(1, model.capacity(shape, slo_ms or model.shape(shape).chunk_ms, model.shape(shape).passes - 1))
     return max(1.0, 8.0 * gpus * cap / 22.0)
 
@@ -70,24 +70,23 @@ def synth_rate_per_min(model, shape: str, gpus: int, slo_ms: float | None) -> fl
 def make_trace(kind: str, shape: str, gpus: int, hours: float, seed: int, slo_ms: float | None,
                cache: Path, model) -> Path:
     """A trace file fitted to `gpus` GPUs of `shape`, made once with `turboserve trace`."""
-    span = "" if kind == "synthetic" else "-span"  # public traces: fitted within the hour (below)
-    out = cache / f"{kind}-{shape}-{gpus}g-{hours:g}h-s{seed}{span}{'' if slo_ms is None else f'-slo{slo_ms:g}'}.jsonl"
+    out = cache / f"{kind}-{shape}-{gpus}g-{hours:g}h-s{seed}-span{'' if slo_ms is None else f'-slo{slo_ms:g}'}.jsonl"
     if out.exists():
         return out
-    common = ["--out", str(out), "--model", shape, "--fit-gpus", str(gpus), "--seed", str(seed)]
+    common = ["--out", str(out), "--model", shape, "--fit-gpus", str(gpus), "--span-hours", str(hours),
+              "--seed", str(seed)]
     if slo_ms is not None:
         common += ["--set", f"slo.slo_ms={slo_ms}"]
     if kind == "synthetic":
         rate = synth_rate_per_min(model, shape, gpus, slo_ms)
         argv = ["trace", "synth", "--hours", str(hours), "--rate", f"{rate:.3f}", *common]
     elif kind == "mooncake":
-        argv = ["trace", "convert", "--format", "mooncake", "--span-hours", str(hours), *common,
-                str(SHARED / "mooncake-conversation.jsonl")]
+        argv = ["trace", "convert", "--format", "mooncake", *common, str(SHARED / "mooncake-conversation.jsonl")]
     elif kind == "servegen":
         files = sorted((SHARED / "servegen-m-small").glob("*.csv"))
         rate = synth_rate_per_min(model, shape, gpus, slo_ms)
         argv = ["trace", "convert", "--format", "servegen", "--hours", str(hours), "--rate", f"{rate:.3f}",
-                "--span-hours", str(hours), *common, *map(str, files)]
+                *common, *map(str, files)]
     else:
         raise ValueError(f"unknown trace kind {kind!r}; expected one of {TRACES}")
     rc = turboserve_main(argv)

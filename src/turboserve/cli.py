@@ -59,13 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--fit-gpus", type=int, default=None)
     conv.add_argument("--seed", type=int, default=0)
     conv.add_argument("--hours", type=float, default=None, help="keep only the first H hours")
-    conv.add_argument("--span-hours", type=float, default=None,
-                      help="with --fit-gpus: scale arrivals so the trace spans H hours, then fit the peak "
-                           "by keeping a seeded random share of the sessions (overlaying jittered copies "
-                           "where the trace is too small) instead of moving arrivals")
-    conv.add_argument("--copy-jitter-s", type=float, default=60.0,
-                      help="--span-hours: each overlaid copy's sessions arrive within this many seconds "
-                           "of the original's")
     conv.add_argument("--video-s-per-token", type=float, default=0.1,
                       help="mooncake/azure: seconds of video per generated token")
     conv.add_argument("--compress", type=float, default=24.0,
@@ -73,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--rate", type=float, default=None,
                       help="servegen: mean sessions per minute after compression (default 6)")
     conv.add_argument("inputs", nargs="+")
+    for p in (synth, conv):
+        p.add_argument("--span-hours", type=float, default=None,
+                       help="with --fit-gpus: scale arrivals so the trace spans H hours, then fit the peak "
+                            "by keeping a seeded random share of the sessions (overlaying jittered copies "
+                            "where the trace is too small) instead of moving arrivals")
+        p.add_argument("--copy-jitter-s", type=float, default=60.0,
+                       help="--span-hours: each overlaid copy's sessions arrive within this many seconds "
+                            "of the original's")
     stats = tsub.add_parser("stats", help="describe a trace")
     stats.add_argument("trace")
     stats.add_argument("--model", default=None, help="also report peak demand in GPUs of this shape")

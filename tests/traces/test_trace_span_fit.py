@@ -117,3 +117,20 @@ def test_cli_fits_mooncake_within_the_hour(tmp_path, capsys):
     assert main(["trace", "convert", "--format", "mooncake", "--span-hours", "1", "--out", str(out),
                  str(SHARED / "mooncake-conversation.jsonl")]) == 2
     assert "--fit-gpus" in capsys.readouterr().err
+
+
+def test_cli_synth_fits_within_the_span(tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    argv = ["trace", "synth", "--hours", "0.5", "--rate", "40", "--seed", "3", "--fit-gpus", "4",
+            "--span-hours", "0.5", "--out", str(out)]
+    assert main(argv) == 0
+    assert "sessions kept" in capsys.readouterr().out
+    records = read_trace(out)
+    peak, _ = peak_demand(records, MODEL, "demo91")
+    assert 3 < peak <= 4 + 1e-9
+    assert max(r.arrival_s for r in records) == pytest.approx(1800.0, abs=1e-3)
+    out2 = tmp_path / "s2.jsonl"
+    assert main([*argv[:-1], str(out2)]) == 0
+    assert out.read_bytes() == out2.read_bytes()
+    assert main(["trace", "synth", "--span-hours", "1", "--out", str(out)]) == 2
+    assert "--fit-gpus" in capsys.readouterr().err

@@ -53,7 +53,9 @@ def _synth(args, slo_ms) -> int:
             raise ValueError(f"--rate must be > 0, got {args.rate}")
         cfg = replace(cfg, rate_per_min=args.rate)
     records = synth_trace(cfg, model)
-    if args.fit_gpus is not None:
+    if args.span_hours is not None:
+        records = _fit_in_span(args, records, model, shape, slo_ms)
+    elif args.fit_gpus is not None:
         # Fitting scales arrival times; to keep the trace about `hours` long, regenerate at
         # the rate the fit implies and keep the draw that needed the smallest rescaling.
         best = None
@@ -98,18 +100,23 @@ def _convert(args, slo_ms) -> int:
         records = [r for r in records if r.arrival_s < args.hours * 3600.0]
     if not records:
         raise ValueError(f"no sessions left from {args.inputs} (check the inputs and --hours)")
-    if args.span_hours is not None and args.fit_gpus is None:
-        raise ValueError("--span-hours fits the peak within the span: give --fit-gpus too")
-    if args.fit_gpus is not None and args.span_hours is not None:
-        records, fit = fit_in_span(records, model, shape, args.fit_gpus, args.span_hours * 3600.0, slo_ms,
-                                   seed=args.seed, jitter_s=args.copy_jitter_s)
-        print(f"{fit.describe()} to fit {args.fit_gpus} GPUs of {shape}")
+    if args.span_hours is not None:
+        records = _fit_in_span(args, records, model, shape, slo_ms)
     elif args.fit_gpus is not None:
         f = fit_factor(records, model, shape, args.fit_gpus, slo_ms)
         records = fit_to_gpus(records, model, shape, args.fit_gpus, slo_ms)
         print(f"arrivals scaled by {f:.4f} to fit {args.fit_gpus} GPUs of {shape}")
     _write(records, args.out, model, shape, slo_ms)
     return 0
+
+
+def _fit_in_span(args, records, model, shape, slo_ms):
+    if args.fit_gpus is None:
+        raise ValueError("--span-hours fits the peak within the span: give --fit-gpus too")
+    records, fit = fit_in_span(records, model, shape, args.fit_gpus, args.span_hours * 3600.0, slo_ms,
+                               seed=args.seed, jitter_s=args.copy_jitter_s)
+    print(f"{fit.describe()} to fit {args.fit_gpus} GPUs of {shape}")
+    return records
 
 
 def _write(records, out, model, shape, slo_ms) -> None:
