@@ -78,8 +78,10 @@ class AutoscaleConfig:
     volatility_window_s: float = 120.0  # sliding window for demand volatility
     headroom_k: float = 1.5  # extra GPUs per standard deviation of recent demand
     # demand must stay low this long before releasing GPUs; release is down to the highest
-    # target seen during the hold
-    scale_in_hold_s: float = 180.0
+    # target seen during the hold. 300 s, as Kubernetes' HPA stabilises scale-down: at 180 s
+    # the 64-GPU synthetic matrix cell released 11 GPUs 30 s before a burst (SLO 99.84%;
+    # 100.00% at 300 s, for 2.5% more GPU-hours over the synthetic cells)
+    scale_in_hold_s: float = 300.0
     # autoscaling policies' workers ready at time 0; 0 = min_gpus live, and in the simulator
     # the trace's demand over its first start-up delay (warm start: sim.driver.warm_start_gpus)
     initial_gpus: int = 0
