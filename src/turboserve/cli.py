@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --fit-gpus: scale arrivals so the trace spans H hours, then fit the peak "
                             "by keeping a seeded random share of the sessions (overlaying jittered copies "
                             "where the trace is too small) instead of moving arrivals")
-        p.add_argument("--copy-jitter-s", type=float, default=60.0,
-                       help="--span-hours: each overlaid copy's sessions arrive within this many seconds "
-                            "of the original's")
+        p.add_argument("--copy-jitter-s", type=float, default=None,
+                       help="with --span-hours: each overlaid copy's sessions arrive within this many "
+                            "seconds of the original's (default 60)")
     stats = tsub.add_parser("stats", help="describe a trace")
     stats.add_argument("trace")
     stats.add_argument("--model", default=None, help="also report peak demand in GPUs of this shape")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from turboserve.cli import main
 from turboserve.profile import load_latency_model
 from turboserve.traces.rescale import TraceTooSmall, peak_demand
 from turboserve.traces.schema import read_trace
+from turboserve.traces import span_fit
 from turboserve.traces.span_fit import fit_in_span
 from turboserve.traces.synth import SynthConfig, synth_trace
 from turboserve.types import Period, SessionRecord, SessionSpec
@@ -79,6 +82,24 @@ def test_a_small_trace_gets_jittered_copies():
         assert abs(r.arrival_s - min(span_s, src.arrival_s * factor)) <= 30.0 + 1e-6
 
 
+@pytest.mark.parametrize("extra_gpus", [1, 4, 13])
+def test_the_copy_count_is_the_fewest_that_exceeds_the_target(extra_gpus):
+    """The doubling-and-bisecting search agrees with adding copies one by one."""
+    rs = _trace(6, rate=2.0)
+    span_s = 1800.0
+    fitted, fit = fit_in_span(rs, MODEL, "demo91", 1, span_s, seed=1)  # no copies at 1 GPU
+    base = [replace(r, arrival_s=round(r.arrival_s * fit.time_factor, 6)) for r in rs]
+    alone, _ = peak_demand(base, MODEL, "demo91")
+    gpus = int(alone) + extra_gpus
+    _, fit = fit_in_span(rs, MODEL, "demo91", gpus, span_s, seed=7, jitter_s=20.0)
+    rng = np.random.default_rng(7)
+    pool, k = list(base), 1
+    while peak_demand(pool, MODEL, "demo91")[0] <= gpus + 1e-9:
+        pool += span_fit._copy(base, k, span_s, 20.0, rng)
+        k += 1
+    assert fit.copies == k > 1
+
+
 def test_deterministic_per_seed():
     rs = _trace(9, rate=30.0)
     a, _ = fit_in_span(rs, MODEL, "demo91", 3, 1800.0, seed=4)
@@ -134,3 +155,5 @@ def test_cli_synth_fits_within_the_span(tmp_path, capsys):
     assert out.read_bytes() == out2.read_bytes()
     assert main(["trace", "synth", "--span-hours", "1", "--out", str(out)]) == 2
     assert "--fit-gpus" in capsys.readouterr().err
+    assert main(["trace", "synth", "--fit-gpus", "4", "--copy-jitter-s", "30", "--out", str(out)]) == 2
+    assert "give --span-hours too" in capsys.readouterr().err

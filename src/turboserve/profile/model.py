@@ -29,6 +29,7 @@ import bisect
 from typing import Iterable
 
 from ..policy.latency import ShapeInfo
+from ..search import last_true
 from .format import ShapeProfile
 
 CONTEXT_QUANTUM = 4  # memo keys round context to 1/4 latent frame
@@ -267,20 +268,7 @@ class ProfileLatencyModel:
 
 def _largest(ok) -> int:
     """Largest b >= 0 with ok(b), for a predicate true up to some point and false after."""
-    if not ok(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= MAX_CAPACITY and ok(hi):
-        lo, hi = hi, hi * 2
-    if hi > MAX_CAPACITY:
-        return lo
-    while hi - lo > 1:  # ok(lo), not ok(hi)
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return last_true(ok, 1, MAX_CAPACITY) if ok(1) else 0
 
 
 __all__ = ["ProfileLatencyModel", "CONTEXT_QUANTUM"]

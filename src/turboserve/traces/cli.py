@@ -13,7 +13,7 @@ from dataclasses import replace
 from ..config import load_config
 from .rescale import TraceTooSmall, fit_factor, fit_to_gpus, peak_demand
 from .schema import read_trace, write_trace
-from .span_fit import fit_in_span
+from .span_fit import DEFAULT_COPY_JITTER_S, fit_in_span
 from .stats import format_stats, trace_stats
 from .synth import SynthConfig, synth_trace
 
@@ -53,6 +53,7 @@ def _synth(args, slo_ms) -> int:
             raise ValueError(f"--rate must be > 0, got {args.rate}")
         cfg = replace(cfg, rate_per_min=args.rate)
     records = synth_trace(cfg, model)
+    _check_span_flags(args)
     if args.span_hours is not None:
         records = _fit_in_span(args, records, model, shape, slo_ms)
     elif args.fit_gpus is not None:
@@ -86,6 +87,7 @@ def _synth(args, slo_ms) -> int:
 def _convert(args, slo_ms) -> int:
     from .adapters import azure, mooncake, servegen
 
+    _check_span_flags(args)
     model, shape = _model_and_shape(args.model)
     fpc = model.shape(shape).video_frames_per_chunk
     if args.format == "mooncake":
@@ -110,11 +112,18 @@ def _convert(args, slo_ms) -> int:
     return 0
 
 
-def _fit_in_span(args, records, model, shape, slo_ms):
-    if args.fit_gpus is None:
+def _check_span_flags(args) -> None:
+    """Before any work: the span fit's flags only make sense together."""
+    if args.span_hours is not None and args.fit_gpus is None:
         raise ValueError("--span-hours fits the peak within the span: give --fit-gpus too")
+    if args.copy_jitter_s is not None and args.span_hours is None:
+        raise ValueError("--copy-jitter-s sets the jitter of --span-hours' overlaid copies: give --span-hours too")
+
+
+def _fit_in_span(args, records, model, shape, slo_ms):
+    jitter_s = DEFAULT_COPY_JITTER_S if args.copy_jitter_s is None else args.copy_jitter_s
     records, fit = fit_in_span(records, model, shape, args.fit_gpus, args.span_hours * 3600.0, slo_ms,
-                               seed=args.seed, jitter_s=args.copy_jitter_s)
+                               seed=args.seed, jitter_s=jitter_s)
     print(f"{fit.describe()} to fit {args.fit_gpus} GPUs of {shape}")
     return records
 

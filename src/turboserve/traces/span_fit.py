@@ -31,10 +31,12 @@ from typing import Sequence
 
 import numpy as np
 
+from ..search import last_true
 from ..types import SessionRecord
 from .rescale import TraceTooSmall, peak_demand, session_weights
 
 MAX_COPIES = 256  # a trace this much too small for the target is the wrong trace
+DEFAULT_COPY_JITTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,33 @@ def _copy(records: Sequence[SessionRecord], j: int, span_s: float, jitter_s: flo
             for r, d in zip(records, shift)]
 
 
+def _copies_needed(base: list[SessionRecord], weights: list[float], model, shape: str, gpus: int,
+                   span_s: float, slo_ms: float | None, seed: int, jitter_s: float) -> int:
+    """The fewest copies (the trace itself is copy 1) whose overlay needs more than `gpus`
+    GPUs at its peak. Copy j is drawn j-th from the seed, so overlays are nested and the peak
+    grows with the count: doubling then bisecting finds it with a few peak scans."""
+    rng = np.random.default_rng(seed)
+    drawn: list[list[SessionRecord]] = [list(base)]
+
+    def exceeds(k: int) -> bool:
+        while len(drawn) < k:
+            drawn.append(_copy(base, len(drawn), span_s, jitter_s, rng))
+        pool = [r for c in drawn[:k] for r in c]
+        return peak_demand(pool, model, shape, slo_ms, weights=weights * k)[0] > gpus + 1e-9
+
+    if exceeds(1):
+        return 1
+    fewer = last_true(lambda k: not exceeds(k), 1, MAX_COPIES)
+    if fewer == MAX_COPIES:
+        raise TraceTooSmall(
+            f"the trace is too small for {gpus} GPUs of {shape!r} in {span_s:g} s even with "
+            f"{MAX_COPIES} overlaid copies")
+    return fewer + 1
+
+
 def fit_in_span(records: Sequence[SessionRecord], model, shape: str, gpus: int, span_s: float,
                 slo_ms: float | None = None, seed: int = 0,
-                jitter_s: float = 60.0) -> tuple[list[SessionRecord], SpanFit]:
+                jitter_s: float = DEFAULT_COPY_JITTER_S) -> tuple[list[SessionRecord], SpanFit]:
     if gpus < 1:
         raise ValueError(f"--fit-gpus must be >= 1, got {gpus}")
     if span_s <= 0:
@@ -77,30 +103,19 @@ def fit_in_span(records: Sequence[SessionRecord], model, shape: str, gpus: int, 
     weights = session_weights(base, model, shape, slo_ms)
     if max(weights) > 1.0 + 1e-9:
         raise ValueError(f"one session of {shape!r} needs more than one GPU")
+    copies = _copies_needed(base, weights, model, shape, gpus, span_s, slo_ms, seed, jitter_s)
+    # the copies drawn again from the seed, so the thinning's draws follow the same stream
     rng = np.random.default_rng(seed)
-    pool, pool_w = list(base), list(weights)
-    copies = 1
-    while peak_demand(pool, model, shape, slo_ms, weights=pool_w)[0] <= gpus + 1e-9:
-        if copies >= MAX_COPIES:
-            raise TraceTooSmall(
-                f"the trace is too small for {gpus} GPUs of {shape!r} in {span_s:g} s even with "
-                f"{MAX_COPIES} overlaid copies")
-        pool += _copy(base, copies, span_s, jitter_s, rng)
-        pool_w += weights
-        copies += 1
+    pool = list(base) + [r for j in range(1, copies) for r in _copy(base, j, span_s, jitter_s, rng)]
+    pool_w = list(weights) * copies
     order = np.argsort(rng.random(len(pool)), kind="stable")
 
     def peak_of(m: int) -> float:
         idx = order[:m]
         return peak_demand([pool[i] for i in idx], model, shape, slo_ms, weights=[pool_w[i] for i in idx])[0]
 
-    lo, hi = 1, len(pool)  # peak_of(lo) <= gpus (one session needs at most one GPU) < peak_of(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if peak_of(mid) <= gpus + 1e-9:
-            lo = mid
-        else:
-            hi = mid
+    # one session needs at most one GPU, so the first always fits; the whole pool does not
+    lo = last_true(lambda m: peak_of(m) <= gpus + 1e-9, 1, len(pool) - 1)
     kept = sorted((pool[i] for i in order[:lo]), key=lambda r: (r.arrival_s, r.id))
     fit = SpanFit(time_factor=factor, copies=copies, kept=lo, offered=len(pool), peak_gpus=peak_of(lo))
     return kept, fit
