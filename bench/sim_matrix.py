@@ -12,6 +12,13 @@ that serves the peak) and `turboserve`, `autoscale-only` (ceiling N). Reported p
 - worst-case latency reduction of turboserve-no-autoscale vs static-ll and vs static-rr;
 - cost reduction of turboserve vs the fixed count serving the peak (static-ll at N) and vs
   autoscale-only, with whether turboserve's worst case is equal or better there;
+- cost reduction of turboserve vs autoscale-only *at equal or better worst-case latency*:
+  autoscale-only runs again with its per-GPU target lowered down `LADDER` (a share of the
+  capacity at the SLO: `autoscale.target_capacity_fraction`, as one lowers Ray Serve's
+  target_ongoing_requests) until its worst chunk is no worse than turboserve's. Its worst
+  chunk comes from the upscale and start-up delays a burst waits out, so some cells never
+  get there within the ceiling: those are compared with the rung of its best worst chunk
+  and flagged (turboserve is then both cheaper and faster, by at least that much);
 - turboserve's gap to the oracle cost lower bound; SLO attainment;
 - at equal cost (DESIGN.md's `equal-cost` count): static-ll and static-rr again at
   turboserve's mean GPU count, and turboserve's worst-case latency reduction against them
@@ -29,6 +36,9 @@ fit assumed, and every policy queued sessions for minutes.
     python bench/sim_matrix.py --quick                  # one small cell
     python bench/sim_matrix.py --shapes demo91 --gpus 8,16 --hours 0.5 --json out.json
     python bench/sim_matrix.py --shapes demo91 --set autoscale.spare_fraction=0.125 --json out.json
+    python bench/sim_matrix.py --jobs 2                 # cells in 2 processes (they are independent)
+    python bench/sim_matrix.py --seeds 0,1 --jobs 2     # every cell on two draws of its trace
+    python bench/sim_matrix.py --merge a.json b.json --json all.json  # parts run apart, averaged as one
 
 Prints a table and writes JSON (`--json`, default bench/results/sim_matrix.json).
 """
@@ -36,15 +46,16 @@ Prints a table and writes JSON (`--json`, default bench/results/sim_matrix.json)
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from _matrix_report import format_rows, merged, write_results  # noqa: E402
 from turboserve.cli import main as turboserve_main  # noqa: E402
 from turboserve.config import load_config  # noqa: E402
 from turboserve.profile import load_latency_model  # noqa: E402
@@ -57,6 +68,9 @@ CLUSTERS = (8, 16, 32, 64)
 TRACES = ("synthetic", "mooncake", "servegen")
 POLICIES = ("static-rr", "static-ll", "turboserve-no-autoscale", "turboserve", "autoscale-only")
 INFEASIBLE_AT_PLAYBACK = {"wan14b-480p"}
+# autoscale-only's per-GPU target as a share of the capacity at the SLO, tried in this order
+# until its worst chunk is no worse than turboserve's (1.0 is its default run)
+LADDER = (0.8, 0.6, 0.4, 0.25, 0.15, 0.1)
 FLOOR_TOLERANCE = 0.001  # a worst chunk within 0.1% of the oracle's latency floor is on it
 
 
@@ -100,6 +114,31 @@ def _reduction(new: float, old: float) -> float | None:
     return None if old <= 0 else 1.0 - new / old
 
 
+def autoscale_only_at_latency(records, shape: str, model, config, *, explicit_slo: bool, until_s: float,
+                              default: dict, target_ms: float) -> dict:
+    """autoscale-only down `LADDER` until its worst chunk is <= `target_ms`; `default` is its
+    run at target share 1. Returns the rung reached (or, if none, the one with the best
+    worst chunk, `reached` false) and every rung tried."""
+    def row(fraction: float, m: dict) -> dict:
+        return {"target_capacity_fraction": fraction, "gpu_hours": m["gpu_hours"],
+                "max_chunk_latency_ms": m["max_chunk_latency_ms"], "slo_attainment": m["slo_attainment"]}
+
+    tried = [row(1.0, default)]
+    for fraction in LADDER:
+        if tried[-1]["max_chunk_latency_ms"] <= target_ms:
+            break
+        cfg = replace(config, autoscale=replace(config.autoscale, target_capacity_fraction=fraction))
+        report, _ = run_matrix(records, shape, ["autoscale-only"], model, cfg, explicit_slo=explicit_slo,
+                               until_s=until_s, equal_cost=False)
+        if report.get("failed"):
+            raise RuntimeError(f"autoscale-only at target share {fraction} failed: {report['failed']}")
+        tried.append(row(fraction, report["runs"][0]["metrics"]))
+    ok = [t for t in tried if t["max_chunk_latency_ms"] <= target_ms]
+    pick = min(ok, key=lambda t: t["gpu_hours"]) if ok else \
+        min(tried, key=lambda t: (t["max_chunk_latency_ms"], t["gpu_hours"]))
+    return pick | {"reached": bool(ok), "tried": tried}
+
+
 def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: float | None,
              cache: Path, model, extra: tuple[str, ...] = ()) -> dict:
     path = make_trace(kind, shape, gpus, hours, seed, slo_ms, cache, model)
@@ -116,18 +155,22 @@ def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: 
           for r in report["runs"]}
     if report.get("failed"):
         # a crashed policy leaves the cell incomplete; report it rather than lose the matrix
-        return {"shape": shape, "gpus": gpus, "trace": kind, "sessions": len(records), "wall_s": wall,
+        return {"shape": shape, "gpus": gpus, "trace": kind, "seed": seed, "sessions": len(records), "wall_s": wall,
                 "slo_explicit": slo_ms is not None, "failed": report["failed"], "report": report}
     ts, tna = by["turboserve"], by["turboserve-no-autoscale"]
     ll, rr, auto = by["static-ll"], by["static-rr"], by["autoscale-only"]
     # the baselines at turboserve's mean GPU count (the peak rows when that is the ceiling)
     ll_eq, rr_eq = by.get("static-ll" + EQUAL_COST, ll), by.get("static-rr" + EQUAL_COST, rr)
     lb = report["oracle"]["gpu_hours_lb"]
+    auto_eq = autoscale_only_at_latency(records, shape, model, config, explicit_slo=slo_ms is not None,
+                                        until_s=hours * 3600.0, default=auto, target_ms=ts["max_chunk_latency_ms"])
+    wall = time.perf_counter() - t0
     # Both baselines' worst chunk is a session's last chunk run alone: no policy can do better
     floor = report["oracle"].get("latency_floor_ms") or 0.0
     on_floor = max(ll["max_chunk_latency_ms"], rr["max_chunk_latency_ms"]) <= floor * (1 + FLOOR_TOLERANCE)
     return {
-        "shape": shape, "gpus": gpus, "trace": kind, "sessions": len(records), "slo_ms": slo_ms or model.shape(shape).chunk_ms,
+        "shape": shape, "gpus": gpus, "trace": kind, "seed": seed, "sessions": len(records),
+        "slo_ms": slo_ms or model.shape(shape).chunk_ms,
         "slo_explicit": slo_ms is not None, "wall_s": wall,
         "latency_reduction_vs_static_ll": _reduction(tna["max_chunk_latency_ms"], ll["max_chunk_latency_ms"]),
         "latency_reduction_vs_static_rr": _reduction(tna["max_chunk_latency_ms"], rr["max_chunk_latency_ms"]),
@@ -135,6 +178,8 @@ def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: 
         "cost_reduction_vs_autoscale_only": _reduction(ts["gpu_hours"], auto["gpu_hours"]),
         "turboserve_latency_ok_vs_peak_fixed": ts["max_chunk_latency_ms"] <= ll["max_chunk_latency_ms"],
         "turboserve_latency_ok_vs_autoscale_only": ts["max_chunk_latency_ms"] <= auto["max_chunk_latency_ms"],
+        "cost_reduction_vs_autoscale_only_equal_latency": _reduction(ts["gpu_hours"], auto_eq["gpu_hours"]),
+        "autoscale_only_equal_latency": auto_eq,
         "oracle_gap": None if lb <= 0 else ts["gpu_hours"] / lb - 1.0,
         "equal_cost_gpus": report.get("equal_cost", {}).get("gpus"),
         "latency_reduction_at_equal_cost_vs_static_ll": _reduction(ts["max_chunk_latency_ms"],
@@ -152,63 +197,38 @@ def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: 
     }
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:+.1f}%"
+_MODEL = None
 
 
-def _change(reduction) -> str:
-    """A reduction shown as the signed change: a 40% reduction prints as -40.0%."""
-    return "-" if reduction is None else f"{-100 * reduction:+.1f}%"
+def _cell_or_failure(spec: tuple) -> dict:
+    """One cell (in a worker process with `--jobs`); a failure is reported, not raised: one
+    cell's failure must not lose the matrix."""
+    global _MODEL
+    shape, gpus, kind, hours, seed, slo, cache, extra = spec
+    if _MODEL is None:
+        _MODEL = load_latency_model()
+    print(f"cell {shape} x {gpus} GPUs x {kind} ...", flush=True)
+    try:
+        return run_cell(shape, gpus, kind, hours, seed, slo, cache, _MODEL, extra)
+    except Exception as e:  # noqa: BLE001
+        print(f"cell {shape} x {gpus} GPUs x {kind} failed: {type(e).__name__}: {e}", flush=True)
+        return {"shape": shape, "gpus": gpus, "trace": kind, "seed": seed, "sessions": 0, "wall_s": 0.0,
+                "slo_explicit": slo is not None, "failed": [{"policy": "(trace)", "error": f"{type(e).__name__}: {e}"}],
+                "report": None}
 
 
-def format_rows(cells: list[dict]) -> str:
-    head = ("shape", "GPUs", "trace", "sess", "max lat vs LL", "max lat vs RR", "cost vs peak", "cost vs auto",
-            "oracle gap", "same cost: GPUs", "max lat vs LL", "SLO ts", "SLO ts-na", "wall s")
-    rows = [head]
-    for c in cells:
-        if c.get("failed"):
-            rows.append((c["shape"], str(c["gpus"]), c["trace"], str(c["sessions"]),
-                         "failed: " + ",".join(f["policy"] for f in c["failed"]), "", "", "", "", "", "", "", "",
-                         f"{c['wall_s']:.0f}"))
-            continue
-        rows.append((c["shape"] + ("*" if c["slo_explicit"] else ""), str(c["gpus"]), c["trace"], str(c["sessions"]),
-                     _change(c["latency_reduction_vs_static_ll"]), _change(c["latency_reduction_vs_static_rr"]),
-                     _change(c["cost_reduction_vs_peak_fixed"]) + ("" if c["turboserve_latency_ok_vs_peak_fixed"] else " (worse max)"),
-                     _change(c["cost_reduction_vs_autoscale_only"]) + ("" if c["turboserve_latency_ok_vs_autoscale_only"] else " (worse max)"),
-                     _pct(c["oracle_gap"]), str(c.get("equal_cost_gpus") or "-"),
-                     _change(c.get("latency_reduction_at_equal_cost_vs_static_ll")),
-                     f"{100 * c['slo_attainment']['turboserve']:.2f}%",
-                     f"{100 * c['slo_attainment']['turboserve-no-autoscale']:.2f}%", f"{c['wall_s']:.0f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+class _Serial:
+    """`--jobs 1`: the pool interface, in this process."""
 
+    def __enter__(self):
+        return self
 
-def averages(cells: list[dict]) -> dict:
-    cells = [c for c in cells if not c.get("failed")]
-    above = [c for c in cells if not c.get("baselines_on_floor")]
+    def __exit__(self, *exc):
+        return False
 
-    def mean(key, among=cells):
-        vals = [c[key] for c in among if c[key] is not None]
-        return sum(vals) / len(vals) if vals else None
-    return {k: mean(k) for k in ("latency_reduction_vs_static_ll", "latency_reduction_vs_static_rr",
-                                  "cost_reduction_vs_peak_fixed", "cost_reduction_vs_autoscale_only", "oracle_gap",
-                                  "latency_reduction_at_equal_cost_vs_static_ll",
-                                  "latency_reduction_at_equal_cost_vs_static_rr")} | {
-        # the cells where scheduling can change the worst chunk (a baseline is above the floor)
-        "latency_reduction_vs_static_ll_above_floor": mean("latency_reduction_vs_static_ll", above),
-        "latency_reduction_vs_static_rr_above_floor": mean("latency_reduction_vs_static_rr", above),
-        "cells_above_floor": len(above),
-        "slo_attainment_turboserve_min": min((c["slo_attainment"]["turboserve"] for c in cells), default=None)}
-
-
-def _average(key: str, v) -> str:
-    if key == "oracle_gap":
-        return _pct(v)
-    if "slo" in key:
-        return f"{100 * v:.2f}%"
-    return str(v) if key.startswith("cells") else _change(v)
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,14 +238,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", default=",".join(map(str, CLUSTERS)))
     ap.add_argument("--traces", default=",".join(TRACES))
     ap.add_argument("--hours", type=float, default=1.0, help="simulated duration per trace (s of arrivals and run)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0",
+                    help="trace seeds, comma-separated: every cell runs once per seed (its trace drawn, "
+                         "sampled and jittered anew) and the averages are over all of them, with each "
+                         "seed's own averages beside them")
+    ap.add_argument("--jobs", type=int, default=1, help="cells run in this many processes (one core each)")
     ap.add_argument("--wan14b-slo-ms", type=float, default=2600.0,
                     help="explicit SLO for wan14b-480p (infeasible at its 750 ms playback time on an H100)")
     ap.add_argument("--cache", default=str(REPO / "runs" / "bench-traces"), help="where made traces are kept (git-ignored)")
     ap.add_argument("--json", dest="json_out", default=str(REPO / "bench" / "results" / "sim_matrix.json"))
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for every run, e.g. autoscale.spare_fraction=0.125 (repeatable)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="run nothing: join these results files (parts of one matrix, e.g. other traces or "
+                         "seeds) and average them as one")
     args = ap.parse_args(argv)
+    if args.merge:
+        try:
+            hours, cells, notes = merged(args.merge)
+        except ValueError as e:
+            ap.error(str(e))
+        return write_results(cells, hours, notes, args.json_out, POLICIES)
     shapes = args.shapes.split(",")
     clusters = [int(g) for g in args.gpus.split(",")]
     traces = args.traces.split(",")
@@ -234,39 +267,31 @@ def main(argv: list[str] | None = None) -> int:
         shapes, clusters, traces, hours = ["demo91"], [8], ["synthetic"], 0.25
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    model = load_latency_model()
-    cells = []
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds takes integers separated by commas, got {args.seeds!r}")
+    global _MODEL
+    model = _MODEL = load_latency_model()  # forked workers inherit it
+    specs = []
     for shape in shapes:
         slo = args.wan14b_slo_ms if shape in INFEASIBLE_AT_PLAYBACK else None
         if slo is not None:
             print(f"{shape}: infeasible at its {model.shape(shape).chunk_ms:.0f} ms playback time on the profiled "
                   f"H100; running with an explicit SLO of {slo:.0f} ms (marked *)", flush=True)
-        for gpus in clusters:
-            for kind in traces:
-                print(f"cell {shape} x {gpus} GPUs x {kind} ...", flush=True)
-                try:
-                    cells.append(run_cell(shape, gpus, kind, hours, args.seed, slo, cache, model, tuple(args.set)))
-                except Exception as e:  # noqa: BLE001 - one cell's failure must not lose the matrix
-                    print(f"cell {shape} x {gpus} GPUs x {kind} failed: {type(e).__name__}: {e}", flush=True)
-                    cells.append({"shape": shape, "gpus": gpus, "trace": kind, "sessions": 0, "wall_s": 0.0,
-                                  "slo_explicit": slo is not None,
-                                  "failed": [{"policy": "(trace)", "error": f"{type(e).__name__}: {e}"}],
-                                  "report": None})
-                    continue
-                print(format_rows(cells[-1:]), flush=True)
-    print()
-    print(format_rows(cells))
-    avg = averages(cells)
-    print("\naverages (reductions as signed changes; the paper: -37.5% latency, -37.2% cost): " + ", ".join(
-        f"{k} {_average(k, v)}" for k, v in avg.items() if v is not None))
-    out = {"hours": hours, "policies": list(POLICIES), "cells": [{k: v for k, v in c.items() if k != "report"} | {"report": c["report"]} for c in cells],
-           "averages": avg, "notes": {s: f"explicit SLO {args.wan14b_slo_ms:.0f} ms (infeasible at playback time)"
-                                      for s in shapes if s in INFEASIBLE_AT_PLAYBACK}}
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.json_out, "w") as f:
-        json.dump(out, f, indent=1, allow_nan=False, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
-    print(f"wrote {args.json_out}")
-    return 0
+        specs += [(shape, gpus, kind, hours, seed, slo, cache, tuple(args.set))
+                  for seed in seeds for gpus in clusters for kind in traces]
+    cells = []
+    # cells are independent and deterministic: in parallel they give the same figures
+    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Serial() as pool:
+        for cell in pool.map(_cell_or_failure, specs):
+            cells.append(cell)
+            print(format_rows([cell]), flush=True)
+    notes = {s: f"explicit SLO {args.wan14b_slo_ms:.0f} ms (infeasible at playback time)"
+             for s in shapes if s in INFEASIBLE_AT_PLAYBACK}
+    return write_results(cells, hours, notes, args.json_out, POLICIES)
 
 
 if __name__ == "__main__":

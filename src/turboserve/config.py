@@ -109,6 +109,11 @@ class AutoscaleConfig:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     target_sessions_per_gpu: float = 0.0  # 0 = capacity at the SLO from the profile
+    # with target_sessions_per_gpu 0, the per-GPU target is this fraction of the capacity at
+    # the SLO (below 1 provisions ahead of load, as a lower target_ongoing_requests does in
+    # Ray Serve); bench/sim_matrix.py lowers it to find autoscale-only's cost at turboserve's
+    # worst-case latency
+    target_capacity_fraction: float = 1.0
 
 
 @dataclass(frozen=True)

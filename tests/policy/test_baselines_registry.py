@@ -117,6 +117,21 @@ def test_autoscale_only_upscales_after_its_delay_to_ongoing_over_capacity():
     assert d.scale_out == math.ceil((3 * cap + 1) / cap) - 1  # desired = ongoing / capacity
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.3])
+def test_autoscale_only_targets_a_share_of_capacity(fraction):
+    """`target_capacity_fraction` lowers the per-GPU target (Ray Serve's target_ongoing_requests
+    below capacity): desired = ongoing / (fraction * capacity), within the ceiling."""
+    cfg = _cfg(gpus=16, upscale_delay_s=0.0, target_capacity_fraction=fraction)
+    c = FakeCluster(config=cfg)
+    c.add_worker()
+    p = get_policy("autoscale-only")
+    cap = c.model.capacity("fake", 750.0, 4)
+    for _ in range(2 * cap):
+        c.add_session(None)
+    d, _ = run_policy(p, c)
+    assert d.scale_out == min(16, math.ceil(2 / fraction - 1e-9)) - 1
+
+
 def test_autoscale_only_upscale_timer_resets_when_demand_dips():
     c = FakeCluster(config=_cfg(gpus=16, upscale_delay_s=30.0))
     w = c.add_worker()

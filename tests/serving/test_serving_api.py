@@ -244,6 +244,12 @@ def test_reconnect_from_chunk_no_gaps_no_duplicates(server, http):
 def test_from_chunk_beyond_replay_buffer_reports_a_gap(server, http):
     sid, token, auth = create(http, max_chunks=14)  # replay buffer holds 8
     wait_state(http, sid, auth, {"closed"})
+    # encoding runs on its own threads and can trail the engine under load: until it has
+    # encoded all 14, the buffer still holds earlier chunks and the gap is shorter
+    deadline = time.monotonic() + 20.0
+    while http.get(f"/v1/sessions/{sid}", headers=auth).json()["stream_chunks"] < 14:
+        assert time.monotonic() < deadline, "the stream never encoded its 14 chunks"
+        time.sleep(0.05)
     with connect(ws_url(server, sid, token, from_chunk=0), max_size=None) as ws:
         ws.recv(timeout=10), ws.recv(timeout=10)  # init
         gap = json.loads(ws.recv(timeout=10))

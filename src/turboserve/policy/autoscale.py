@@ -25,8 +25,8 @@ within its SLO), without it only empty workers are released.
 
 Ray Serve (`ray_serve_scale`, the autoscale-only baseline): desired = ceil(ongoing
 sessions / target per GPU), where ongoing = active + pending sessions and the target is
-`target_sessions_per_gpu`, or else the capacity at the SLO of each session's shape (so a
-mix of shapes sums its per-session shares). Upscale to desired once desired > current has
+`target_sessions_per_gpu`, or else `target_capacity_fraction` of the capacity at the SLO of
+each session's shape (so a mix of shapes sums its per-session shares). Upscale to desired once desired > current has
 held `upscale_delay_s`; downscale once desired < current has held `downscale_delay_s`.
 Released workers take no new sessions and go once empty (Ray's graceful drain); empty ones
 are released first.
@@ -166,7 +166,8 @@ def ray_serve_desired(view: ClusterView, scan: ClusterScan) -> int:
     if per_gpu > 0:
         raw = ongoing / per_gpu
     else:
-        raw = scan.demand_gpus  # sum of 1 / capacity at the SLO over ongoing sessions
+        # sum of 1 / capacity at the SLO over ongoing sessions, at the target share of it
+        raw = scan.demand_gpus / max(view.config.autoscale.target_capacity_fraction, 1e-6)
     return clamp_gpus(view, math.ceil(raw - 1e-9))
 
 

@@ -1,0 +1,138 @@
+"""bench/sim_matrix.py's own logic without simulating: autoscale-only's ladder towards
+turboserve's worst chunk (on made-up runs), and the matrix over worker processes (`--jobs`)
+with the cell made up, against the same in one process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import _matrix_report  # noqa: E402
+import sim_matrix  # noqa: E402
+
+from turboserve.config import TurboConfig  # noqa: E402
+
+
+def _fake_runs(monkeypatch, by_fraction: dict[float, tuple[float, float]]) -> list[float]:
+    """run_matrix answers autoscale-only's (worst chunk ms, GPU-hours) for the target share
+    it was given; returns the shares asked, in order."""
+    asked = []
+
+    def fake_run_matrix(records, shape, policies, model, config, **kw):
+        assert policies == ["autoscale-only"] and kw["equal_cost"] is False
+        f = config.autoscale.target_capacity_fraction
+        asked.append(f)
+        max_ms, gpu_h = by_fraction[f]
+        return {"runs": [{"metrics": {"max_chunk_latency_ms": max_ms, "gpu_hours": gpu_h,
+                                      "slo_attainment": 0.999}}]}, []
+    monkeypatch.setattr(sim_matrix, "run_matrix", fake_run_matrix)
+    return asked
+
+
+def _ladder(target_ms: float, default=(900.0, 4.0)):
+    return sim_matrix.autoscale_only_at_latency(
+        [], "fake", None, TurboConfig(), explicit_slo=False, until_s=3600.0, target_ms=target_ms,
+        default={"max_chunk_latency_ms": default[0], "gpu_hours": default[1], "slo_attainment": 0.9})
+
+
+def test_the_ladder_stops_at_the_first_rung_that_reaches_the_target(monkeypatch):
+    runs = {0.8: (800.0, 4.5), 0.6: (400.0, 5.0), 0.4: (300.0, 5.5)}
+    asked = _fake_runs(monkeypatch, runs)
+    got = _ladder(target_ms=450.0)
+    assert asked == [0.8, 0.6]
+    assert got["reached"] and got["target_capacity_fraction"] == 0.6 and got["gpu_hours"] == 5.0
+    assert [t["target_capacity_fraction"] for t in got["tried"]] == [1.0, 0.8, 0.6]
+
+
+def test_the_default_run_can_be_enough(monkeypatch):
+    asked = _fake_runs(monkeypatch, {})
+    got = _ladder(target_ms=950.0)
+    assert asked == [] and got["reached"] and got["target_capacity_fraction"] == 1.0
+
+
+def test_never_reached_compares_with_the_best_worst_chunk(monkeypatch):
+    """Lowering the target does not always lower the worst chunk (the upscale and start-up
+    delays stay); the rung with the best one is the comparison, flagged."""
+    runs = {f: (500.0 + 100 * abs(f - 0.25), 4.0 + 10 * (1 - f)) for f in sim_matrix.LADDER}
+    asked = _fake_runs(monkeypatch, runs)
+    got = _ladder(target_ms=300.0)
+    assert asked == list(sim_matrix.LADDER)
+    assert not got["reached"] and got["target_capacity_fraction"] == 0.25
+    assert _matrix_report._equal_latency(got, 0.1) == "-10.0% @0.25 never"
+
+
+def _fake_cell(shape, gpus, kind, hours, seed, slo, cache, model, extra):
+    lat = 100.0 + gpus + len(kind)
+    return {"shape": shape, "gpus": gpus, "trace": kind, "seed": seed, "sessions": gpus + seed, "slo_explicit": slo is not None,
+            "wall_s": 0.0, "latency_reduction_vs_static_ll": lat / 1000, "latency_reduction_vs_static_rr": 0.5,
+            "cost_reduction_vs_peak_fixed": 0.1 + seed / 10, "cost_reduction_vs_autoscale_only": -0.2,
+            "cost_reduction_vs_autoscale_only_equal_latency": 0.05,
+            "autoscale_only_equal_latency": {"target_capacity_fraction": 0.4, "reached": True},
+            "turboserve_latency_ok_vs_peak_fixed": True, "turboserve_latency_ok_vs_autoscale_only": True,
+            "oracle_gap": 0.9, "equal_cost_gpus": gpus - 1, "latency_reduction_at_equal_cost_vs_static_ll": 0.4,
+            "latency_reduction_at_equal_cost_vs_static_rr": 0.5, "baselines_on_floor": False,
+            "slo_attainment": {"turboserve": 0.9995, "turboserve-no-autoscale": 1.0}, "report": {"extra": list(extra)}}
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_jobs_keep_the_cells_and_their_order(monkeypatch, tmp_path, jobs):
+    monkeypatch.setattr(sim_matrix, "run_cell", _fake_cell)  # forked workers inherit it
+    out = tmp_path / "m.json"
+    argv = ["--shapes", "demo91,wan1.3b-320p", "--gpus", "8,16", "--traces", "synthetic,mooncake",
+            "--cache", str(tmp_path), "--json", str(out), "--jobs", str(jobs), "--set", "a.b=1"]
+    assert sim_matrix.main(argv) == 0
+    data = json.loads(out.read_text())
+    keys = [(c["shape"], c["gpus"], c["trace"]) for c in data["cells"]]
+    assert keys == [(s, g, k) for s in ("demo91", "wan1.3b-320p") for g in (8, 16) for k in ("synthetic", "mooncake")]
+    assert all(c["report"] == {"extra": ["a.b=1"]} and c["seed"] == 0 for c in data["cells"])
+    assert data["averages"]["cells_autoscale_only_reached_equal_latency"] == 8
+    assert "per_seed" not in data["averages"] and data["seeds"] == [0]
+
+
+def test_seeds_run_every_cell_once_each_and_average_per_seed(monkeypatch, tmp_path):
+    monkeypatch.setattr(sim_matrix, "run_cell", _fake_cell)
+    out = tmp_path / "m.json"
+    argv = ["--shapes", "demo91", "--gpus", "8,16", "--traces", "synthetic", "--seeds", "0,2",
+            "--cache", str(tmp_path), "--json", str(out), "--jobs", "2"]
+    assert sim_matrix.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert [(c["seed"], c["gpus"]) for c in data["cells"]] == [(0, 8), (0, 16), (2, 8), (2, 16)]
+    avg = data["averages"]
+    assert avg["cost_reduction_vs_peak_fixed"] == pytest.approx(0.2)
+    assert avg["per_seed"]["0"]["cost_reduction_vs_peak_fixed"] == pytest.approx(0.1)
+    assert avg["per_seed"]["2"]["cost_reduction_vs_peak_fixed"] == pytest.approx(0.3)
+    with pytest.raises(SystemExit):
+        sim_matrix.main([*argv[:-2], "--seeds", "0,x"])
+
+
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(SystemExit):
+        sim_matrix.main(["--quick", "--jobs", "0", "--cache", str(tmp_path), "--json", str(tmp_path / "x.json")])
+
+
+def test_merge_joins_parts_and_refuses_a_cell_twice(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(sim_matrix, "run_cell", _fake_cell)
+    parts = []
+    for seed, traces in (("0", "synthetic"), ("0", "mooncake"), ("1", "synthetic,mooncake")):
+        parts.append(tmp_path / f"part{len(parts)}.json")
+        assert sim_matrix.main(["--shapes", "demo91", "--gpus", "8", "--traces", traces, "--seeds", seed,
+                                "--cache", str(tmp_path), "--json", str(parts[-1])]) == 0
+    out = tmp_path / "all.json"
+    assert sim_matrix.main(["--merge", *map(str, parts), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(c["trace"], c["seed"]) for c in data["cells"]] == [
+        ("synthetic", 0), ("mooncake", 0), ("synthetic", 1), ("mooncake", 1)]
+    assert data["seeds"] == [0, 1] and set(data["averages"]["per_seed"]) == {"0", "1"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        sim_matrix.main(["--merge", str(parts[0]), str(out), "--json", str(tmp_path / "x.json")])
+    assert "already in an earlier file" in capsys.readouterr().err
+    other = json.loads(parts[1].read_text()) | {"hours": 0.5}
+    parts[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        sim_matrix.main(["--merge", str(parts[0]), str(parts[1]), "--json", str(tmp_path / "x.json")])
+    assert "not one matrix" in capsys.readouterr().err
