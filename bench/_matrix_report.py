@@ -115,7 +115,8 @@ def merged(paths: list[str]) -> tuple[float, list[dict], dict]:
         hours = data["hours"]
         notes |= data.get("notes", {})
         for c in data["cells"]:
-            key = (c["shape"], c["gpus"], c["trace"], c.get("seed", 0))
+            c.setdefault("seed", 0)  # files from before --seeds ran seed 0
+            key = (c["shape"], c["gpus"], c["trace"], c["seed"])
             if key in seen:
                 raise ValueError(f"{path}: cell {key} is already in an earlier file")
             seen.add(key)
