@@ -179,6 +179,14 @@ def wait_state(http, sid, auth, states, timeout=20.0):
     raise AssertionError(f"session {sid} never reached {states}; last: {body}")
 
 
+def wait_stream(http, sid, auth, chunks, timeout=20.0):
+    """Until the session's stream has encoded `chunks` chunks (encoding trails the engine)."""
+    deadline = time.monotonic() + timeout
+    while (body := http.get(f"/v1/sessions/{sid}", headers=auth).json())["stream_chunks"] < chunks:
+        assert time.monotonic() < deadline, f"session {sid}'s stream never encoded {chunks} chunks; last: {body}"
+        time.sleep(0.05)
+
+
 def test_lifecycle_pause_resume_prompt_close(http, server):
     sid, token, auth = create(http)
     wait_state(http, sid, auth, {"active"})
@@ -246,10 +254,7 @@ def test_from_chunk_beyond_replay_buffer_reports_a_gap(server, http):
     wait_state(http, sid, auth, {"closed"})
     # encoding runs on its own threads and can trail the engine under load: until it has
     # encoded all 14, the buffer still holds earlier chunks and the gap is shorter
-    deadline = time.monotonic() + 20.0
-    while http.get(f"/v1/sessions/{sid}", headers=auth).json()["stream_chunks"] < 14:
-        assert time.monotonic() < deadline, "the stream never encoded its 14 chunks"
-        time.sleep(0.05)
+    wait_stream(http, sid, auth, 14)
     with connect(ws_url(server, sid, token, from_chunk=0), max_size=None) as ws:
         ws.recv(timeout=10), ws.recv(timeout=10)  # init
         gap = json.loads(ws.recv(timeout=10))
@@ -311,6 +316,9 @@ def test_slow_client_never_stalls_other_sessions(server, http):
         # the stalled client's session kept generating: its producer never waits for it
         body = wait_state(http, slow_sid, slow_auth, {"closed"}, timeout=60)
         assert body["chunks_generated"] == SLOW_CHUNKS
+        # encoding trails generation under load: read only once every chunk is encoded, so
+        # the blocked sender is then far behind the replay buffer
+        wait_stream(http, slow_sid, slow_auth, SLOW_CHUNKS, timeout=60)
         # Reading now: the server's sender for this client was blocked (its cursor fell
         # behind the 8-chunk replay buffer), so it says which chunks it skipped, then
         # continues in order with nothing twice.
