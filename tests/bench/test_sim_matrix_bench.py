@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,24 +19,23 @@ from turboserve.config import TurboConfig  # noqa: E402
 
 
 def _fake_runs(monkeypatch, by_fraction: dict[float, tuple[float, float]]) -> list[float]:
-    """run_matrix answers autoscale-only's (worst chunk ms, GPU-hours) for the target share
+    """simulate answers autoscale-only's (worst chunk ms, GPU-hours) for the target share
     it was given; returns the shares asked, in order."""
     asked = []
 
-    def fake_run_matrix(records, shape, policies, model, config, **kw):
-        assert policies == ["autoscale-only"] and kw["equal_cost"] is False
+    def fake_simulate(records, policy, model, config, **kw):
+        assert policy == "autoscale-only" and kw["until_s"] == 3600.0
         f = config.autoscale.target_capacity_fraction
         asked.append(f)
         max_ms, gpu_h = by_fraction[f]
-        return {"runs": [{"metrics": {"max_chunk_latency_ms": max_ms, "gpu_hours": gpu_h,
-                                      "slo_attainment": 0.999}}]}, []
-    monkeypatch.setattr(sim_matrix, "run_matrix", fake_run_matrix)
+        return SimpleNamespace(summary={"max_chunk_latency_ms": max_ms, "gpu_hours": gpu_h, "slo_attainment": 0.999})
+    monkeypatch.setattr(sim_matrix, "simulate", fake_simulate)
     return asked
 
 
 def _ladder(target_ms: float, default=(900.0, 4.0)):
     return sim_matrix.autoscale_only_at_latency(
-        [], "fake", None, TurboConfig(), explicit_slo=False, until_s=3600.0, target_ms=target_ms,
+        [], "fake", None, TurboConfig(), until_s=3600.0, target_ms=target_ms,
         default={"max_chunk_latency_ms": default[0], "gpu_hours": default[1], "slo_attainment": 0.9})
 
 
