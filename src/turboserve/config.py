@@ -96,6 +96,14 @@ class AutoscaleConfig:
     # TurboServe: the rise projected is the slope less this many standard errors, so that
     # noise (single arrivals and departures) is not projected over the lookahead; 0 = off
     rise_confidence_z: float = 3.0
+    # TurboServe: the rise projected is also less this many sessions' GPUs (demand per
+    # active or pending session) per rise_window_s, so that a couple of arrivals is not read
+    # as a ramp. Where a session is a large share of a GPU (wan1.3b-320p: half) two arrivals in
+    # 30 s projected 2-3 GPUs of rise over the lookahead, and these spikes kept every GPU
+    # up: the scale-in hold never ran out (bench/sim_matrix.py, two seeds: GPU-hours 7.6% ->
+    # 12.3% below the peak count; wan1.3b-320p's worst chunks rose in 9 of 24 runs, at most
+    # 384 -> 782 ms, still far below static-ll's)
+    rise_min_sessions: float = 2.0
     # TurboServe: GPUs kept beyond the target at all times, so that a burst out of a quiet
     # spell lands on capacity that is already up (new GPUs take cluster.startup_delay_s)
     spare_gpus: float = 1.0

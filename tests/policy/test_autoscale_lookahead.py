@@ -48,3 +48,37 @@ def test_a_burst_is_seen_within_a_third_of_a_start_up_delay():
     a = AutoscaleConfig()
     projected = lookahead_rise(a, w, 120.0, 5.0) * a.lookahead_s
     assert projected >= 0.5 * 0.2 * a.lookahead_s
+
+
+def _steps_window(steps: list[tuple[float, float]]):
+    """Demand of 1 GPU, stepped up by (at time s, GPUs) steps; samples every 2 s to 120 s."""
+    w = DemandWindow()
+    for t in range(0, 121, 2):
+        w = w.observe(float(t), 1.0 + sum(g for at, g in steps if t >= at), 120.0)
+    return w
+
+
+def test_a_couple_of_arrivals_is_not_projected_as_a_ramp():
+    """Two sessions of half a GPU arriving 10 s apart (wan1.3b-320p) fit a slope that the
+    confidence discount alone lets through: projected over the look-ahead it was worth two
+    GPUs and more. Less two sessions' worth per rise window, nothing is projected."""
+    w = _steps_window([(100.0, 0.5), (110.0, 0.5)])
+    a = AutoscaleConfig()
+    assert a.rise_min_sessions == 2.0
+    bare = lookahead_rise(replace(a, rise_min_sessions=0.0), w, 120.0, 2.0, 0.5)
+    assert bare * a.lookahead_s >= 1.0  # what the spikes were
+    assert lookahead_rise(a, w, 120.0, 2.0, 0.5) == 0.0
+
+
+def test_a_ramp_of_many_sessions_keeps_its_projection_less_two_sessions():
+    """demo91-sized sessions (1/22 GPU): a burst's rise is many sessions per window, and
+    the discount takes exactly two sessions' worth per window from its slope."""
+    w = DemandWindow()
+    for t in range(0, 121, 2):
+        w = w.observe(float(t), 1.0 if t <= 90 else 1.0 + 0.05 * (t - 90), 120.0)
+    a = AutoscaleConfig()
+    share = 1.0 / 22.0
+    bare = lookahead_rise(replace(a, rise_min_sessions=0.0), w, 120.0, 2.5, share)
+    kept = lookahead_rise(a, w, 120.0, 2.5, share)
+    assert kept == pytest.approx(bare - 2.0 * share / a.rise_window_s)
+    assert kept * a.lookahead_s >= 0.9 * bare * a.lookahead_s  # most of the ramp is kept

@@ -40,6 +40,7 @@ def test_demand_counts_active_and_pending_sessions_with_perfect_packing():
     scan = scan_cluster(c.view(), ModelCache(c.model, 32))
     assert scan.active_sessions == 5 and scan.pending_sessions == 3
     assert math.isclose(scan.demand_gpus, 8 / _capacity(c))
+    assert math.isclose(scan.session_gpus, 1 / _capacity(c))  # per active or pending session
 
 
 def test_volatility_is_the_std_over_the_window():

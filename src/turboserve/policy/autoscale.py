@@ -10,7 +10,8 @@ spare), std being the demand's standard deviation over `volatility_window_s`, cl
 [min_gpus, cluster.gpus], spare = max(`spare_gpus`, `spare_fraction` * cluster.gpus). With
 `lookahead_s` > 0, demand is first extrapolated that far along its recent rise
 (least-squares slope over the last `rise_window_s`, or `lookahead_s` when that is 0; never
-down; trusted in proportion to the history it was fitted to), so a ramp gets its GPUs one
+down; trusted in proportion to the history it was fitted to; less `rise_min_sessions`
+sessions' worth per window, so a couple of arrivals is no ramp), so a ramp gets its GPUs one
 start-up delay early. The spare keeps capacity up for a burst out of a quiet spell, which no
 forecast sees coming; it scales with the ceiling (the operator's bound on peak demand),
 since a burst brings a share of the peak within one start-up delay.
@@ -69,13 +70,18 @@ def clamp_gpus(view: ClusterView, n: int) -> int:
     return max(lo, min(c.gpus, n))
 
 
-def lookahead_rise(a: AutoscaleConfig, demand: DemandWindow, now_s: float, current: float) -> float:
+def lookahead_rise(a: AutoscaleConfig, demand: DemandWindow, now_s: float, current: float,
+                   session_gpus: float = 0.0) -> float:
     """Demand's recent rise (GPUs per second) that `turboserve_target` projects
-    `lookahead_s` ahead: the slope over the last `rise_window_s` (0 = `lookahead_s`)."""
+    `lookahead_s` ahead: the slope over the last `rise_window_s` (0 = `lookahead_s`), less
+    `rise_min_sessions` sessions of `session_gpus` GPUs each per span (never below 0)."""
     if a.lookahead_s <= 0:
         return 0.0
     span = a.rise_window_s if a.rise_window_s > 0 else a.lookahead_s
-    return demand.rise_per_s(now_s, current, span, a.rise_confidence_z)
+    slope = demand.rise_per_s(now_s, current, span, a.rise_confidence_z)
+    if slope > 0.0 and a.rise_min_sessions > 0.0:
+        slope = max(0.0, slope - a.rise_min_sessions * session_gpus / span)
+    return slope
 
 
 def spare_gpus(view: ClusterView) -> float:

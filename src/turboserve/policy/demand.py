@@ -65,6 +65,12 @@ class ClusterScan:
         return len(self.ready) + len(self.starting)
 
     @property
+    def session_gpus(self) -> float:
+        """Mean GPUs per active or pending session (0 with none)."""
+        n = self.active_sessions + self.pending_sessions
+        return self.demand_gpus / n if n else 0.0
+
+    @property
     def total(self) -> int:
         """Every billed worker, draining ones included."""
         return len(self.ready) + len(self.starting) + len(self.draining)

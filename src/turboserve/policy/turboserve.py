@@ -146,7 +146,7 @@ class TurboServePolicy:
         scale_out, release, cancel = 0, (), ()
         if use_autoscale:
             protected = {p.worker_id for p in placements} | {m.dst for m in migrations}
-            rise = lookahead_rise(cfg.autoscale, demand, view.now_s, scan.demand_gpus)
+            rise = lookahead_rise(cfg.autoscale, demand, view.now_s, scan.demand_gpus, scan.session_gpus)
             step, timers = turboserve_scale(view, scan, order, demand.std, mem.timers, starved=starved,
                                             protected=protected, consolidate=use_migration,
                                             rise_per_s=rise)
