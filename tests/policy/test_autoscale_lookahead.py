@@ -73,12 +73,10 @@ def test_a_couple_of_arrivals_is_not_projected_as_a_ramp():
 def test_a_ramp_of_many_sessions_keeps_its_projection_less_two_sessions():
     """demo91-sized sessions (1/22 GPU): a burst's rise is many sessions per window, and
     the discount takes exactly two sessions' worth per window from its slope."""
-    w = DemandWindow()
-    for t in range(0, 121, 2):
-        w = w.observe(float(t), 1.0 if t <= 90 else 1.0 + 0.05 * (t - 90), 120.0)
+    w, now, d = _burst_window()
     a = AutoscaleConfig()
     share = 1.0 / 22.0
-    bare = lookahead_rise(replace(a, rise_min_sessions=0.0), w, 120.0, 2.5, share)
-    kept = lookahead_rise(a, w, 120.0, 2.5, share)
+    bare = lookahead_rise(replace(a, rise_min_sessions=0.0), w, now, d, share)
+    kept = lookahead_rise(a, w, now, d, share)
     assert kept == pytest.approx(bare - 2.0 * share / a.rise_window_s)
     assert kept * a.lookahead_s >= 0.9 * bare * a.lookahead_s  # most of the ramp is kept
