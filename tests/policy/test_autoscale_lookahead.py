@@ -1,5 +1,6 @@
 """TurboServe's scale-out look-ahead: the rise it projects is fitted over a recent window
-(`autoscale.rise_window_s`), so a burst out of a flat spell raises the target at once."""
+(`autoscale.rise_window_s`), so a burst out of a flat spell raises the target at once; a
+rise that did not come true holds no GPUs after the scale-in hold (`hold_counts_rise`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from dataclasses import replace
 
 import pytest
 
-from turboserve.config import AutoscaleConfig
-from turboserve.policy.autoscale import lookahead_rise
-from turboserve.policy.demand import DemandWindow
+from policy_fakes import FakeCluster
+
+from turboserve.config import AutoscaleConfig, TurboConfig
+from turboserve.policy.autoscale import ScaleTimers, lookahead_rise, turboserve_scale
+from turboserve.policy.demand import DemandWindow, scan_cluster
+from turboserve.policy.turboserve import LazyOrder
+from turboserve.policy.whatif import ModelCache, WhatIf
 
 
 def _burst_window():
@@ -80,3 +85,33 @@ def test_a_ramp_of_many_sessions_keeps_its_projection_less_two_sessions():
     kept = lookahead_rise(a, w, now, d, share)
     assert kept == pytest.approx(bare - 2.0 * share / a.rise_window_s)
     assert kept * a.lookahead_s >= 0.9 * bare * a.lookahead_s  # most of the ramp is kept
+
+
+def _hold_release(hold_counts_rise: bool) -> int:
+    """Five GPUs up, one GPU of demand. A rise projecting two more GPUs is seen as the hold
+    starts and never comes true; GPUs left up once the hold runs out."""
+    c = TurboConfig()
+    c = replace(c, cluster=replace(c.cluster, gpus=8, min_gpus=1, startup_delay_s=60.0),
+                autoscale=replace(c.autoscale, target_util=1.0, headroom_k=0.0, spare_gpus=0.0,
+                                  spare_fraction=0.0, lookahead_s=60.0, scale_in_hold_s=100.0,
+                                  hold_counts_rise=hold_counts_rise))
+    cluster = FakeCluster(config=c)
+    ws = [cluster.add_worker() for _ in range(5)]
+    for _ in range(cluster.model.capacity("fake", 750.0, 4)):
+        cluster.add_session(ws[0], context=21)
+    timers = ScaleTimers()
+    for now_s, rise_per_s in ((0.0, 2.0 / 60.0), (30.0, 2.0 / 60.0), (120.0, 0.0)):
+        cluster.advance(now_s)
+        view = cluster.view()
+        cache = ModelCache(cluster.model, 32)
+        scan = scan_cluster(view, cache)
+        order = LazyOrder(view, WhatIf(view, cache), scan.index)
+        step, timers = turboserve_scale(view, scan, order, 0.0, timers, starved=False, protected=set(),
+                                        consolidate=True, rise_per_s=rise_per_s)
+        assert not step.scale_out
+    return 5 - len(step.release)
+
+
+def test_the_hold_releases_what_a_rise_that_did_not_come_true_asked_for():
+    assert _hold_release(hold_counts_rise=False) == 1
+    assert _hold_release(hold_counts_rise=True) == 3

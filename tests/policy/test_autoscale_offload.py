@@ -223,6 +223,36 @@ def test_grace_keeps_idle_sessions_whose_restore_would_miss_the_slo():
     assert d.offloads == (big,) and new not in {x.session_id for x in d.placements}
 
 
+def test_idle_sessions_held_on_their_gpu_count_as_demand():
+    """A "big" idle session stays on its GPU (no restore meets the SLO): the autoscaler
+    keeps a GPU for it, unless `count_held_idle` is off; a small idle one counts nothing."""
+    # "big": one session per GPU at the SLO, 41 GB of state (~1.6 s to restore over PCIe)
+    model = FakeLatencyModel(fake_shape(), fake_shape("big", state_base_bytes=40 * 10**9, per_session_ms=300.0))
+    targets = {}
+    for held in (True, False):
+        c = FakeCluster(model=model, config=_cfg(gpus=8, headroom_k=0.0, target_util=1.0, count_held_idle=held),
+                        now_s=100.0)
+        ws = [c.add_worker() for _ in range(3)]
+        for _ in range(_capacity(c)):
+            c.add_session(ws[0], context=21)
+        big = [c.add_session(w, state=SessionState.IDLE, since_s=50.0, context=21, spec_=spec("big"))
+               for w in ws[1:]]
+        c.add_session(ws[0], state=SessionState.IDLE, since_s=99.9, context=21)  # within its grace
+        scan = scan_cluster(c.view(), ModelCache(model, 32))
+        big_share = 1.0 / model.capacity("big", 750.0, 4)
+        assert big_share == 1.0
+        assert math.isclose(scan.demand_gpus, 1.0) and math.isclose(scan.held_gpus, len(big) * big_share)
+        p = get_policy("turboserve")
+        mem = None
+        for now in (100.0, 100.0 + c.config.autoscale.scale_in_hold_s + 1.0):
+            c.advance(now)
+            d, mem = run_policy(p, c, mem)
+            assert not set(big) & set(d.offloads)
+        targets[held] = (c.count(WorkerState.READY, WorkerState.STARTING), d.notes)
+    assert targets[True] == (3, ())  # nothing to release
+    assert targets[False][0] < 3 and any("-> target 1 " in n for n in targets[False][1]), targets[False]
+
+
 def test_memory_pressure_offloads_at_once_where_it_makes_room():
     full = 100e6 + 50e6 * 21
     c = FakeCluster(config=_cfg(gpus=2), now_s=100.0, memory_bytes=int(4.5 * full))

@@ -6,31 +6,33 @@ when workers are to be released), the autoscaler's timers from the policy's memo
 the new timers.
 
 TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std +
-spare), std being the demand's standard deviation over `volatility_window_s`, clamped to
-[min_gpus, cluster.gpus], spare = max(`spare_gpus`, `spare_fraction` * cluster.gpus). With
-`lookahead_s` > 0, demand is first extrapolated that far along its recent rise
-(least-squares slope over the last `rise_window_s`, or `lookahead_s` when that is 0; never
-down; trusted in proportion to the history it was fitted to; less `rise_min_sessions`
-sessions' worth per window, so a couple of arrivals is no ramp), so a ramp gets its GPUs one
-start-up delay early. The spare keeps capacity up for a burst out of a quiet spell, which no
-forecast sees coming; it scales with the ceiling (the operator's bound on peak demand),
-since a burst brings a share of the peak within one start-up delay.
-Demand counts pending sessions; provisioned = READY + STARTING workers (the
+spare), demand counting the idle sessions held on their GPU (`ClusterScan.held_gpus`, unless
+`count_held_idle` is off), std being the demand's standard deviation over
+`volatility_window_s`, clamped to [min_gpus, cluster.gpus], spare = max(`spare_gpus`,
+`spare_fraction` * cluster.gpus). With `lookahead_s` > 0, demand is first extrapolated that
+far along its recent rise (least-squares slope over the last `rise_window_s`, or
+`lookahead_s` when that is 0; never down; trusted in proportion to the history it was fitted
+to; less `rise_min_sessions` sessions' worth per window, so a couple of arrivals is no
+ramp), so a ramp gets its GPUs one start-up delay early. The spare keeps capacity up for a
+burst out of a quiet spell, which no forecast sees coming; it scales with the ceiling (the
+operator's bound on peak demand), since a burst brings a share of the peak within one
+start-up delay. Demand counts pending sessions; provisioned = READY + STARTING workers (the
 start-up pipeline already counts). Above target: first cancel the release of draining
-workers (those still holding the most sessions: nothing to rebuild), then start new ones
-at once. Below target: only after the target has stayed below provisioned for
-`scale_in_hold_s`, release down to the highest target seen during that hold,
+workers (those still holding the most sessions: nothing to rebuild), then start new ones at
+once. Below target: only after the target has stayed below provisioned for
+`scale_in_hold_s`, release down to the highest target seen during that hold (without the
+projected rise unless `hold_counts_rise`: a forecast that did not come true holds nothing),
 least-loaded READY workers first (STARTING ones before them: they hold nothing); with
 migration they drain by consolidation (a session moves only where the destination stays
 within its SLO), without it only empty workers are released.
 
-Ray Serve (`ray_serve_scale`, the autoscale-only baseline): desired = ceil(ongoing
-sessions / target per GPU), where ongoing = active + pending sessions and the target is
+Ray Serve (`ray_serve_scale`, the autoscale-only baseline): desired = ceil(ongoing sessions
+/ target per GPU), where ongoing = active + pending sessions and the target is
 `target_sessions_per_gpu`, or else `target_capacity_fraction` of the capacity at the SLO of
-each session's shape (so a mix of shapes sums its per-session shares). Upscale to desired once desired > current has
-held `upscale_delay_s`; downscale once desired < current has held `downscale_delay_s`.
-Released workers take no new sessions and go once empty (Ray's graceful drain); empty ones
-are released first.
+each session's shape (so a mix of shapes sums its per-session shares). Upscale to desired
+once desired > current has held `upscale_delay_s`; downscale once desired < current has held
+`downscale_delay_s`. Released workers take no new sessions and go once empty (Ray's graceful
+drain); empty ones are released first.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def spare_gpus(view: ClusterView) -> float:
 def turboserve_target(view: ClusterView, scan: ClusterScan, std: float, rise_per_s: float = 0.0) -> int:
     a = view.config.autoscale
     demand = scan.demand_gpus + rise_per_s * a.lookahead_s
+    if a.count_held_idle:
+        demand += scan.held_gpus
     raw = demand / max(a.target_util, 1e-6) + a.headroom_k * std + spare_gpus(view)
     return clamp_gpus(view, math.ceil(raw - 1e-9))
 
@@ -145,12 +149,17 @@ def turboserve_scale(view: ClusterView, scan: ClusterScan, order: Callable[[], L
         note = f"demand {scan.demand_gpus:.2f} std {std:.2f} -> target {target} (provisioned {prov})"
         return ScaleStep(scale_out=out, cancel_release=cancel, note=note), ScaleTimers()
     if target < prov:
+        # The level released down to leaves out the projected rise (unless
+        # `hold_counts_rise`): a forecast that did not come true is no demand to keep GPUs for.
+        level = target
+        if rise_per_s > 0.0 and not view.config.autoscale.hold_counts_rise:
+            level = turboserve_target(view, scan, std)
         since = timers.below_since_s
         if since is None:
-            return ScaleStep(), ScaleTimers(below_since_s=view.now_s, below_max_target=target)
-        # Release down to the highest target of the hold, not the latest one: a burst
+            return ScaleStep(), ScaleTimers(below_since_s=view.now_s, below_max_target=level)
+        # Release down to the highest level of the hold, not the latest one: a burst
         # that came and went within the hold comes back as often as not.
-        hold_target = max(target, timers.below_max_target)
+        hold_target = max(level, timers.below_max_target)
         if hold_target != timers.below_max_target:
             timers = replace(timers, below_max_target=hold_target)
         if view.now_s - since < view.config.autoscale.scale_in_hold_s:

@@ -11,6 +11,11 @@ worker across calls (`worker_index`: redone only for workers whose record change
 scan costs O(changed workers x log workers + pending) beyond one C-level pass comparing
 records. A shape whose single session misses the SLO (capacity 0) counts a
 whole GPU per session: no packing can do better.
+
+Held: idle sessions kept on their GPU because a restore from host memory could not meet
+the SLO (`offload.resume_meets_slo`; wan14b-480p) are counted apart, as if active
+(`ClusterScan.held_gpus`): their GPU is taken, and evicting them for a new session makes
+their first chunk back late.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from dataclasses import dataclass, field, replace
 from operator import itemgetter
 
 from ..types import CompatKey, WorkerId
-from .views import ClusterView
+from .offload import resume_meets_slo
+from .views import ClusterView, SessionView
 from .whatif import ModelCache
 from .worker_index import WorkerIndex
 
@@ -56,6 +62,7 @@ class ClusterScan:
     active_sessions: int = 0  # active sessions resident on workers (from their groups)
     pending_sessions: int = 0
     demand_gpus: float = 0.0  # active + pending sessions' GPUs with perfect packing
+    held_gpus: float = 0.0  # idle sessions kept on their GPU (no restore meets the SLO), as if active
     # the per-worker index the scan was read from (refreshed for this view): its load order
     index: WorkerIndex | None = field(default=None, repr=False, compare=False)
 
@@ -107,17 +114,43 @@ def scan_cluster(view: ClusterView, cache: ModelCache) -> ClusterScan:
         sv = sessions.get(sid)
         if sv is None:
             continue
-        key = sv.spec.compat_key
-        s = share.get(key)
-        if s is None:
-            s = share[key] = gpus_per_session(view, cache, key, view.slo_ms(sv.spec))
-        demand += s
+        demand += _session_share(view, cache, share, sv)
         scan.pending_sessions += 1
+    if view.idle_resident:
+        scan.held_gpus = _held_gpus(view, cache, share)
     scan.max_load_ms = max_load
     scan.min_ready_load_ms = min_ready
     scan.active_sessions = active
     scan.demand_gpus = demand
     return scan
+
+
+def _held_gpus(view: ClusterView, cache: ModelCache, share: dict[CompatKey, float]) -> float:
+    """GPUs of the idle GPU-resident sessions whose restore could not meet the SLO."""
+    held = 0.0
+    kept: dict[CompatKey, bool] = {}
+    sessions = view.sessions
+    for sid in view.idle_resident:
+        sv = sessions.get(sid)
+        if sv is None:
+            continue
+        key = sv.spec.compat_key
+        keep = kept.get(key)
+        if keep is None:
+            keep = kept[key] = not resume_meets_slo(view, cache, key, view.slo_ms(sv.spec))
+        if keep:
+            held += _session_share(view, cache, share, sv)
+    return held
+
+
+def _session_share(view: ClusterView, cache: ModelCache, share: dict[CompatKey, float],
+                   sv: SessionView) -> float:
+    """A session's GPUs at its SLO (`gpus_per_session`), memoised per CompatKey in `share`."""
+    key = sv.spec.compat_key
+    s = share.get(key)
+    if s is None:
+        s = share[key] = gpus_per_session(view, cache, key, view.slo_ms(sv.spec))
+    return s
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ pending sessions that found no feasible worker. Out: session ids to offload.
   Not a session whose first chunk back could not meet its SLO after the restore (restore
   over the host link + a round alone > SLO: a wan14b-480p session, 27 GB over PCIe, ~1.1 s
   before a ~2 s round at a 2.6 s SLO): the chunk that resumes it would be late whatever
-  happens, so such a session leaves the GPU only under pressure.
+  happens, so such a session leaves the GPU only under pressure, and the autoscaler keeps
+  a GPU for it (`ClusterScan.held_gpus`).
 - Pressure: when a pending session has no feasible worker, idle sessions are offloaded at
   once, oldest first, on the READY worker where that makes room for it with the lowest
   resulting load. Offloads already in flight count as room that is coming, so one pending
