@@ -33,7 +33,7 @@ the output states. Its traces are fitted with each chunk taking that SLO, not it
 time (`traces.rescale.slo_pace`): fitted on playback times they needed 3.5x the GPUs the
 fit assumed, and every policy queued sessions for minutes.
 
-    python bench/sim_matrix.py --quick                  # one small cell
+    python bench/sim_matrix.py --quick                  # one small cell, into runs/sim_matrix-quick.json
     python bench/sim_matrix.py --shapes demo91 --gpus 8,16 --hours 0.5 --json out.json
     python bench/sim_matrix.py --shapes demo91 --set autoscale.spare_fraction=0.125 --json out.json
     python bench/sim_matrix.py --jobs 2                 # cells in 2 processes (they are independent)
@@ -245,13 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wan14b-slo-ms", type=float, default=2600.0,
                     help="explicit SLO for wan14b-480p (infeasible at its 750 ms playback time on an H100)")
     ap.add_argument("--cache", default=str(REPO / "runs" / "bench-traces"), help="where made traces are kept (git-ignored)")
-    ap.add_argument("--json", dest="json_out", default=str(REPO / "bench" / "results" / "sim_matrix.json"))
+    ap.add_argument("--json", dest="json_out", default=None,
+                    help="results file (default bench/results/sim_matrix.json; with --quick "
+                         "runs/sim_matrix-quick.json, so a quick check leaves the committed results alone)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for every run, e.g. autoscale.spare_fraction=0.125 (repeatable)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="run nothing: join these results files (parts of one matrix, e.g. other traces or "
                          "seeds) and average them as one")
     args = ap.parse_args(argv)
+    if args.json_out is None:
+        args.json_out = str(REPO / "runs" / "sim_matrix-quick.json" if args.quick
+                            else REPO / "bench" / "results" / "sim_matrix.json")
     if args.merge:
         try:
             hours, cells, notes = merged(args.merge)

@@ -114,6 +114,16 @@ def test_jobs_must_be_positive(tmp_path):
         sim_matrix.main(["--quick", "--jobs", "0", "--cache", str(tmp_path), "--json", str(tmp_path / "x.json")])
 
 
+def test_quick_run_leaves_the_committed_results_alone(monkeypatch, tmp_path):
+    monkeypatch.setattr(sim_matrix, "run_cell", _fake_cell)
+    monkeypatch.setattr(sim_matrix, "REPO", tmp_path)
+    assert sim_matrix.main(["--quick", "--cache", str(tmp_path)]) == 0
+    assert (tmp_path / "runs" / "sim_matrix-quick.json").is_file()
+    assert not (tmp_path / "bench").exists()
+    assert sim_matrix.main(["--shapes", "demo91", "--gpus", "8", "--traces", "synthetic", "--cache", str(tmp_path)]) == 0
+    assert (tmp_path / "bench" / "results" / "sim_matrix.json").is_file()
+
+
 def test_merge_joins_parts_and_refuses_a_cell_twice(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sim_matrix, "run_cell", _fake_cell)
     parts = []
