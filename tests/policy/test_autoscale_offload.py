@@ -238,7 +238,7 @@ def test_idle_sessions_held_on_their_gpu_count_as_demand():
         big = [c.add_session(w, state=SessionState.IDLE, since_s=50.0, context=21, spec_=spec("big"))
                for w in ws[1:]]
         c.add_session(ws[0], state=SessionState.IDLE, since_s=99.9, context=21)  # within its grace
-        scan = scan_cluster(c.view(), ModelCache(model, 32))
+        scan = scan_cluster(c.view(), ModelCache(model, 32), count_held=True)
         big_share = 1.0 / model.capacity("big", 750.0, 4)
         assert big_share == 1.0
         assert math.isclose(scan.demand_gpus, 1.0) and math.isclose(scan.held_gpus, len(big) * big_share)

@@ -95,9 +95,7 @@ def spare_gpus(view: ClusterView) -> float:
 
 def turboserve_target(view: ClusterView, scan: ClusterScan, std: float, rise_per_s: float = 0.0) -> int:
     a = view.config.autoscale
-    demand = scan.demand_gpus + rise_per_s * a.lookahead_s
-    if a.count_held_idle:
-        demand += scan.held_gpus
+    demand = scan.demand_gpus + scan.held_gpus + rise_per_s * a.lookahead_s
     raw = demand / max(a.target_util, 1e-6) + a.headroom_k * std + spare_gpus(view)
     return clamp_gpus(view, math.ceil(raw - 1e-9))
 

@@ -62,7 +62,8 @@ class ClusterScan:
     active_sessions: int = 0  # active sessions resident on workers (from their groups)
     pending_sessions: int = 0
     demand_gpus: float = 0.0  # active + pending sessions' GPUs with perfect packing
-    held_gpus: float = 0.0  # idle sessions kept on their GPU (no restore meets the SLO), as if active
+    # idle sessions kept on their GPU (no restore meets the SLO), as if active; with count_held
+    held_gpus: float = 0.0
     # the per-worker index the scan was read from (refreshed for this view): its load order
     index: WorkerIndex | None = field(default=None, repr=False, compare=False)
 
@@ -100,7 +101,9 @@ def worker_index(view: ClusterView, cache: ModelCache, share: dict[CompatKey, fl
     return index
 
 
-def scan_cluster(view: ClusterView, cache: ModelCache) -> ClusterScan:
+def scan_cluster(view: ClusterView, cache: ModelCache, *, count_held: bool = False) -> ClusterScan:
+    """`count_held`: also sum `held_gpus` (a pass over the idle GPU-resident sessions, which
+    only TurboServe's autoscaler reads; 0 otherwise)."""
     share: dict[CompatKey, float] = {}
     index = worker_index(view, cache, share)
     scan = ClusterScan(ready=list(index.ready), starting=list(index.starting), draining=list(index.draining),
@@ -116,7 +119,7 @@ def scan_cluster(view: ClusterView, cache: ModelCache) -> ClusterScan:
             continue
         demand += _session_share(view, cache, share, sv)
         scan.pending_sessions += 1
-    if view.idle_resident:
+    if count_held and view.idle_resident:
         scan.held_gpus = _held_gpus(view, cache, share)
     scan.max_load_ms = max_load
     scan.min_ready_load_ms = min_ready

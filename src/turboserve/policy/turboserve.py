@@ -98,7 +98,7 @@ class TurboServePolicy:
         cache = cache_for(view, mem.cache)
         in_flight = prune_in_flight(view, mem.in_flight)
         offloading = prune_offloading(view, mem.offloading)
-        scan = scan_cluster(view, cache)
+        scan = scan_cluster(view, cache, count_held=use_autoscale and cfg.autoscale.count_held_idle)
         demand = mem.demand.observe(view.now_s, scan.demand_gpus, cfg.autoscale.volatility_window_s) \
             if use_autoscale else mem.demand
         whatif = WhatIf(view, cache)
