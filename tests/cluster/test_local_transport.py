@@ -114,7 +114,8 @@ def test_migration_to_a_full_worker_aborts_and_the_session_runs_on(h):
     assert h.indices("a") == list(range(len(h.indices("a"))))
 
 
-def test_offload_then_resume_on_another_worker(h):
+def offloaded_after_two_chunks(h):
+    """Workers w0 and w1; session "a" made two chunks on w0 and is now idle in host memory."""
     t = h.transport
     t.start_worker("w0", h.now(), memory_bytes=64 * MiB, ready=True)
     t.start_worker("w1", h.now(), memory_bytes=64 * MiB, ready=True)
@@ -122,6 +123,11 @@ def test_offload_then_resume_on_another_worker(h):
     h.wait(lambda: h.of(SessionPaused), "idle")
     t.offload("a", "w0", h.now())
     h.wait(lambda: h.of(OffloadFinished), "the offload")
+    return t
+
+
+def test_offload_then_resume_on_another_worker(h):
+    t = offloaded_after_two_chunks(h)
     assert h.of(OffloadFinished)[0].bytes_moved > 0
     t.set_prompt("a", "a new prompt")  # applied when its state lands on a worker again
     t.place("a", SPEC, "p", "w1", h.now(), from_host=True, active=True, chunks_wanted=3)
@@ -130,6 +136,47 @@ def test_offload_then_resume_on_another_worker(h):
     assert h.indices("a") == [0, 1, 2, 3, 4] and h.chunks["a"][-1][0] == "w1"
     engine_prompt = t.call("w1", lambda e: e.info("a").prompt).result(5)
     assert engine_prompt == "a new prompt"
+
+
+def test_an_idle_session_restored_ahead_runs_at_once_when_it_resumes(h):
+    """A prefetch: the state of an idle offloaded session lands on a GPU while it stays idle
+    (no chunk), and the session continues from there when it resumes."""
+    t = offloaded_after_two_chunks(h)
+    t.place("a", SPEC, "p", "w1", h.now(), from_host=True, active=False, chunks_wanted=0)
+    h.wait(lambda: h.of(RestoreFinished), "the restore")
+    assert h.of(RestoreFinished)[0].worker_id == "w1" and t.location("a") == "w1"
+    time.sleep(0.1)
+    assert h.indices("a") == [0, 1]  # restored idle: nothing generated
+    t.activate("a", "w1", h.now(), chunks_wanted=3)
+    h.wait(lambda: len(h.indices("a")) >= 5, "chunks after it resumed")
+    assert h.indices("a") == [0, 1, 2, 3, 4] and h.chunks["a"][-1][0] == "w1"
+
+
+def test_commands_sent_while_a_state_is_on_its_way_apply_when_it_lands(h):
+    """An idle session resumes (or pauses) while its state is still being copied to its new
+    worker: the command waits for the landing instead of missing the session."""
+    t = offloaded_after_two_chunks(h)
+    t.place("a", SPEC, "p", "w1", h.now(), from_host=True, active=False, chunks_wanted=0)
+    t.activate("a", "w1", h.now(), chunks_wanted=3)  # before the restore has landed
+    h.wait(lambda: len(h.indices("a")) >= 5, "chunks after it resumed")
+    assert h.indices("a") == [0, 1, 2, 3, 4] and h.chunks["a"][-1][0] == "w1"
+    t.offload("a", "w1", h.now())
+    h.wait(lambda: len(h.of(OffloadFinished)) == 2, "the second offload")
+    t.place("a", SPEC, "p", "w0", h.now(), from_host=True, active=True, chunks_wanted=0)
+    t.pause("a", "w0", h.now())  # before it landed: it lands and stays idle
+    h.wait(lambda: len(h.of(RestoreFinished)) == 2, "the second restore")
+    time.sleep(0.2)
+    assert len(h.indices("a")) <= 6  # at most the round already under way when the pause came
+    t.offload("a", "w0", h.now())
+    h.wait(lambda: len(h.of(OffloadFinished)) == 3, "the third offload")
+    t.place("a", SPEC, "p", "w1", h.now(), from_host=True, active=False, chunks_wanted=0)
+    t.offload("a", "w1", h.now())  # evicted again before it landed: the offload still comes
+    h.wait(lambda: len(h.of(OffloadFinished)) == 4, "the offload sent while it was landing")
+    t.place("a", SPEC, "p", "w0", h.now(), from_host=True, active=True, chunks_wanted=0)
+    t.close("a", "w0", h.now())  # ended before it landed: nothing is left behind
+    h.wait(lambda: len(h.of(RestoreFinished)) == 4, "the last restore")
+    time.sleep(0.1)
+    assert not any(t.call(w, lambda e: "a" in e).result(5) for w in ("w0", "w1"))
 
 
 def test_slots_bound_workers_and_are_reused(h):

@@ -20,7 +20,7 @@ from serving_helpers import FakeGenerator, tiny_latency_model  # noqa: E402
 from turboserve.config import TurboConfig  # noqa: E402
 from turboserve.profile.calibrate import RoundRecorder, read_timed_rounds  # noqa: E402
 from turboserve.serving.embedded import build_runtime  # noqa: E402
-from turboserve.types import SessionState  # noqa: E402
+from turboserve.types import SessionSpec, SessionState  # noqa: E402
 
 from test_runtime_live import Collector, wait_for  # noqa: E402
 
@@ -83,3 +83,46 @@ def test_ray_workers_run_migrate_offload_resume(local_ray, tmp_path):
     assert shared is not None and len(shared) == len(rounds)
     workers = {json.loads(line)["worker"] for line in rounds_file.read_text().splitlines()}
     assert len(workers) == 2
+
+
+@pytest.mark.slow  # two more actor processes
+def test_a_resume_sent_while_the_state_is_on_its_way_is_not_lost(local_ray):
+    """Restored idle onto another actor (a prefetch), then resumed before it landed: the
+    resume waits for the landing."""
+    import threading
+    import time
+
+    from turboserve.cluster.ray_transport import RayTransport
+    from turboserve.events import OffloadFinished, RestoreFinished, SessionPaused
+
+    chunks: list[tuple[str, int]] = []
+    events = []
+    lock = threading.Lock()
+
+    def on_round(wid, outcome):
+        with lock:
+            chunks.extend((wid, i) for i in outcome.chunk_indices)
+
+    def seen(kind):
+        with lock:
+            return [e for e in events if isinstance(e, kind)]
+
+    t = RayTransport(lambda device: FakeGenerator(device, delay_s=0.01), slots=2, gpus_per_worker=0,
+                     model=tiny_latency_model(), on_round=on_round)
+    t.bind(lambda e: events.append(e))
+    try:
+        for wid in ("w0", "w1"):
+            t.start_worker(wid, 0.0, memory_bytes=64 << 20, ready=True)
+        spec = SessionSpec(model="tiny", width=32, height=32, fps=16.0, frames_per_chunk=4, steps=4)
+        t.place("a", spec, "p", "w0", 0.0, from_host=False, active=True, chunks_wanted=2)
+        wait_for(lambda: seen(SessionPaused), 60, "idle after two chunks")
+        t.offload("a", "w0", 1.0)
+        wait_for(lambda: seen(OffloadFinished), 60, "the offload")
+        t.place("a", spec, "p", "w1", 2.0, from_host=True, active=False, chunks_wanted=0)
+        t.activate("a", "w1", 2.0, chunks_wanted=3)  # before the restore has landed
+        wait_for(lambda: seen(RestoreFinished) and len(chunks) >= 5, 60, "chunks after the resume")
+        time.sleep(0.2)
+        with lock:
+            assert [i for _, i in chunks] == [0, 1, 2, 3, 4] and chunks[-1][0] == "w1"
+    finally:
+        t.shutdown()

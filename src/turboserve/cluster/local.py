@@ -41,6 +41,7 @@ from ..engine.executor import Executor
 from ..events import (Event, MigrationFinished, OffloadFinished, RestoreFinished, SessionFailed,
                       SessionPaused, WorkerLost, WorkerReady)
 from ..types import SessionId, SessionSpec, WorkerId
+from .transport import LandingCommands
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class LocalTransport:
         self._where: dict[SessionId, WorkerId] = {}  # engine holding the session's state
         self._prompts: dict[SessionId, str] = {}  # prompt to apply when the state lands
         self._moving: dict[SessionId, bool] = {}  # in-flight migrations -> closed meanwhile
+        self._landing = LandingCommands()  # commands for sessions whose state is still landing
         self._parked: dict[SessionId, object] = {}  # host state of sessions whose worker was released
         self._lock = threading.Lock()
         self._closed = False
@@ -312,17 +314,22 @@ class LocalTransport:
                     dst.import_session(blob, now_s, active=active, chunks_wanted=chunks_wanted,
                                        due_since_s=due)
                 except Exception as e:  # noqa: BLE001
+                    self._landing.dropped(sid)
                     failed(f"restore on {wid} failed: {type(e).__name__}: {e}")
                     return
                 with self._lock:
                     self._where[sid] = wid
                 self._apply_pending_prompt(dst, sid)
+                for command in self._landing.landed(sid):
+                    command(dst)
                 self._emit(RestoreFinished(self._clock(), sid, wid, blob.nbytes))
             return land
 
         parked = self.take_parked(sid)
         if parked is not None:
+            self._landing.expect(sid)
             if not self._post(wid, landing(parked)):
+                self._landing.dropped(sid)
                 self.park(parked)
                 failed(f"worker {wid} is gone")
             return
@@ -346,8 +353,11 @@ class LocalTransport:
             with self._lock:
                 self._where.pop(sid, None)
             if not self._post(wid, landing(blob)):
+                self._landing.dropped(sid)
                 failed(f"worker {wid} is gone")
+        self._landing.expect(sid)
         if not self._post(holder, export):
+            self._landing.dropped(sid)
             failed(f"the worker holding its state ({holder}) is gone")
 
     def migrate(self, sid: SessionId, src: WorkerId, dst: WorkerId, now_s: float) -> None:
@@ -414,13 +424,18 @@ class LocalTransport:
                 return
             result = engine.offload(sid)
             self._emit(OffloadFinished(self._clock(), sid, wid, result.nbytes))
-        self._post(wid, do)
+        self._send(sid, wid, do)
 
     def activate(self, sid: SessionId, wid: WorkerId, now_s: float, chunks_wanted: int) -> None:
-        self._post(wid, lambda e: sid in e and e.activate(sid, now_s, chunks_wanted))
+        self._send(sid, wid, lambda e: sid in e and e.activate(sid, now_s, chunks_wanted))
 
     def pause(self, sid: SessionId, wid: WorkerId, now_s: float) -> None:
-        self._post(wid, lambda e: sid in e and e.pause(sid, now_s))
+        self._send(sid, wid, lambda e: sid in e and e.pause(sid, now_s))
+
+    def _send(self, sid: SessionId, wid: WorkerId, command: Callable[[EngineCore], object]) -> None:
+        """Run `command` on `wid`'s engine, or once the session's state lands there."""
+        if not self._landing.defer(sid, command):
+            self._post(wid, command)
 
     def close(self, sid: SessionId, wid: WorkerId | None, now_s: float) -> None:
         with self._lock:
@@ -436,7 +451,7 @@ class LocalTransport:
                 if self._where.get(sid) == holder:
                     self._where.pop(sid, None)
                 self._prompts.pop(sid, None)
-        self._post(holder, remove)
+        self._send(sid, holder, remove)
 
     def set_prompt(self, sid: SessionId, prompt: str) -> None:
         """Takes effect from the session's next chunk, wherever its state is; a session in

@@ -32,6 +32,7 @@ from typing import Callable
 
 from ..events import Event, MigrationFinished, RestoreFinished, SessionFailed, WorkerLost
 from ..types import SessionId, SessionSpec, WorkerId
+from .transport import LandingCommands
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class RayTransport:
         self._where: dict[SessionId, WorkerId] = {}
         self._last_round_ms: dict[WorkerId, float] = {}
         self._parked: dict[SessionId, object] = {}  # host state of sessions whose worker was released
+        self._landing = LandingCommands()  # commands for sessions whose state is still landing
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ray-moves")
 
@@ -262,13 +264,17 @@ class RayTransport:
             try:
                 nbytes = self._ray.get(dst.import_blob.remote(fetch_blob(), active, chunks_wanted, now_s))
                 self._where[sid] = wid
+                for command in self._landing.landed(sid):
+                    self._ray.get(command(dst))
                 self._emit(RestoreFinished(self._clock(), sid, wid, nbytes))
             except Exception as e:  # noqa: BLE001
+                self._landing.dropped(sid)
                 self._emit(SessionFailed(self._clock(), sid, f"restore on {wid} failed: {e}", wid))
 
         with self._lock:
             parked = self._parked.pop(sid, None)
         if parked is not None:
+            self._landing.expect(sid)
             self._pool.submit(land, lambda: parked)
             return
         holder = self._where.get(sid)
@@ -281,6 +287,7 @@ class RayTransport:
             self._emit(SessionFailed(self._clock(), sid, f"the worker holding its state ({holder}) is gone", wid))
             return
         # the blob is the first of what hold_and_export returns
+        self._landing.expect(sid)
         self._pool.submit(land, lambda: self._ray.get(src.hold_and_export.remote(sid, keep=False))[0])
 
     def migrate(self, sid: SessionId, src: WorkerId, dst: WorkerId, now_s: float) -> None:
@@ -310,26 +317,26 @@ class RayTransport:
         self._pool.submit(move)
 
     def offload(self, sid: SessionId, wid: WorkerId, now_s: float) -> None:
-        actor = self._actor(wid)
-        if actor is not None:
-            actor.offload.remote(sid, now_s)
+        self._send(sid, wid, lambda actor: actor.offload.remote(sid, now_s))
 
     def activate(self, sid: SessionId, wid: WorkerId, now_s: float, chunks_wanted: int) -> None:
-        actor = self._actor(wid)
-        if actor is not None:
-            actor.activate.remote(sid, now_s, chunks_wanted)
+        self._send(sid, wid, lambda actor: actor.activate.remote(sid, now_s, chunks_wanted))
 
     def pause(self, sid: SessionId, wid: WorkerId, now_s: float) -> None:
+        self._send(sid, wid, lambda actor: actor.pause.remote(sid, now_s))
+
+    def _send(self, sid: SessionId, wid: WorkerId, command: Callable[[object], object]) -> None:
+        """Call `command(actor)` on `wid`'s actor, or once the session's state lands there."""
+        if self._landing.defer(sid, command):
+            return
         actor = self._actor(wid)
         if actor is not None:
-            actor.pause.remote(sid, now_s)
+            command(actor)
 
     def close(self, sid: SessionId, wid: WorkerId | None, now_s: float) -> None:
         with self._lock:
             self._parked.pop(sid, None)
-        actor = self._actor(self._where.pop(sid, None) or wid)
-        if actor is not None:
-            actor.close.remote(sid, now_s)
+        self._send(sid, self._where.pop(sid, None) or wid, lambda actor: actor.close.remote(sid, now_s))
 
     def set_prompt(self, sid: SessionId, prompt: str) -> None:
         actor = self._actor(self._where.get(sid))

@@ -18,14 +18,16 @@ Contract every implementation keeps:
 - `emit` may be called from inside a command (the controller queues re-entrant events).
 - `place(..., from_host=True)` brings a session whose state is off-GPU (offloaded on some
   worker, or only a checkpoint after its worker was lost) onto `wid`, continuing at its
-  chunk index; `from_host=False` creates a new session.
+  chunk index; `from_host=False` creates a new session. `activate`, `pause`, `offload` and
+  `close` sent while that state is still on its way apply once it lands (`LandingCommands`).
 - `migrate` runs `engine.migration.Migration` (pre-copy, stop-and-copy at a chunk
   boundary, commit) and emits `MigrationFinished` with bytes and downtime.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+import threading
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from ..events import Event
 from ..types import SessionId, SessionSpec, WorkerId
@@ -76,3 +78,38 @@ class Transport(Protocol):
     def close(self, sid: SessionId, wid: WorkerId | None, now_s: float) -> None:
         """End a session and free its state wherever it is (`wid` None: not resident)."""
         ...
+
+
+class LandingCommands:
+    """Commands for sessions whose state is being copied onto a worker asynchronously.
+
+    A transport calls `expect(sid)` before it starts such a copy, `landed(sid)` once the
+    state is on the worker (it gets the commands to run there now, in order) or `dropped(sid)`
+    if the copy failed. Meanwhile `defer(sid, command)` keeps a command instead of sending it
+    to a worker that does not hold the session yet (it would be lost). Thread-safe: the
+    landing and the commands come from different threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[SessionId, list[Callable[..., Any]]] = {}
+
+    def expect(self, sid: SessionId) -> None:
+        with self._lock:
+            self._waiting.setdefault(sid, [])
+
+    def defer(self, sid: SessionId, command: Callable[..., Any]) -> bool:
+        """Keep `command` if `sid` is on its way; False = send it now."""
+        with self._lock:
+            waiting = self._waiting.get(sid)
+            if waiting is None:
+                return False
+            waiting.append(command)
+            return True
+
+    def landed(self, sid: SessionId) -> list[Callable[..., Any]]:
+        with self._lock:
+            return self._waiting.pop(sid, [])
+
+    def dropped(self, sid: SessionId) -> None:
+        with self._lock:
+            self._waiting.pop(sid, None)
