@@ -131,9 +131,10 @@ def test_bad_decisions_are_refused_not_applied():
     pol.queue = [Decision(placements=(Placement("a", "w1"),),  # not pending
                           migrations=(Migration("a", "w1", "w0"), Migration("a", "w0", "nope")),
                           offloads=("a",),  # active, not idle
+                          prefetches=(Placement("a", "w1"), Placement("x", "w1")),  # resident; unknown
                           scale_out=5)]  # over cluster.gpus
     ctl.on_event(Tick(0.1))
-    assert ctl.counters.refused == 5 and len(ctl.refusals) == 5
+    assert ctl.counters.refused == 7 and len(ctl.refusals) == 7
     assert ctl.view().sessions["a"].worker == "w0" and len(ctl.view().workers) == 2
     # a placement onto a full worker is refused too
     big = SessionSpec(model="wan14b-480p")

@@ -51,7 +51,7 @@ def ctx(s):
     return float(MODEL.context_after(s["spec"].model, s["chunks"]))
 
 
-KINDS = (["add"] * 3 + ["place"] * 4 + ["activate", "pause", "offload", "end_off", "remove"] +
+KINDS = (["add"] * 3 + ["place"] * 4 + ["activate", "pause", "offload", "end_off", "remove", "prefetch"] +
          ["round"] * 4 + ["migrate"] * 2 + ["end_mig"] * 2 + ["add_worker", "ready", "lose", "drain"])
 ops = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 50), st.integers(0, 50),
                          st.integers(0, 3), st.booleans()), min_size=20, max_size=80)
@@ -112,20 +112,21 @@ def test_incremental_views_equal_brute_force(seq):
             spec = SPECS[n % len(SPECS)]
             cs.add_session(sid, spec, "p", now, chunks_wanted=n if flag else 0)
             t.s[sid] = {"spec": spec, "worker": None, "active": True, "pending": True, "mig": None,
-                        "off": False, "chunks": 0, "left": (n or None) if flag else None}
+                        "off": False, "chunks": 0, "left": (n or None) if flag else None,
+                        "placed": False, "host": False}
             t.pending.append(sid)
         elif s is None:
             continue
         elif kind == "place" and s["pending"] and w is not None:
             if cs.fits(sid, wid):
                 cs.place(sid, wid, now)
-                s.update(worker=wid, pending=False)
+                s.update(worker=wid, pending=False, placed=True)
                 t.pending.remove(sid)
         elif kind == "activate":
             what = cs.activate(sid, now, n)
             s["left"] = n or None
             if not s["active"]:
-                s["active"] = True
+                s.update(active=True, host=False)
                 if s["worker"] is None:
                     s["pending"] = True
                     t.pending.append(sid)
@@ -136,6 +137,14 @@ def test_incremental_views_equal_brute_force(seq):
             if s["pending"]:
                 s["pending"] = False
                 t.pending.remove(sid)
+                s["host"] = s["placed"]  # its state stayed in host memory
+        elif kind == "prefetch" and w is not None:
+            if not s["active"] and not s["pending"] and s["worker"] is None and s["placed"]:
+                cs.prefetch(sid, wid, now)
+                s.update(worker=wid, host=False)
+            else:
+                with pytest.raises(StateError):
+                    cs.prefetch(sid, wid, now)
         elif kind == "round" and s["worker"] is not None and not s["off"]:
             # a worker's round reports every session it ran; here one at a time, n+1 rounds
             cs.round_completed(s["worker"], [sid], now, rounds=n + 1)
@@ -162,7 +171,7 @@ def test_incremental_views_equal_brute_force(seq):
                     cs.begin_offload(sid, now)
         elif kind == "end_off" and s["off"]:
             assert cs.end_offload(sid, now)
-            s.update(off=False, worker=None)
+            s.update(off=False, worker=None, host=not s["active"])
             if s["active"]:
                 s["pending"] = True
                 t.pending.append(sid)
@@ -186,6 +195,13 @@ def test_incremental_views_equal_brute_force(seq):
             assert sv.context_frames == ctx(v) and sv.state_bytes == FULL[v["spec"].model]
         idle = {x for x, v in t.s.items() if v["worker"] and not v["active"] and not v["off"] and not v["mig"]}
         assert set(view.idle_resident) == idle
+        offloaded = {}
+        for x, v in t.s.items():
+            if v["host"]:
+                offloaded.setdefault(v["spec"].compat_key, set()).add(x)
+        assert {k: set(m) for k, m in view.idle_offloaded.items()} == offloaded
+        for m in view.idle_offloaded.values():
+            assert list(m.values()) == sorted(m.values())  # oldest first
         expected = t.expected_views()
         assert set(view.workers) == set(expected)
         for x, (state, members, used, groups) in expected.items():
@@ -338,3 +354,39 @@ def test_a_read_hook_may_move_only_the_phase():
     assert cs.view(1.0).sessions["a"].chunks_done == 40  # told later, in bulk
     cs.note_round_completion("gone", 1.0)  # a worker no longer there: nothing to move
     assert "gone" not in cs.view(1.0).last_round
+
+
+def test_idle_sessions_in_host_memory_are_listed_until_they_resume_or_go_back_to_a_gpu():
+    cs = ClusterState(MODEL, CFG)
+    spec = SPECS[2]
+    key = spec.compat_key
+    cs.add_worker("w0", 0.0, MEM, ready=True)
+    cs.add_worker("w1", 0.0, MEM, ready=True)
+    for sid in ("a", "b"):
+        cs.add_session(sid, spec, "p", 0.0)
+        cs.place(sid, "w0", 0.0)
+        cs.pause(sid, 1.0)
+    with pytest.raises(StateError):
+        cs.prefetch("a", "w1", 1.5)  # still on its GPU
+    for sid, t in (("b", 2.0), ("a", 3.0)):
+        cs.begin_offload(sid, t)
+        cs.end_offload(sid, t)
+    view = cs.view(3.0)
+    assert list(view.idle_offloaded[key].items()) == [("b", 2.0), ("a", 3.0)]  # oldest first
+    assert view.workers["w0"].used_bytes == 0
+
+    cs.prefetch("a", "w1", 4.0)
+    view = cs.view(4.0)
+    assert list(view.idle_offloaded[key]) == ["b"]
+    assert view.sessions["a"].state is SessionState.IDLE and view.sessions["a"].worker == "w1"
+    assert view.idle_resident == {"a": 4.0} and view.workers["w1"].used_bytes == FULL[spec.model]
+    assert view.workers["w1"].groups == ()  # idle: no load
+
+    assert cs.activate("b", 5.0) == "pending"  # resuming: placed like a new session, not listed
+    assert key not in cs.view(5.0).idle_offloaded
+    cs.pause("b", 6.0)  # paused again before it got a GPU: its state is still in host memory
+    assert list(cs.view(6.0).idle_offloaded[key]) == ["b"]
+    with pytest.raises(StateError):
+        cs.prefetch("a", "w0", 7.0)  # on a GPU already
+    cs.remove_session("b")
+    assert cs.view(7.0).idle_offloaded == {}

@@ -178,10 +178,15 @@ class FakeCluster:
                                key=lambda i: (self.sessions[i].arrival_s, i)))
         idle = sorted((s.last_change_s, s.id) for s in self.sessions.values()
                       if s.state is SessionState.IDLE and s.worker is not None and s.id not in self.offloading)
+        offloaded: dict = {}
+        for t, sid in sorted((s.last_change_s, s.id) for s in self.sessions.values()
+                             if s.state is SessionState.OFFLOADED):
+            offloaded.setdefault(self.sessions[sid].spec.compat_key, {})[sid] = t
         return ClusterView(now_s=self.now_s, workers=MappingProxyType(workers),
                            sessions=MappingProxyType(dict(self.sessions)), pending=pending,
                            model=self.model, config=self.config,
-                           idle_resident=MappingProxyType({sid: t for t, sid in idle}))
+                           idle_resident=MappingProxyType({sid: t for t, sid in idle}),
+                           idle_offloaded=MappingProxyType(offloaded))
 
     # -- applying decisions -------------------------------------------------------------
     def apply(self, d: Decision, *, instant: bool = True) -> None:
@@ -209,6 +214,10 @@ class FakeCluster:
                 self.set_session(sid, worker=None, state=SessionState.OFFLOADED, last_change_s=self.now_s)
             else:
                 self.offloading.add(sid)
+        for p in d.prefetches:
+            assert self.sessions[p.session_id].state is SessionState.OFFLOADED
+            assert self.workers[p.worker_id].state is WorkerState.READY, "prefetch onto a worker that is not ready"
+            self.set_session(p.session_id, worker=p.worker_id, state=SessionState.IDLE, last_change_s=self.now_s)
         for _ in range(d.scale_out):
             self.add_worker(WorkerState.STARTING)
         for wid in d.release:

@@ -401,3 +401,54 @@ def test_trend_is_trusted_in_proportion_to_its_history():
     for t in range(0, 120, 2):
         ramp = ramp.observe(float(t), 0.02 * t, 120.0)
     assert abs(ramp.rise_per_s(120.0, 2.4, 90.0) - 0.02) < 1e-6
+
+
+# "big": one session per GPU, 41 GB of state (~1.6 s to restore over PCIe): no restore meets its SLO
+HELD = FakeLatencyModel(fake_shape(), fake_shape("big", state_base_bytes=40 * 10**9, per_session_ms=300.0))
+
+
+def test_pressure_evicts_the_session_idle_longest_where_workers_tie():
+    c = FakeCluster(model=HELD, config=_cfg(gpus=3), now_s=100.0)
+    ws = [c.add_worker() for _ in range(3)]
+    idle = [c.add_session(w, state=SessionState.IDLE, since_s=since, context=21, spec_=spec("big"))
+            for w, since in zip(ws, (60.0, 20.0, 40.0))]
+    c.add_session(None, spec_=spec("big"))
+    p = get_policy("turboserve-no-autoscale")
+    d = p.decide(c.view(), p.initial_memory())
+    assert d.offloads == (idle[1],)  # idle since 20 s, not the first worker's (60 s)
+
+
+def test_evicted_sessions_that_cannot_resume_in_time_go_back_to_free_gpus():
+    cfg = _cfg(gpus=8)
+    cfg = replace(cfg, offload=replace(cfg.offload, prefetch_held=2, prefetch_keep_free=1))
+    c = FakeCluster(model=HELD, config=cfg, now_s=100.0)
+    ws = [c.add_worker() for _ in range(5)]
+    c.add_session(ws[0], context=21, spec_=spec("big"))
+    big = [c.add_session(None, state=SessionState.OFFLOADED, since_s=t, context=21, spec_=spec("big"))
+           for t in (50.0, 70.0, 60.0)]
+    small = c.add_session(None, state=SessionState.OFFLOADED, since_s=80.0, context=21)  # restores in time
+    p = get_policy("turboserve-no-autoscale")
+    placed = []
+    mem = None
+    for _ in range(3):
+        d, mem = run_policy(p, c, mem)
+        placed.append([x.session_id for x in d.prefetches])
+        assert ws[0] not in {x.worker_id for x in d.prefetches}
+    # 4 free GPUs, one kept free for arrivals, at most 2 per decision: the latest evicted first
+    assert placed == [[big[1], big[2]], [big[0]], []]
+    homes = {c.sessions[b].worker for b in big}
+    assert len(homes) == 3 and homes < set(ws[1:])  # one per free GPU
+    assert all(c.sessions[b].state is SessionState.IDLE for b in big)
+    assert c.sessions[small].state is SessionState.OFFLOADED
+    d, mem = run_policy(p, c, mem)
+    assert not d.offloads  # held on their GPUs: no grace offload sends them back
+
+
+def test_no_prefetch_when_switched_off():
+    cfg = _cfg(gpus=2)
+    c = FakeCluster(model=HELD, config=replace(cfg, offload=replace(cfg.offload, prefetch_held=0)), now_s=100.0)
+    c.add_worker()
+    c.add_worker()
+    c.add_session(None, state=SessionState.OFFLOADED, since_s=50.0, context=21, spec_=spec("big"))
+    p = get_policy("turboserve")
+    assert c.view().idle_offloaded and p.decide(c.view(), p.initial_memory()).prefetches == ()

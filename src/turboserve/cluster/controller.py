@@ -82,6 +82,7 @@ class ControllerCounters:
     offload_bytes: int = 0
     restores: int = 0
     restore_bytes: int = 0
+    prefetches: int = 0  # idle sessions put back on a GPU from host memory before resuming
     refused: int = 0  # decision items refused by validation
     workers_started: int = 0
     workers_released: int = 0
@@ -390,6 +391,8 @@ class Controller:
             self._migrate(m.session_id, m.src, m.dst, now_s)
         for p in d.placements:
             self._place(p.session_id, p.worker_id, now_s)
+        for p in d.prefetches:
+            self._prefetch(p.session_id, p.worker_id, now_s)
 
     def _place(self, sid: SessionId, wid: WorkerId, now_s: float) -> None:
         st = self.state
@@ -407,6 +410,22 @@ class Controller:
         sv = st.session(sid)
         self.transport.place(sid, sv.spec, st.prompt(sid), wid, now_s, from_host=from_host,
                              active=True, chunks_wanted=st.chunks_wanted(sid), due_since_s=due_since_s)
+
+    def _prefetch(self, sid: SessionId, wid: WorkerId, now_s: float) -> None:
+        st = self.state
+        if not st.has_session(sid):
+            return self._refuse(f"prefetch {sid}: unknown session")
+        sv = st.session(sid)
+        if sv.state is not SessionState.OFFLOADED or not st.placed_ever(sid):
+            return self._refuse(f"prefetch {sid}: it is {sv.state.value}, not idle in host memory")
+        if not st.has_worker(wid) or st.worker(wid).state is not WorkerState.READY:
+            return self._refuse(f"prefetch {sid} -> {wid}: worker is not ready")
+        if not st.fits(sid, wid):
+            return self._refuse(f"prefetch {sid} -> {wid}: not enough free memory")
+        st.prefetch(sid, wid, now_s)
+        self.counters.prefetches += 1
+        self.transport.place(sid, sv.spec, st.prompt(sid), wid, now_s, from_host=True, active=False,
+                             chunks_wanted=0)
 
     def _migrate(self, sid: SessionId, src: WorkerId, dst: WorkerId, now_s: float) -> None:
         st = self.state

@@ -548,7 +548,9 @@ class ClusterRuntime:
             t, n = self._gpu_last
             gpu_s = self._gpu_seconds + n * max(0.0, now - t)
             counters = dict(self._counters)
-            counters["releases"] = int(getattr(getattr(self.controller, "counters", None), "workers_released", 0))
+            ctl_counters = getattr(self.controller, "counters", None)
+            counters["releases"] = int(getattr(ctl_counters, "workers_released", 0))
+            counters["prefetches"] = int(getattr(ctl_counters, "prefetches", 0))
             samples = list(getattr(self.controller, "decision_ms", ()) or ())
             migrations = tuple(self._migrations)
         by_state["closed"] = sum(1 for r in self._records.values() if r.final is SessionState.CLOSED)

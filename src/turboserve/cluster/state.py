@@ -23,6 +23,8 @@ Meaning of the fields (what policies may rely on):
   rebuilt after their worker was lost), in the order they became pending.
 - `idle_resident`: idle sessions holding GPU memory and not already being offloaded or
   migrated -> idle since (s), oldest first.
+- `idle_offloaded`: CompatKey -> idle sessions whose state is in host memory -> offloaded
+  since (s), oldest first (what a policy may bring back to a GPU before they resume).
 """
 
 from __future__ import annotations
@@ -189,6 +191,8 @@ class ClusterState:
         self._sessions_ro = _SessionViews(self._sviews, self._stale, self._s)
         self._workers_ro = MappingProxyType(self._wviews)
         self._idle_ro = MappingProxyType(self._idle)
+        self._idle_off: dict[CompatKey, dict[SessionId, float]] = {}
+        self._idle_off_ro = MappingProxyType(self._idle_off)
         self._ctx_table: dict[str, list[float]] = {}  # shape -> context after n chunks, to saturation
         self._bytes_by_shape: dict[str, int] = {}
         self.demand_history: tuple[tuple[float, float], ...] = ()
@@ -219,7 +223,8 @@ class ClusterState:
         if self._pending_tuple is None:
             self._pending_tuple = tuple(self._pending)
         return ClusterView(now_s, self._workers_ro, self._sessions_ro, self._pending_tuple, self.model,
-                           self.config, self._idle_ro, self.demand_history, self._last_round_ro)
+                           self.config, self._idle_ro, self.demand_history, self._last_round_ro,
+                           self._idle_off_ro)
 
     def has_session(self, sid: SessionId) -> bool:
         return sid in self._s
@@ -347,10 +352,24 @@ class ClusterState:
         s.pending = False
         self._pending.pop(sid, None)
         self._pending_tuple = None
-        s.worker = wid
+        self._put(s, w, now_s)
+
+    def prefetch(self, sid: SessionId, wid: WorkerId, now_s: float) -> None:
+        """An idle session in host memory goes back to a GPU before it resumes (check `fits`
+        first). It is idle resident from now on."""
+        s = self._sess(sid)
+        if s.active or s.pending or s.worker is not None or not s.placed_ever:
+            raise StateError(f"session {sid!r} is not idle in host memory (it is {s.state.value})")
+        w = self._wk(wid)
+        self._drop_idle_off(s)
+        self._put(s, w, now_s)
+        self._idle[sid] = now_s
+
+    def _put(self, s: _Session, w: _Worker, now_s: float) -> None:
+        s.worker = w.id
         s.placed_ever = True
         s.last_change_s = now_s
-        w.sessions.add(sid)
+        w.sessions.add(s.id)
         w.frozen = frozenset(w.sessions)
         w.used_bytes += s.state_bytes
         if s.active:
@@ -380,6 +399,7 @@ class ClusterState:
         s.active = True
         s.last_change_s = now_s
         self._idle.pop(sid, None)
+        self._drop_idle_off(s)
         if s.worker is not None:
             if s.offloading:
                 self._srefresh(s)
@@ -406,6 +426,8 @@ class ClusterState:
             s.pending = False
             self._pending.pop(sid, None)
             self._pending_tuple = None
+            if s.placed_ever:  # its state stayed in host memory
+                self._idle_off.setdefault(s.key, {})[sid] = now_s
             self._srefresh(s)
             return "none"
         if s.worker is None:
@@ -538,6 +560,8 @@ class ClusterState:
         s.last_change_s = now_s
         if s.active:
             self._add_pending(s, now_s)
+        else:
+            self._idle_off.setdefault(s.key, {})[sid] = now_s
         self._srefresh(s)
         return True
 
@@ -549,6 +573,7 @@ class ClusterState:
         del self._sviews[sid]
         self._stale.discard(sid)
         self._idle.pop(sid, None)
+        self._drop_idle_off(s)
         if s.pending:
             self._pending.pop(sid, None)
             self._pending_tuple = None
@@ -578,6 +603,11 @@ class ClusterState:
             return self._w[wid]
         except KeyError:
             raise StateError(f"unknown worker {wid!r}") from None
+
+    def _drop_idle_off(self, s: _Session) -> None:
+        group = self._idle_off.get(s.key)
+        if group is not None and group.pop(s.id, None) is not None and not group:
+            del self._idle_off[s.key]
 
     def _add_pending(self, s: _Session, now_s: float) -> None:
         if not s.pending:

@@ -1,8 +1,9 @@
 """Offload: idle sessions' state leaves the GPU for host memory.
 
-In: the view's `idle_resident` (idle sessions on a GPU -> idle since, oldest first), the
-sessions whose offload this policy already asked for, and, under memory pressure, the
-pending sessions that found no feasible worker. Out: session ids to offload.
+In: the view's `idle_resident` (idle sessions on a GPU -> idle since, oldest first) and
+`idle_offloaded` (idle sessions in host memory), the sessions whose offload this policy
+already asked for, and, under memory pressure, the pending sessions that found no feasible
+worker. Out: session ids to offload, and sessions to prefetch back onto a GPU.
 
 - Grace: an idle session idle for longer than `offload.grace_s` is offloaded. The index is
   oldest first, so the scan stops at the first session still within its grace period. The
@@ -16,19 +17,26 @@ pending sessions that found no feasible worker. Out: session ids to offload.
   a GPU for it (`ClusterScan.held_gpus`).
 - Pressure: when a pending session has no feasible worker, idle sessions are offloaded at
   once, oldest first, on the READY worker where that makes room for it with the lowest
-  resulting load. Offloads already in flight count as room that is coming, so one pending
-  session never triggers two rounds of offloads.
+  resulting load; among equal loads, the worker whose victims have been idle longest (idle
+  periods are heavy-tailed: the longer a session has been idle, the less likely it resumes
+  soon). Offloads already in flight count as room that is coming, so one pending session
+  never triggers two rounds of offloads.
+- Prefetch: an idle session that pressure evicted although no restore meets its SLO goes
+  back to a GPU with room before it resumes (`held_prefetches`), while no session waits for
+  a GPU and a few workers with room stay free for arrivals.
 Resuming needs nothing here: a resumed session is pending and is placed like a new one,
 which makes every resume a free rebalancing point.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..types import CompatKey, SessionId, SessionState, WorkerId
 from .latency import transfer_ms
 from .load import GroupLoad
-from .views import ClusterView
-from .whatif import ModelCache, WhatIf
+from .views import ClusterView, Placement
+from .whatif import LoadOrder, ModelCache, WhatIf
 
 
 def prune_offloading(view: ClusterView, offloading: frozenset[SessionId]) -> frozenset[SessionId]:
@@ -100,6 +108,7 @@ def pressure_offloads(view: ClusterView, whatif: WhatIf, ready: set[WorkerId],
         s = view.sessions.get(sid)
         if s is not None and s.worker in ready and s.state is SessionState.IDLE:
             idle_by_worker.setdefault(s.worker, []).append((sid, s.state_bytes))
+    idle_since = view.idle_resident
     offloads: list[SessionId] = []
     hopeless: list[SessionId] = []
     for sid in unplaced[:limit]:
@@ -128,7 +137,10 @@ def pressure_offloads(view: ClusterView, whatif: WhatIf, ready: set[WorkerId],
                 freed += nbytes
             if room + freed < need:
                 continue
-            score = (whatif.load_with(wid, key, s.context_frames), freed, i)
+            # among equal loads and bytes, the worker whose victims have been idle longest:
+            # the longer a session has been idle, the less likely it resumes soon
+            youngest = idle_since[victims[-1]] if victims else float("-inf")
+            score = (whatif.load_with(wid, key, s.context_frames), freed, youngest, i)
             if best is None or score < best[0]:
                 best = (score, wid, victims)
         if waiting:
@@ -144,3 +156,42 @@ def pressure_offloads(view: ClusterView, whatif: WhatIf, ready: set[WorkerId],
         # The room is now reserved for `sid`: later pending sessions must not count on it.
         coming[wid] = coming.get(wid, 0) + freed - need
     return offloads, hopeless
+
+
+def held_prefetches(view: ClusterView, whatif: WhatIf, order: Callable[[], LoadOrder],
+                    ready: set[WorkerId], skip: set[WorkerId], keep_free: int,
+                    limit: int) -> list[Placement]:
+    """Idle sessions in host memory whose resume could not meet the SLO (`resume_meets_slo`
+    false: they left their GPU only under pressure), put back on a GPU that has room for
+    them, so that their first chunk back does not wait for the restore.
+
+    Most recently offloaded first (the likeliest to resume soon), least loaded workers first,
+    one per worker per call, at most `limit`; the last `keep_free` workers with room for
+    such a session are left free for arrivals, which would otherwise have to evict one
+    again. Workers in `skip` (being released) are not used. The prefetched session is idle
+    resident again, so pressure can still evict it. Applied to `whatif` as made. `order`
+    builds the load order; it is called only when some key has sessions to bring back."""
+    if limit <= 0 or not view.idle_offloaded or not ready:
+        return []
+    cache = whatif.cache
+    headroom = view.config.placement.memory_headroom
+    out: list[Placement] = []
+    for key, offloaded in view.idle_offloaded.items():
+        if not offloaded:
+            continue
+        first = view.sessions.get(next(iter(offloaded)))
+        if first is None or resume_meets_slo(view, cache, key, view.slo_ms(first.spec)):
+            continue
+        need = cache.full_state_bytes(key.model)
+        room = [wid for _, _, wid in order().ascending()
+                if wid in ready and wid not in skip and whatif.fits(wid, key, need, headroom)]
+        room = room[:max(0, len(room) - keep_free)]
+        for sid, wid in zip(reversed(offloaded), room):
+            if len(out) >= limit:
+                return out
+            s = view.sessions.get(sid)
+            if s is None:
+                continue
+            whatif.add(wid, key, s.context_frames, need, active=False)
+            out.append(Placement(sid, wid))
+    return out

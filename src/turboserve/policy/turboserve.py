@@ -12,6 +12,8 @@ Per call, in the order of DESIGN.md "The closed loop":
 4. Rebalance: drain DRAINING workers (consolidation), then min-max moves off the
    bottleneck (`rebalance`); in-flight migrations count at their destination.
 5. Scale: volatility-aware target, scale out at once, scale in after a hold (`autoscale`).
+6. Prefetch: with nobody waiting for a GPU, idle sessions evicted under pressure whose
+   restore could not meet the SLO go back to free GPUs before they resume (`offload`).
 Each step is skipped by a cheap test when it has nothing to do, so the common call costs
 one pass over the workers. Ablations switch off one mechanism each: `migration=False`
 (no rebalancing or draining; scale-in only releases empty workers), `autoscale=False`
@@ -28,11 +30,11 @@ from ..config import TurboConfig
 from ..types import SessionId
 from .autoscale import ScaleTimers, lookahead_rise, turboserve_scale
 from .demand import DemandWindow, scan_cluster, worker_index
-from .offload import grace_offloads, pressure_offloads, prune_offloading
+from .offload import grace_offloads, held_prefetches, pressure_offloads, prune_offloading
 from .placement import MinMaxChooser, place_pending
 from .rebalance import (InFlight, apply_in_flight, drain_moves, in_flight_record, prune_in_flight,
                         rebalance_min_max)
-from .views import ClusterView, Decision, Migration
+from .views import ClusterView, Decision, Migration, Placement
 from .whatif import LoadOrder, ModelCache, WhatIf, cache_for
 from .worker_index import WorkerIndex
 
@@ -154,6 +156,12 @@ class TurboServePolicy:
             if step.note and (scale_out or release or cancel):
                 notes.append(step.note)
 
+        # 6. prefetch
+        prefetches: list[Placement] = []
+        if use_offload and cfg.offload.prefetch_held > 0 and not unplaced and view.idle_offloaded:
+            prefetches = held_prefetches(view, whatif, order, ready, set(release),
+                                         cfg.offload.prefetch_keep_free, cfg.offload.prefetch_held)
+
         if migrations:
             in_flight = in_flight + tuple(in_flight_record(view, m) for m in migrations)
         if offloads:
@@ -164,6 +172,7 @@ class TurboServePolicy:
             new_mem = replace(mem, cache=cache, demand=demand, timers=timers, in_flight=in_flight,
                               offloading=offloading)
         return Decision(placements=tuple(placements), migrations=tuple(migrations),
-                        offloads=tuple(offloads), scale_out=scale_out, release=tuple(release),
-                        cancel_release=tuple(cancel), memory=new_mem, notes=tuple(notes))
+                        offloads=tuple(offloads), prefetches=tuple(prefetches), scale_out=scale_out,
+                        release=tuple(release), cancel_release=tuple(cancel), memory=new_mem,
+                        notes=tuple(notes))
 

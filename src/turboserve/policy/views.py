@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
 from ..config import TurboConfig
-from ..types import SessionId, SessionSpec, SessionState, WorkerId, WorkerState
+from ..types import CompatKey, SessionId, SessionSpec, SessionState, WorkerId, WorkerState
 from .latency import LatencyModel
 from .load import GroupLoad
 
@@ -75,6 +75,9 @@ class ClusterView:
     # of the round that began then, with the sessions active then); rounds run back to back
     # while work is due, later ones at the worker's `load_ms`: this is the worker's phase
     last_round: Mapping[WorkerId, tuple[float, float]] = field(default_factory=dict)
+    # CompatKey -> idle sessions whose state is in host memory -> offloaded since (s),
+    # oldest first (insertion order)
+    idle_offloaded: Mapping[CompatKey, Mapping[SessionId, float]] = field(default_factory=dict)
 
     def slo_ms(self, spec: SessionSpec) -> float:
         return self.config.slo.slo_ms or 1000.0 * spec.chunk_seconds
@@ -99,6 +102,8 @@ class Decision:
     placements: tuple[Placement, ...] = ()
     migrations: tuple[Migration, ...] = ()
     offloads: tuple[SessionId, ...] = ()  # idle sessions whose state goes to host memory
+    # idle sessions in host memory whose state goes back to a GPU before they resume
+    prefetches: tuple[Placement, ...] = ()
     scale_out: int = 0  # workers to start now
     release: tuple[WorkerId, ...] = ()  # workers to drain; released once they hold nothing
     cancel_release: tuple[WorkerId, ...] = ()  # draining workers to put back in service
@@ -107,8 +112,8 @@ class Decision:
 
     @property
     def empty(self) -> bool:
-        return not (self.placements or self.migrations or self.offloads or self.scale_out
-                    or self.release or self.cancel_release)
+        return not (self.placements or self.migrations or self.offloads or self.prefetches
+                    or self.scale_out or self.release or self.cancel_release)
 
 
 class Policy(Protocol):

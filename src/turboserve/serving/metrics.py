@@ -95,6 +95,7 @@ class _ClusterCollector:
                                 ("migration_bytes", "Bytes moved by migrations"),
                                 ("offloads", "Idle sessions offloaded to host memory"),
                                 ("resumes", "Sessions restored from host memory"),
+                                ("prefetches", "Idle sessions restored from host memory before resuming"),
                                 ("scale_outs", "Workers started"),
                                 ("releases", "Workers released")):
             yield CounterMetricFamily(f"turboserve_{name}", help_text, value=float(c.get(name, 0)))

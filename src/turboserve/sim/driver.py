@@ -217,6 +217,7 @@ class TraceDriver:
         summary["rounds"] = self.transport.rounds
         summary["rounds_cruised"] = self.transport.cruised_rounds
         summary["refused_decisions"] = self.controller.counters.refused
+        summary["prefetches"] = self.controller.counters.prefetches
         summary["duration_s"] = end_s
         return SimResult(self.policy_name, summary, self.metrics, end_s, self.controller, self.transport,
                          loop.handled)
