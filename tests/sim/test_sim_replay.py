@@ -184,3 +184,21 @@ def test_a_cruise_continued_after_a_phase_report_is_the_one_planned_afresh(small
     monkeypatch.setattr(cruising.Cruise, "shifted", checked_shift)
     simulate(small_records, "turboserve-no-autoscale", model, _config(), cruise=True)
     assert checked, "phase reports continued some cruises"
+
+
+def test_a_shape_slower_than_playback_is_replayed_to_the_end():
+    """wan14b-480p takes ~2 s per 0.75 s chunk: served within its 2.6 s SLO, a 20-minute
+    session ends long after its nominal end. The replay must wait for it (before, it was cut
+    at the nominal end plus the drain grace and its last chunks counted as missed)."""
+    from turboserve.config import TurboConfig
+    from turboserve.profile import load_latency_model
+    from turboserve.types import Period, SessionRecord, SessionSpec
+
+    spec = SessionSpec(model="wan14b-480p", fps=16, frames_per_chunk=12, steps=4)
+    records = [SessionRecord("long", 0.0, spec, (Period(active_s=1200.0),))]
+    config = TurboConfig().with_overrides(["cluster.gpus=1", "slo.slo_ms=2600", "sim.progress=false"])
+    result = simulate(records, "static-ll", load_latency_model(), config)
+    s = result.summary
+    assert s["sessions_unserved"] == 0 and s["unfinished_chunks"] == 0
+    assert s["chunks"] == 1600 and s["slo_attainment"] == 1.0
+    assert result.end_s > 1200.0 + 600.0  # past the old horizon

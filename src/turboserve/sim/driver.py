@@ -44,7 +44,8 @@ from .metrics import Prices, RunMetrics
 from .transport import SimTransport
 
 # Without an explicit end, a run whose sessions cannot all be served (starved) stops this
-# long after the trace's nominal end, with the owed chunks counted late.
+# long after the trace's nominal end (`nominal_end_s` at the SLO's pace where that is slower
+# than playback), with the owed chunks counted late.
 DRAIN_GRACE_S = 600.0
 
 
@@ -69,12 +70,16 @@ def slo_for(config: TurboConfig, records: list[SessionRecord], model: LatencyMod
     return (config.slo.slo_ms or playback_ms), playback_ms
 
 
-def nominal_end_s(records: list[SessionRecord]) -> float:
+def nominal_end_s(records: list[SessionRecord], chunk_s: float = 0.0) -> float:
+    """When the last session would leave with every chunk on its viewer's timeline, each
+    chunk taking its playback time or `chunk_s`, whichever is longer (a shape slower than
+    playback, served within an SLO longer than a chunk, stretches its sessions)."""
     end = 0.0
     for r in records:
         t = r.arrival_s
+        per_chunk_s = max(r.spec.chunk_seconds, chunk_s)
         for i, p in enumerate(r.periods):
-            t += r.chunks_in_period(i) * r.spec.chunk_seconds + p.idle_s
+            t += r.chunks_in_period(i) * per_chunk_s + p.idle_s
         end = max(end, t)
     return end
 
@@ -185,7 +190,8 @@ class TraceDriver:
         for rec in sorted(self.records, key=lambda r: r.arrival_s):
             loop.push(rec.arrival_s, (self._arrive, rec))
         loop.push(0.0, (self._tick, None))
-        horizon = until_s if until_s is not None else nominal_end_s(self.records) + DRAIN_GRACE_S
+        horizon = until_s if until_s is not None else \
+            nominal_end_s(self.records, self.metrics.slo_ms / 1000.0) + DRAIN_GRACE_S
         bar = _progress_bar(horizon, self.policy_name) if progress else None
 
         def show(t: float) -> None:
