@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", dest="json_out", default=None)
     sim.add_argument("--plot", default=None, help="directory for PNG plots")
     sim.add_argument("--slo-ms", type=float, default=None)
+    sim.add_argument("--until", type=float, default=None, metavar="S",
+                     help="stop at S simulated seconds (chunks still owed then count late only if "
+                          "already past the SLO); default: until every session has left")
     sim.add_argument("--link", default=None, help="migration link: nvlink, infiniband, pcie")
     sim.add_argument("--no-equal-cost", dest="equal_cost", action="store_false",
                      help="skip the fixed-count baselines' runs at turboserve's mean GPU count")

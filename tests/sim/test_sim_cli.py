@@ -119,3 +119,20 @@ def test_autoscalers_start_warm_at_the_demand_of_the_first_startup_delay(small_r
         assert res.metrics.gpu_series[0][2] == 2, name
     res = simulate(small_records, "static-ll", model, cfg, shape="demo91", until_s=1.0)
     assert res.metrics.gpu_series[0][2] == 3
+
+
+def test_until_stops_the_replay_and_is_checked(small_trace_path, tmp_path, capsys):
+    out = tmp_path / "cut.json"
+    assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "3",
+                 "--policy", "static-ll", "--no-equal-cost", "--until", "60", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["until_s"] == 60.0
+    assert doc["runs"][0]["metrics"]["duration_s"] == 60.0
+    full = tmp_path / "full.json"
+    assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "3",
+                 "--policy", "static-ll", "--no-equal-cost", "--json", str(full)]) == 0
+    assert json.loads(full.read_text())["runs"][0]["metrics"]["duration_s"] > 60.0
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "3",
+                 "--until", "0"]) == 2
+    assert "--until must be > 0" in capsys.readouterr().err

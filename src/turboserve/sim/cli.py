@@ -1,7 +1,7 @@
 """`turboserve simulate`: replay a trace under each policy and report latency and cost.
 
 In: the parsed arguments of `turboserve.cli` (`--trace`, `--model`, `--gpus`, `--policy`,
-`--slo-ms`, `--link`, `--json`, `--plot`, `--no-equal-cost`, `--config`, `--set`). Out: the
+`--slo-ms`, `--until`, `--link`, `--json`, `--plot`, `--no-equal-cost`, `--config`, `--set`). Out: the
 table on stdout, the report JSON (`sim/report.py`) and PNG plots when asked; exit code 0.
 
 `--model` is the shape every session uses (the trace's own is overridden: its frames per
@@ -212,6 +212,9 @@ def run(args) -> int:
         raise SimUsageError(f"trace {args.trace} has no sessions")
     records = map_to_shape(records, shape, model)
     policies = policies_from(args.policy)
+    until_s = getattr(args, "until", None)
+    if until_s is not None and until_s <= 0:
+        raise SimUsageError(f"--until must be > 0 simulated seconds, got {until_s}")
     explicit = args.slo_ms is not None or config.slo.slo_ms is not None
     progress = bool(config.sim.progress) and sys.stderr.isatty()
     info = model.shape(shape)
@@ -220,13 +223,14 @@ def run(args) -> int:
         "trace": str(args.trace), "shape": shape, "gpus": config.cluster.gpus,
         "slo_ms": config.slo.slo_ms or info.chunk_ms, "slo_explicit": explicit,
         "playback_ms": info.chunk_ms, "link": config.cluster.link, "sessions": len(records),
-        "startup_delay_s": config.cluster.startup_delay_s,
+        "startup_delay_s": config.cluster.startup_delay_s, "until_s": until_s,
         "initial_gpus_autoscaling": warm_start_gpus(records, model, config, shape),
         "initial_gpus_rule": ("set (autoscale.initial_gpus)" if config.autoscale.initial_gpus > 0 else
                               "warm: the trace's demand over its first start-up delay"),
     }
     report, light = run_matrix(records, shape, policies, model, config, explicit_slo=explicit,
-                               progress=progress, meta=meta, equal_cost=getattr(args, "equal_cost", True))
+                               until_s=until_s, progress=progress, meta=meta,
+                               equal_cost=getattr(args, "equal_cost", True))
     print(f"trace {args.trace}: {len(records)} sessions, shape {shape}, up to {config.cluster.gpus} GPUs, "
           f"SLO {meta['slo_ms']:.0f} ms{' (explicit)' if explicit else ' (chunk playback time)'}; "
           f"autoscalers start at {meta['initial_gpus_autoscaling']} GPUs "
