@@ -131,17 +131,10 @@ def scan_cluster(view: ClusterView, cache: ModelCache, *, count_held: bool = Fal
 def _held_gpus(view: ClusterView, cache: ModelCache, share: dict[CompatKey, float]) -> float:
     """GPUs of the idle GPU-resident sessions whose restore could not meet the SLO."""
     held = 0.0
-    kept: dict[CompatKey, bool] = {}
     sessions = view.sessions
     for sid in view.idle_resident:
         sv = sessions.get(sid)
-        if sv is None:
-            continue
-        key = sv.spec.compat_key
-        keep = kept.get(key)
-        if keep is None:
-            keep = kept[key] = not resume_meets_slo(view, cache, key, view.slo_ms(sv.spec))
-        if keep:
+        if sv is not None and not resume_meets_slo(view, cache, sv.spec.compat_key, view.slo_ms(sv.spec)):
             held += _session_share(view, cache, share, sv)
     return held
 

@@ -53,11 +53,15 @@ def prune_offloading(view: ClusterView, offloading: frozenset[SessionId]) -> fro
 
 def resume_meets_slo(view: ClusterView, cache: ModelCache, key: CompatKey, slo_ms: float) -> bool:
     """Whether a session of this group, offloaded with a full window, can be restored and
-    given its next chunk alone on a GPU within `slo_ms`."""
-    window = cache.shape(key.model).window_frames
+    given its next chunk alone on a GPU within `slo_ms` (memoised in the cache)."""
     link = view.config.link("host")
-    restore = transfer_ms(cache.full_state_bytes(key.model), link.alpha_ms, link.bandwidth_gbps)
-    return restore + cache.group_ms(GroupLoad(key, 1, float(window))) <= slo_ms
+    memo = (key, slo_ms, link.alpha_ms, link.bandwidth_gbps)
+    ok = cache.resume_ok.get(memo)
+    if ok is None:
+        window = cache.shape(key.model).window_frames
+        restore = transfer_ms(cache.full_state_bytes(key.model), link.alpha_ms, link.bandwidth_gbps)
+        ok = cache.resume_ok[memo] = restore + cache.group_ms(GroupLoad(key, 1, float(window))) <= slo_ms
+    return ok
 
 
 def grace_offloads(view: ClusterView, skip: set[SessionId] | frozenset[SessionId],
@@ -65,7 +69,6 @@ def grace_offloads(view: ClusterView, skip: set[SessionId] | frozenset[SessionId
     """Idle sessions past their grace period whose resume can meet the SLO, oldest first."""
     deadline = view.now_s - view.config.offload.grace_s
     out: list[SessionId] = []
-    fits: dict[CompatKey, bool] = {}
     for sid, since in view.idle_resident.items():
         if since > deadline:
             break  # oldest first: everything after is younger
@@ -74,11 +77,7 @@ def grace_offloads(view: ClusterView, skip: set[SessionId] | frozenset[SessionId
         s = view.sessions.get(sid)
         if s is None or s.state is not SessionState.IDLE or s.worker is None:
             continue
-        key = s.spec.compat_key
-        ok = fits.get(key)
-        if ok is None:
-            ok = fits[key] = resume_meets_slo(view, cache, key, view.slo_ms(s.spec))
-        if ok:
+        if resume_meets_slo(view, cache, s.spec.compat_key, view.slo_ms(s.spec)):
             out.append(sid)
     return out
 

@@ -41,6 +41,9 @@ class ModelCache:
         self._activation: dict[tuple[str, int], int] = {}
         self._capacity: dict[tuple[str, float, int], int] = {}
         self._state: dict[tuple[str, float], int] = {}
+        # (CompatKey, SLO ms, host link alpha ms, GB/s) -> whether a restore meets the SLO
+        # (`offload.resume_meets_slo`)
+        self.resume_ok: dict[tuple, bool] = {}
 
     def matches(self, model: LatencyModel, max_batch: int) -> bool:
         return self.model is model and self.max_batch == max_batch
