@@ -1,7 +1,11 @@
-"""Simulator speed: wall seconds to replay one hour of a 64-GPU trace, per shape and policy.
+"""Simulator speed: seconds to replay one hour of a 64-GPU trace, per trace, shape and policy.
 
-The trace is the synthetic bursty one (`turboserve trace synth --hours 1 --fit-gpus 64`),
-fitted per shape. Two figures per run: wall time for the first simulated hour
+The traces are the benchmark matrix's (`bench/sim_matrix.py`): synthetic bursty, Mooncake
+and ServeGen, each fitted to 64 GPUs of each shape over one hour. They differ most in how
+many sessions they hold at the same peak load (demo91: ~21k synthetic, ~23k ServeGen, ~84k
+Mooncake sessions in the hour, whose median active period is 40 s), and a replay's time
+goes mostly to what each session costs (arrival, placement, the rounds in which its
+context grows, departure) rather than to the chunks. Two figures per run: wall time for the first simulated hour
 (`--until 3600`, the stated target: under 30 s on one core), and optionally (`--full`)
 for the whole replay until the last session leaves (long sessions run past the hour).
 `cpu s` is the process's CPU time (`time.process_time`): on a shared machine it is the
@@ -13,7 +17,8 @@ timing is kept in the JSON (`cpu_s_all`). Also reported:
 rounds, the share run in cruise (identical back-to-back rounds taken in
 one step, `sim/cruise.py`), chunks, and heap items. Python runs on one core.
 
-    python bench/sim_speed.py [--shapes demo91,wan1.3b-320p,wan14b-480p] [--policy static-ll,turboserve] [--repeat 3]
+    python bench/sim_speed.py [--traces synthetic,mooncake,servegen] [--shapes demo91,wan1.3b-320p,wan14b-480p]
+        [--policy static-ll,turboserve] [--repeat 3]
 
 Prints a table and writes JSON (`--json`, default bench/results/sim_speed.json).
 """
@@ -30,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from sim_matrix import INFEASIBLE_AT_PLAYBACK, make_trace  # noqa: E402
+from sim_matrix import INFEASIBLE_AT_PLAYBACK, TRACES, make_trace  # noqa: E402
 from turboserve.config import load_config  # noqa: E402
 from turboserve.profile import load_latency_model  # noqa: E402
 from turboserve.sim.cli import map_to_shape  # noqa: E402
@@ -40,6 +45,7 @@ from turboserve.traces.schema import read_trace  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--traces", default=",".join(TRACES))
     ap.add_argument("--shapes", default="demo91,wan1.3b-320p,wan14b-480p")
     ap.add_argument("--policy", default="static-ll,turboserve-no-autoscale,turboserve")
     ap.add_argument("--gpus", type=int, default=64)
@@ -56,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
-    print(f"{'shape':<14} {'policy':<24} {'sim s':>7} {'wall s':>7} {'cpu s':>7} {'rounds':>9} {'cruised':>7} "
+    print(f"{'trace':<9} {'shape':<14} {'policy':<24} {'sessions':>8} {'sim s':>7} {'wall s':>7} {'cpu s':>7} {'rounds':>9} {'cruised':>7} "
           f"{'chunks':>10} {'items':>8} {'rounds/cpu-s':>12}")
-    for shape in args.shapes.split(","):
+    for kind, shape in ((k, s) for k in args.traces.split(",") for s in args.shapes.split(",")):
         slo = args.wan14b_slo_ms if shape in INFEASIBLE_AT_PLAYBACK else None
-        if slo is not None:
+        if slo is not None and kind == args.traces.split(",")[0]:
             print(f"{shape}: infeasible at its {model.shape(shape).chunk_ms:.0f} ms playback time on the profiled "
                   f"H100; run with an explicit SLO of {slo:.0f} ms", flush=True)
-        path = make_trace("synthetic", shape, args.gpus, args.hours, args.seed, slo, cache, model)
+        path = make_trace(kind, shape, args.gpus, args.hours, args.seed, slo, cache, model)
         records = map_to_shape(read_trace(path), shape, model)
         overrides = [f"cluster.gpus={args.gpus}", "sim.progress=false"] + ([f"slo.slo_ms={slo}"] if slo else [])
         config = load_config(None, overrides)
@@ -80,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                     res = simulate(records, policy, model, config, until_s=args.until or None,
                                    cruise=not args.no_cruise)
                 except Exception as e:  # noqa: BLE001 - report and go on with the other runs
-                    print(f"{shape:<14} {policy:<24} failed after {time.perf_counter() - t0:.0f} s: "
+                    print(f"{kind:<9} {shape:<14} {policy:<24} failed after {time.perf_counter() - t0:.0f} s: "
                           f"{type(e).__name__}: {e}", flush=True)
-                    rows.append({"shape": shape, "policy": policy, "error": f"{type(e).__name__}: {e}"})
+                    rows.append({"trace": kind, "shape": shape, "policy": policy, "error": f"{type(e).__name__}: {e}"})
                     failed.add(policy)
                     continue
                 timings.setdefault(policy, []).append((time.process_time() - c0, time.perf_counter() - t0))
@@ -91,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             res = results[policy]
             cpu, wall = min(times)
             s = res.summary
-            row = {"shape": shape, "policy": policy, "gpus": args.gpus, "sessions": len(records),
+            row = {"trace": kind, "shape": shape, "policy": policy, "gpus": args.gpus, "sessions": len(records),
                    "slo_ms": slo, "sim_s": res.end_s, "wall_s": wall, "cpu_s": cpu,
                    "cpu_s_all": [round(c, 3) for c, _ in times], "rounds": s["rounds"],
                    "rounds_cruised": s["rounds_cruised"], "chunks": s["chunks"], "heap_items": res.events,
                    "cruise": not args.no_cruise}
             rows.append(row)
             share = s["rounds_cruised"] / max(1, s["rounds"])
-            print(f"{shape:<14} {policy:<24} {res.end_s:>7.0f} {wall:>7.1f} {cpu:>7.1f} {s['rounds']:>9} "
+            print(f"{kind:<9} {shape:<14} {policy:<24} {len(records):>8} {res.end_s:>7.0f} {wall:>7.1f} {cpu:>7.1f} {s['rounds']:>9} "
                   f"{100 * share:>6.1f}% {s['chunks']:>10} {res.events:>8} {s['rounds'] / max(cpu, 1e-9):>12.0f}",
                   flush=True)
     print("target: one hour of a 64-GPU trace in under 30 s on one core")

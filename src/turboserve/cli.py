@@ -43,21 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     trace = sub.add_parser("trace", help="make, convert and describe session traces")
     tsub = trace.add_subparsers(dest="trace_command", required=True)
     synth = tsub.add_parser("synth", help="synthetic bursty trace")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--hours", type=float, default=1.0)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="trace file to write (JSONL, one session per line)")
+    synth.add_argument("--hours", type=float, default=1.0, help="arrivals over this many hours (default 1)")
+    synth.add_argument("--seed", type=int, default=0, help="same seed, same trace (default 0)")
     synth.add_argument("--rate", type=float, default=None, help="mean arrivals per minute")
     synth.add_argument("--model", default=None, help="shape for every session / for --fit-gpus")
-    synth.add_argument("--fit-gpus", type=int, default=None)
-    synth.add_argument("--daily-cycle", action=argparse.BooleanOptionalAction, default=True)
+    synth.add_argument("--fit-gpus", type=int, default=None, metavar="N",
+                       help="rescale arrivals so the peak demand needs N GPUs of --model")
+    synth.add_argument("--daily-cycle", action=argparse.BooleanOptionalAction, default=True,
+                       help="modulate the arrival rate over the day (default on)")
     synth.add_argument("--steps-mix", default=None, metavar="STEPS:P,...",
                        help="mix of denoising step counts, e.g. 4:0.8,2:0.2 (default: all 4)")
     conv = tsub.add_parser("convert", help="map a public request trace onto video sessions")
-    conv.add_argument("--format", required=True, choices=["mooncake", "azure", "servegen"])
-    conv.add_argument("--out", required=True)
-    conv.add_argument("--model", default=None)
-    conv.add_argument("--fit-gpus", type=int, default=None)
-    conv.add_argument("--seed", type=int, default=0)
+    conv.add_argument("--format", required=True, choices=["mooncake", "azure", "servegen"],
+                      help="the input's format (mappings documented in turboserve/traces/adapters/)")
+    conv.add_argument("--out", required=True, help="trace file to write (JSONL, one session per line)")
+    conv.add_argument("--model", default=None, help="shape for every session / for --fit-gpus")
+    conv.add_argument("--fit-gpus", type=int, default=None, metavar="N",
+                      help="rescale so the peak demand needs N GPUs of --model")
+    conv.add_argument("--seed", type=int, default=0, help="seed of any random choice (default 0)")
     conv.add_argument("--hours", type=float, default=None, help="keep only the first H hours")
     conv.add_argument("--video-s-per-token", type=float, default=0.1,
                       help="mooncake/azure: seconds of video per generated token")
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="servegen: squeeze time by this factor (24: a day becomes an hour)")
     conv.add_argument("--rate", type=float, default=None,
                       help="servegen: mean sessions per minute after compression (default 6)")
-    conv.add_argument("inputs", nargs="+")
+    conv.add_argument("inputs", nargs="+", help="input file(s); servegen: its per-window CSV files")
     for p in (synth, conv):
         p.add_argument("--span-hours", type=float, default=None,
                        help="with --fit-gpus: scale arrivals so the trace spans H hours, then fit the peak "
@@ -75,19 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --span-hours: each overlaid copy's sessions arrive within this many "
                             "seconds of the original's (default 60)")
     stats = tsub.add_parser("stats", help="describe a trace")
-    stats.add_argument("trace")
+    stats.add_argument("trace", help="trace file (JSONL)")
     stats.add_argument("--model", default=None, help="also report peak demand in GPUs of this shape")
     for p in (synth, conv, stats):
         _common(p)
 
     sim = sub.add_parser("simulate", help="replay a trace against the real scheduler, simulated GPUs")
-    sim.add_argument("--trace", required=True)
+    sim.add_argument("--trace", required=True, help="session trace (JSONL, as `turboserve trace` writes)")
     sim.add_argument("--model", required=True, help="shape: demo91, wan1.3b-320p, wan1.3b-480p, wan14b-480p or a profile file")
     sim.add_argument("--gpus", type=int, required=True, help="fixed count / autoscaling ceiling")
     sim.add_argument("--policy", default="all", help="all or a comma-separated list of policy names")
-    sim.add_argument("--json", dest="json_out", default=None)
+    sim.add_argument("--json", dest="json_out", default=None, help="write the report as JSON here")
     sim.add_argument("--plot", default=None, help="directory for PNG plots")
-    sim.add_argument("--slo-ms", type=float, default=None)
+    sim.add_argument("--slo-ms", type=float, default=None,
+                     help="per-chunk latency target (default: the chunk's playback time)")
     sim.add_argument("--until", type=float, default=None, metavar="S",
                      help="stop at S simulated seconds (chunks still owed then count late only if "
                           "already past the SLO); default: until every session has left")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,12 +15,14 @@ from turboserve.config import TurboConfig
 from turboserve.cluster.state import ClusterState, StateError
 from turboserve.policy.load import cycle_ms
 from turboserve.profile import load_latency_model
-from turboserve.policy.views import SessionView
+from turboserve.policy.views import SessionView, spec_slo_ms
 from turboserve.types import SessionSpec, SessionState, WorkerState
 
 MODEL = load_latency_model()
 CFG = TurboConfig()
-SPECS = [SessionSpec(model="demo91"), SessionSpec(model="demo91", steps=2), SessionSpec(model="wan1.3b-320p", frames_per_chunk=12)]
+# the last two share a CompatKey but not an SLO (the chunk's playback time)
+SPECS = [SessionSpec(model="demo91"), SessionSpec(model="demo91", steps=2),
+         SessionSpec(model="wan1.3b-320p", frames_per_chunk=12), SessionSpec(model="wan1.3b-320p", frames_per_chunk=12, fps=8.0)]
 FULL = {s.model: MODEL.state_bytes(s.model, MODEL.shape(s.model).window_frames) for s in SPECS}
 MEM = 3 * FULL["wan1.3b-320p"]
 
@@ -202,6 +205,8 @@ def test_incremental_views_equal_brute_force(seq):
         assert {k: set(m) for k, m in view.idle_offloaded.items()} == offloaded
         for m in view.idle_offloaded.values():
             assert list(m.values()) == sorted(m.values())  # oldest first
+        kinds = Counter((v["spec"].compat_key, spec_slo_ms(CFG, v["spec"])) for v in t.s.values())
+        assert dict(view.slo_groups) == kinds
         expected = t.expected_views()
         assert set(view.workers) == set(expected)
         for x, (state, members, used, groups) in expected.items():

@@ -11,13 +11,14 @@ with migrations and offloads left in flight.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from turboserve.config import TurboConfig
 from turboserve.policy.latency import ShapeInfo
 from turboserve.policy.load import GroupLoad, cycle_ms
-from turboserve.policy.views import ClusterView, Decision, SessionView, WorkerView
+from turboserve.policy.views import ClusterView, Decision, SessionView, WorkerView, spec_slo_ms
 from turboserve.types import SessionSpec, SessionState, WorkerState
 
 GB = 10**9
@@ -186,7 +187,10 @@ class FakeCluster:
                            sessions=MappingProxyType(dict(self.sessions)), pending=pending,
                            model=self.model, config=self.config,
                            idle_resident=MappingProxyType({sid: t for t, sid in idle}),
-                           idle_offloaded=MappingProxyType(offloaded))
+                           idle_offloaded=MappingProxyType(offloaded),
+                           slo_groups=MappingProxyType(Counter(
+                               (s.spec.compat_key, spec_slo_ms(self.config, s.spec))
+                               for s in self.sessions.values())))
 
     # -- applying decisions -------------------------------------------------------------
     def apply(self, d: Decision, *, instant: bool = True) -> None:

@@ -25,6 +25,7 @@ Meaning of the fields (what policies may rely on):
   migrated -> idle since (s), oldest first.
 - `idle_offloaded`: CompatKey -> idle sessions whose state is in host memory -> offloaded
   since (s), oldest first (what a policy may bring back to a GPU before they resume).
+- `slo_groups`: (CompatKey, SLO ms) -> live sessions (changed only by arrivals and removals).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Iterable, Mapping
 from ..config import TurboConfig
 from ..policy.latency import LatencyModel
 from ..policy.load import GroupLoad, cycle_ms
-from ..policy.views import ClusterView, SessionView, WorkerView
+from ..policy.views import ClusterView, SessionView, WorkerView, spec_slo_ms
 from ..types import CompatKey, SessionId, SessionSpec, SessionState, WorkerId, WorkerState
 
 
@@ -48,7 +49,7 @@ class _Session:
     __slots__ = ("id", "spec", "key", "prompt", "arrival_s", "active", "unbounded", "left",
                  "worker", "pending", "migrating_to", "offloading", "placed_ever", "chunks_done",
                  "context", "saturated", "state_bytes", "last_change_s", "last_migrated_s",
-                 "pending_since_s")
+                 "pending_since_s", "slo_group")
 
     def __init__(self, sid: SessionId, spec: SessionSpec, prompt: str, now_s: float,
                  state_bytes: int) -> None:
@@ -72,6 +73,7 @@ class _Session:
         self.last_change_s = now_s
         self.last_migrated_s = float("-inf")
         self.pending_since_s = now_s  # when it last started waiting for a GPU
+        self.slo_group: tuple[CompatKey, float] = (self.key, 0.0)  # its key in `slo_groups`
 
     @property
     def state(self) -> SessionState:
@@ -193,6 +195,8 @@ class ClusterState:
         self._idle_ro = MappingProxyType(self._idle)
         self._idle_off: dict[CompatKey, dict[SessionId, float]] = {}
         self._idle_off_ro = MappingProxyType(self._idle_off)
+        self._slo_groups: dict[tuple[CompatKey, float], int] = {}
+        self._slo_groups_ro = MappingProxyType(self._slo_groups)
         self._ctx_table: dict[str, list[float]] = {}  # shape -> context after n chunks, to saturation
         self._bytes_by_shape: dict[str, int] = {}
         self.demand_history: tuple[tuple[float, float], ...] = ()
@@ -224,7 +228,7 @@ class ClusterState:
             self._pending_tuple = tuple(self._pending)
         return ClusterView(now_s, self._workers_ro, self._sessions_ro, self._pending_tuple, self.model,
                            self.config, self._idle_ro, self.demand_history, self._last_round_ro,
-                           self._idle_off_ro)
+                           self._idle_off_ro, self._slo_groups_ro)
 
     def has_session(self, sid: SessionId) -> bool:
         return sid in self._s
@@ -340,6 +344,8 @@ class ClusterState:
         s.unbounded = chunks_wanted == 0
         s.left = chunks_wanted
         self._s[sid] = s
+        g = s.slo_group = (s.key, spec_slo_ms(self.config, spec))
+        self._slo_groups[g] = self._slo_groups.get(g, 0) + 1
         self._add_pending(s, now_s)
         self._srefresh(s)
 
@@ -574,6 +580,11 @@ class ClusterState:
         self._stale.discard(sid)
         self._idle.pop(sid, None)
         self._drop_idle_off(s)
+        n = self._slo_groups[s.slo_group] - 1
+        if n:
+            self._slo_groups[s.slo_group] = n
+        else:
+            del self._slo_groups[s.slo_group]
         if s.pending:
             self._pending.pop(sid, None)
             self._pending_tuple = None

@@ -78,9 +78,17 @@ class ClusterView:
     # CompatKey -> idle sessions whose state is in host memory -> offloaded since (s),
     # oldest first (insertion order)
     idle_offloaded: Mapping[CompatKey, Mapping[SessionId, float]] = field(default_factory=dict)
+    # (CompatKey, SLO ms) -> live sessions with both: the few kinds of session present, so
+    # that a policy can settle a question per kind rather than per session. None: not kept
+    slo_groups: Mapping[tuple[CompatKey, float], int] | None = None
 
     def slo_ms(self, spec: SessionSpec) -> float:
-        return self.config.slo.slo_ms or 1000.0 * spec.chunk_seconds
+        return spec_slo_ms(self.config, spec)
+
+
+def spec_slo_ms(config: TurboConfig, spec: SessionSpec) -> float:
+    """A session's per-chunk latency target: `slo.slo_ms`, or else its chunk's playback time."""
+    return config.slo.slo_ms or 1000.0 * spec.chunk_seconds
 
 
 @dataclass(frozen=True)
