@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--link", default=None, help="migration link: nvlink, infiniband, pcie")
     sim.add_argument("--no-equal-cost", dest="equal_cost", action="store_false",
                      help="skip the fixed-count baselines' runs at turboserve's mean GPU count")
+    sim.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="run the policies in N processes, one core each (the same figures, sooner; "
+                          "decision times then share the machine)")
     _common(sim)
 
     prof = sub.add_parser("profile", help="measure a model on this machine and write a profile")

@@ -136,3 +136,42 @@ def test_until_stops_the_replay_and_is_checked(small_trace_path, tmp_path, capsy
     assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "3",
                  "--until", "0"]) == 2
     assert "--until must be > 0" in capsys.readouterr().err
+
+
+def _figures(doc: dict) -> list:
+    """Every figure of a report but the wall-clock ones (decision times)."""
+    return [(r["policy"], r["gpus"], {k: v for k, v in r["metrics"].items() if not k.startswith("decision_ms")})
+            for r in doc["runs"]]
+
+
+def test_jobs_run_the_policies_in_processes_with_the_same_figures(small_trace_path, tmp_path, capsys):
+    docs = []
+    for jobs in ("1", "3"):
+        out = tmp_path / f"jobs{jobs}.json"
+        assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "6",
+                     "--policy", "static-ll,turboserve,autoscale-only", "--json", str(out),
+                     "--jobs", jobs]) == 0
+        docs.append(json.loads(out.read_text()))
+    one, three = docs
+    # the equal-cost rerun of static-ll comes after the others, in the order asked, both ways
+    assert [r["policy"] for r in three["runs"]] == ["static-ll", "turboserve", "autoscale-only",
+                                                     "static-ll@equal-cost"]
+    assert _figures(three) == _figures(one)
+    assert three["oracle"] == one["oracle"] and three["equal_cost"] == one["equal_cost"]
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "3",
+                 "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_in_a_worker_process_is_reported_and_the_others_kept(small_records, model):
+    from turboserve.config import TurboConfig
+    from turboserve.sim.jobs import run_tasks
+
+    config = TurboConfig()
+    tasks = [("a", "static-ll", config), ("broken", "no-such-policy", config), ("b", "static-rr", config)]
+    outcomes = list(run_tasks(small_records, model, "demo91", 120.0, tasks, jobs=2))
+    assert [label for label, _, _ in outcomes] == ["a", "broken", "b"]
+    (_, a, a_err), (_, broken, why), (_, b, b_err) = outcomes
+    assert a_err is None and b_err is None and a.summary["chunks"] > 0 and b.summary["chunks"] > 0
+    assert broken is None and "no-such-policy" in why

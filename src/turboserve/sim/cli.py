@@ -1,8 +1,8 @@
 """`turboserve simulate`: replay a trace under each policy and report latency and cost.
 
 In: the parsed arguments of `turboserve.cli` (`--trace`, `--model`, `--gpus`, `--policy`,
-`--slo-ms`, `--until`, `--link`, `--json`, `--plot`, `--no-equal-cost`, `--config`,
-`--set`). Out: the table on stdout, the report JSON (`sim/report.py`) and PNG plots when
+`--slo-ms`, `--until`, `--link`, `--json`, `--plot`, `--no-equal-cost`, `--jobs`,
+`--config`, `--set`). Out: the table on stdout, the report JSON (`sim/report.py`) and PNG plots when
 asked; exit code 0.
 
 `--model` is the shape every session uses (the trace's own is overridden: its frames per
@@ -29,6 +29,7 @@ from ..policy.latency import LatencyModel
 from ..policy.registry import FIXED_COUNT_BASELINES
 from ..types import CompatKey, SessionRecord
 from . import oracle
+from .jobs import RunOutput, run_tasks
 from .report import build_report, format_table, run_entry, write_json
 
 
@@ -122,15 +123,14 @@ def equal_cost_gpus(gpus_mean: float) -> int:
 def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], model: LatencyModel,
                config: TurboConfig, *, explicit_slo: bool, until_s: float | None = None,
                progress: bool = False, meta: dict[str, Any] | None = None,
-               keep_results: bool = False, equal_cost: bool = True) -> tuple[dict, list]:
-    """Run every policy on the (shape-mapped) trace; returns (report, SimResults if kept).
+               equal_cost: bool = True, jobs: int = 1) -> tuple[dict, list[tuple[str, RunOutput]]]:
+    """Run every policy on the (shape-mapped) trace, in up to `jobs` processes (`sim/jobs.py`:
+    the same figures); returns (report, (label, RunOutput) per run that finished).
 
     With `equal_cost`, when `turboserve` ran, the fixed-count baselines among `policies`
     run again at `equal_cost_gpus(turboserve's mean GPUs)` as `NAME@equal-cost` (unless that
     count is the ceiling: their peak rows are then the equal-cost ones); the report's
-    `equal_cost` says which count that was."""
-    from .driver import simulate
-
+    `equal_cost` says which count that was (their runs start once the first ones end)."""
     slo_of = check_feasible(records, model, config, explicit_slo)
     demand = oracle.nominal_demand(records, slo_of)
     mem = config.cluster.gpu_memory_bytes
@@ -138,36 +138,29 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
     max_batch = config.engine.max_batch
     latency_lb = oracle.latency_lower_bound_ms(demand, model, np.array([0.0]), np.array([config.cluster.gpus]),
                                                max_batch, end_s=until_s)
-    runs = []
-    results = []
-    failed = []
+    runs: list[dict] = []
+    results: list[tuple[str, RunOutput]] = []
+    failed: list[dict] = []
 
-    def run_one(name: str, label: str, cfg: TurboConfig, extra: dict | None = None) -> None:
-        try:
-            res = simulate(records, name, model, cfg, until_s=until_s, progress=progress, shape=shape)
-        except Exception as e:  # noqa: BLE001 - a crashing policy must not take the others' results
-            import traceback
+    def run_all(tasks: list[tuple[str, str, TurboConfig]]) -> None:
+        done = {}
+        for label, out, why in run_tasks(records, model, shape, until_s, tasks, jobs=jobs, progress=progress):
+            done[label] = (out, why)
+        for label, _, _ in tasks:  # report rows in the order asked
+            out, why = done[label]
+            if out is None:
+                print(f"policy {label} failed: {why}", file=sys.stderr)
+                failed.append({"policy": label, "error": why})
+                continue
+            ready_t = np.array([s[0] for s in out.gpu_series])
+            ready_n = np.array([s[2] for s in out.gpu_series])
+            out.summary["latency_lb_ms"] = oracle.latency_lower_bound_ms(demand, model, ready_t, ready_n,
+                                                                         max_batch, end_s=out.end_s)
+            extra = {"gpu_count": "equal-cost"} if label.endswith(EQUAL_COST) else None
+            runs.append(run_entry(label, out.summary, extra))
+            results.append((label, out))
 
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            why = f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno})"
-            print(f"policy {label} failed: {why}", file=sys.stderr)
-            failed.append({"policy": label, "error": why})
-            return
-        series = res.metrics.gpu_series
-        ready_t = np.array([s[0] for s in series])
-        ready_n = np.array([s[2] for s in series])
-        res.summary["latency_lb_ms"] = oracle.latency_lower_bound_ms(demand, model, ready_t, ready_n, max_batch,
-                                                                     end_s=res.end_s)
-        runs.append(run_entry(label, res.summary, extra))
-        if keep_results:
-            results.append(res)
-        else:
-            light = _light(res)
-            light["policy"] = label
-            results.append(light)
-
-    for name in policies:
-        run_one(name, name, config)
+    run_all([(name, name, config) for name in policies])
     ts = next((r for r in runs if r["policy"] == "turboserve"), None)
     same_cost = None
     if equal_cost and ts is not None:
@@ -178,8 +171,7 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
             same_cost["note"] = "turboserve's mean GPU count rounds to the ceiling: the peak rows are the equal-cost ones"
         else:
             cfg = replace(config, cluster=replace(config.cluster, gpus=n, min_gpus=min(config.cluster.min_gpus, n)))
-            for name in same_cost["policies"]:
-                run_one(name, name + EQUAL_COST, cfg, {"gpu_count": "equal-cost"})
+            run_all([(name + EQUAL_COST, name, cfg) for name in same_cost["policies"]])
     report = build_report(runs, gpu_hours_lb, latency_lb, meta=meta, oracle_extra={
         "gpu_hours_lb_throughput": oracle.throughput_lower_bound_gpu_hours(records, model, slo_of, mem, max_batch),
         "latency_lb_gpus": config.cluster.gpus,
@@ -192,12 +184,6 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
     if failed:
         report["failed"] = failed
     return report, results
-
-
-def _light(res):
-    """What plots need from a run, without keeping engines and controllers alive."""
-    return {"policy": res.policy, "latencies": res.metrics.latencies(), "gpu_series": list(res.metrics.gpu_series),
-            "cost_usd": res.summary["cost_usd"], "end_s": res.end_s}
 
 
 def run(args) -> int:
@@ -216,6 +202,9 @@ def run(args) -> int:
     until_s = getattr(args, "until", None)
     if until_s is not None and until_s <= 0:
         raise SimUsageError(f"--until must be > 0 simulated seconds, got {until_s}")
+    jobs = getattr(args, "jobs", 1)
+    if jobs < 1:
+        raise SimUsageError(f"--jobs must be at least 1 (processes to run the policies in), got {jobs}")
     explicit = args.slo_ms is not None or config.slo.slo_ms is not None
     progress = bool(config.sim.progress) and sys.stderr.isatty()
     info = model.shape(shape)
@@ -229,9 +218,9 @@ def run(args) -> int:
         "initial_gpus_rule": ("set (autoscale.initial_gpus)" if config.autoscale.initial_gpus > 0 else
                               "warm: the trace's demand over its first start-up delay"),
     }
-    report, light = run_matrix(records, shape, policies, model, config, explicit_slo=explicit,
-                               until_s=until_s, progress=progress, meta=meta,
-                               equal_cost=getattr(args, "equal_cost", True))
+    report, results = run_matrix(records, shape, policies, model, config, explicit_slo=explicit,
+                                 until_s=until_s, progress=progress, meta=meta,
+                                 equal_cost=getattr(args, "equal_cost", True), jobs=jobs)
     print(f"trace {args.trace}: {len(records)} sessions, shape {shape}, up to {config.cluster.gpus} GPUs, "
           f"SLO {meta['slo_ms']:.0f} ms{' (explicit)' if explicit else ' (chunk playback time)'}; "
           f"autoscalers start at {meta['initial_gpus_autoscaling']} GPUs "
@@ -247,12 +236,12 @@ def run(args) -> int:
         slo_of = check_feasible(records, model, config, explicit)
         times, frac = oracle.demand_series(oracle.nominal_demand(records, slo_of), model, slo_of,
                                            config.cluster.gpu_memory_bytes)
-        end_s = max((r["end_s"] for r in light), default=0.0)
+        end_s = max((out.end_s for _, out in results), default=0.0)
         price = config.cluster.price_per_gpu_hour_usd * (1 - config.cluster.spot_fraction) + \
             config.cluster.spot_price_per_gpu_hour_usd * config.cluster.spot_fraction
-        paths = write_plots(args.plot, {r["policy"]: r["latencies"] for r in light},
-                            {r["policy"]: r["gpu_series"] for r in light},
-                            {r["policy"]: r["cost_usd"] for r in light}, meta["slo_ms"], end_s,
+        paths = write_plots(args.plot, {label: out.latencies for label, out in results},
+                            {label: out.gpu_series for label, out in results},
+                            {label: out.cost_usd for label, out in results}, meta["slo_ms"], end_s,
                             demand=(times, frac), lower_bound_usd=report["oracle"]["gpu_hours_lb"] * price)
         print("wrote " + ", ".join(str(p) for p in paths))
     if report.get("failed"):
