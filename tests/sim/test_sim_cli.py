@@ -166,11 +166,12 @@ def test_jobs_run_the_policies_in_processes_with_the_same_figures(small_trace_pa
 
 def test_a_run_that_fails_in_a_worker_process_is_reported_and_the_others_kept(small_records, model):
     from turboserve.config import TurboConfig
-    from turboserve.sim.jobs import run_tasks
+    from turboserve.sim.jobs import TaskRunner
 
     config = TurboConfig()
     tasks = [("a", "static-ll", config), ("broken", "no-such-policy", config), ("b", "static-rr", config)]
-    outcomes = list(run_tasks(small_records, model, "demo91", 120.0, tasks, jobs=2))
+    with TaskRunner(small_records, model, "demo91", 120.0, jobs=2) as runner:
+        outcomes = [h.result() for h in [runner.submit(t) for t in tasks]]
     assert [label for label, _, _ in outcomes] == ["a", "broken", "b"]
     (_, a, a_err), (_, broken, why), (_, b, b_err) = outcomes
     assert a_err is None and b_err is None and a.summary["chunks"] > 0 and b.summary["chunks"] > 0

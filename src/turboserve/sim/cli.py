@@ -29,7 +29,7 @@ from ..policy.latency import LatencyModel
 from ..policy.registry import FIXED_COUNT_BASELINES
 from ..types import CompatKey, SessionRecord
 from . import oracle
-from .jobs import RunOutput, run_tasks
+from .jobs import RunOutput, TaskRunner
 from .report import build_report, format_table, run_entry, write_json
 
 
@@ -130,7 +130,7 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
     With `equal_cost`, when `turboserve` ran, the fixed-count baselines among `policies`
     run again at `equal_cost_gpus(turboserve's mean GPUs)` as `NAME@equal-cost` (unless that
     count is the ceiling: their peak rows are then the equal-cost ones); the report's
-    `equal_cost` says which count that was (their runs start once the first ones end)."""
+    `equal_cost` says which count that was (their runs start as soon as turboserve's ends)."""
     slo_of = check_feasible(records, model, config, explicit_slo)
     demand = oracle.nominal_demand(records, slo_of)
     mem = config.cluster.gpu_memory_bytes
@@ -142,36 +142,41 @@ def run_matrix(records: list[SessionRecord], shape: str, policies: list[str], mo
     results: list[tuple[str, RunOutput]] = []
     failed: list[dict] = []
 
-    def run_all(tasks: list[tuple[str, str, TurboConfig]]) -> None:
-        done = {}
-        for label, out, why in run_tasks(records, model, shape, until_s, tasks, jobs=jobs, progress=progress):
-            done[label] = (out, why)
-        for label, _, _ in tasks:  # report rows in the order asked
-            out, why = done[label]
-            if out is None:
-                print(f"policy {label} failed: {why}", file=sys.stderr)
-                failed.append({"policy": label, "error": why})
-                continue
-            ready_t = np.array([s[0] for s in out.gpu_series])
-            ready_n = np.array([s[2] for s in out.gpu_series])
-            out.summary["latency_lb_ms"] = oracle.latency_lower_bound_ms(demand, model, ready_t, ready_n,
-                                                                         max_batch, end_s=out.end_s)
-            extra = {"gpu_count": "equal-cost"} if label.endswith(EQUAL_COST) else None
-            runs.append(run_entry(label, out.summary, extra))
-            results.append((label, out))
+    def collect(handle, extra: dict | None = None) -> None:  # noqa: ANN001 - a TaskRunner handle
+        label, out, why = handle.result()
+        if out is None:
+            print(f"policy {label} failed: {why}", file=sys.stderr)
+            failed.append({"policy": label, "error": why})
+            return
+        ready_t = np.array([s[0] for s in out.gpu_series])
+        ready_n = np.array([s[2] for s in out.gpu_series])
+        out.summary["latency_lb_ms"] = oracle.latency_lower_bound_ms(demand, model, ready_t, ready_n,
+                                                                     max_batch, end_s=out.end_s)
+        runs.append(run_entry(label, out.summary, extra))
+        results.append((label, out))
 
-    run_all([(name, name, config) for name in policies])
-    ts = next((r for r in runs if r["policy"] == "turboserve"), None)
     same_cost = None
-    if equal_cost and ts is not None:
-        n = equal_cost_gpus(ts["gpus"]["mean"])
-        same_cost = {"gpus": n, "turboserve_gpus_mean": ts["gpus"]["mean"],
-                     "policies": [p for p in policies if p in FIXED_COUNT_BASELINES]}
-        if n >= config.cluster.gpus:
-            same_cost["note"] = "turboserve's mean GPU count rounds to the ceiling: the peak rows are the equal-cost ones"
-        else:
-            cfg = replace(config, cluster=replace(config.cluster, gpus=n, min_gpus=min(config.cluster.min_gpus, n)))
-            run_all([(name + EQUAL_COST, name, cfg) for name in same_cost["policies"]])
+    with TaskRunner(records, model, shape, until_s, jobs=jobs, progress=progress) as runner:
+        # turboserve first: the equal-cost runs need its mean GPU count (the rows keep the order asked)
+        first = sorted(policies, key=lambda p: p != "turboserve") if equal_cost else policies
+        handles = {name: runner.submit((name, name, config)) for name in first}
+        extra_handles = []
+        ts = handles["turboserve"].result()[1] if equal_cost and "turboserve" in handles else None
+        if ts is not None:
+            mean = run_entry("turboserve", ts.summary)["gpus"]["mean"]
+            n = equal_cost_gpus(mean)
+            same_cost = {"gpus": n, "turboserve_gpus_mean": mean,
+                         "policies": [p for p in policies if p in FIXED_COUNT_BASELINES]}
+            if n >= config.cluster.gpus:
+                same_cost["note"] = ("turboserve's mean GPU count rounds to the ceiling: the peak rows are the "
+                                     "equal-cost ones")
+            else:
+                cfg = replace(config, cluster=replace(config.cluster, gpus=n, min_gpus=min(config.cluster.min_gpus, n)))
+                extra_handles = [runner.submit((name + EQUAL_COST, name, cfg)) for name in same_cost["policies"]]
+        for name in policies:
+            collect(handles[name])
+        for handle in extra_handles:
+            collect(handle, {"gpu_count": "equal-cost"})
     report = build_report(runs, gpu_hours_lb, latency_lb, meta=meta, oracle_extra={
         "gpu_hours_lb_throughput": oracle.throughput_lower_bound_gpu_hours(records, model, slo_of, mem, max_batch),
         "latency_lb_gpus": config.cluster.gpus,

@@ -1,9 +1,9 @@
 """Policy runs of one trace, one after another or in worker processes (`simulate --jobs N`).
 
 In: the trace (records already mapped to the simulated shape), the latency model, the shape,
-the end time, and tasks `(label, policy name, config)`. Out: per task, in the order given,
-`(label, RunOutput, None)` or `(label, None, why it failed)`; a failing run never stops the
-others. `RunOutput` is what a report and its plots need: the summary, the per-chunk
+the end time, and tasks `(label, policy name, config)` submitted to a `TaskRunner`. Out: per
+task, `(label, RunOutput, None)` or `(label, None, why it failed)`; a failing run never stops
+the others. `RunOutput` is what a report and its plots need: the summary, the per-chunk
 latencies, the GPU series and the end time; engines and controllers stay behind.
 
 Each run is deterministic (seeded, simulated clock), so N processes give the figures one
@@ -19,7 +19,7 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from ..config import TurboConfig
 from ..policy.latency import LatencyModel
@@ -71,24 +71,56 @@ def _run_in_worker(task: Task) -> tuple[str, RunOutput | None, str | None]:
     return _run(records, model, shape, until_s, task, progress=False)
 
 
-def run_tasks(records: list[SessionRecord], model: LatencyModel, shape: str, until_s: float | None,
-              tasks: list[Task], *, jobs: int = 1,
-              progress: bool = False) -> Iterator[tuple[str, RunOutput | None, str | None]]:
-    """Yield each task's outcome in task order. `jobs` > 1: up to that many worker processes
-    (no progress bars then: a line per finished run on stderr where `progress`)."""
-    if jobs <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield _run(records, model, shape, until_s, task, progress)
-        return
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(min(jobs, len(tasks)), initializer=_init_worker,
-                             initargs=(records, model, shape, until_s)) as pool:
-        futures = [pool.submit(_run_in_worker, task) for task in tasks]
-        for task, fut in zip(tasks, futures):
-            try:
-                out = fut.result()
-            except Exception as e:  # noqa: BLE001 - e.g. a worker process killed: report, go on
-                out = (task[0], None, f"worker process failed: {type(e).__name__}: {e}")
-            if progress:
-                print(f"simulate {task[0]}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-            yield out
+class _Deferred:
+    """A task run in this process when its result is asked for (`jobs` 1)."""
+
+    def __init__(self, run) -> None:  # noqa: ANN001 - a thunk
+        self._run = run
+        self._out = None
+
+    def result(self) -> tuple[str, RunOutput | None, str | None]:
+        if self._out is None:
+            self._out = self._run()
+        return self._out
+
+
+class TaskRunner:
+    """Runs tasks in this process (`jobs` 1, with progress bars) or in up to `jobs` worker
+    processes (a line per finished run on stderr where `progress`). `submit` returns a
+    handle whose `result()` is `(label, RunOutput | None, error | None)`; tasks may be
+    submitted while others run (a run that depends on another's figures starts as soon as
+    that one ends)."""
+
+    def __init__(self, records: list[SessionRecord], model: LatencyModel, shape: str,
+                 until_s: float | None, *, jobs: int = 1, progress: bool = False) -> None:
+        self._trace = (records, model, shape, until_s)
+        self._jobs = jobs
+        self._progress = progress
+        self._pool: ProcessPoolExecutor | None = None
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> "TaskRunner":
+        if self._jobs > 1:
+            self._pool = ProcessPoolExecutor(self._jobs, initializer=_init_worker, initargs=self._trace)
+        return self
+
+    def __exit__(self, *exc) -> bool:  # noqa: ANN002
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        return False
+
+    def submit(self, task: Task):  # noqa: ANN201 - a Future-like handle
+        records, model, shape, until_s = self._trace
+        if self._pool is None:
+            return _Deferred(lambda: _run(records, model, shape, until_s, task, self._progress))
+        fut = self._pool.submit(_run_in_worker, task)
+        return _Deferred(lambda: self._collect(task, fut))
+
+    def _collect(self, task: Task, fut) -> tuple[str, RunOutput | None, str | None]:  # noqa: ANN001
+        try:
+            out = fut.result()
+        except Exception as e:  # noqa: BLE001 - e.g. a worker process killed: report, go on
+            out = (task[0], None, f"worker process failed: {type(e).__name__}: {e}")
+        if self._progress:
+            print(f"simulate {task[0]}: done at {time.perf_counter() - self._t0:.0f} s", file=sys.stderr, flush=True)
+        return out
