@@ -3,6 +3,7 @@ headroom; cancel releases) and offloading (grace period, memory pressure)."""
 
 from __future__ import annotations
 
+
 import math
 from dataclasses import replace
 
@@ -242,6 +243,9 @@ def test_idle_sessions_held_on_their_gpu_count_as_demand():
         big_share = 1.0 / model.capacity("big", 750.0, 4)
         assert big_share == 1.0
         assert math.isclose(scan.demand_gpus, 1.0) and math.isclose(scan.held_gpus, len(big) * big_share)
+        # a view without the per-kind index walks the idle sessions: the same answer
+        unindexed = replace(c.view(), slo_groups=None)
+        assert scan_cluster(unindexed, ModelCache(model, 32), count_held=True).held_gpus == scan.held_gpus
         p = get_policy("turboserve")
         mem = None
         for now in (100.0, 100.0 + c.config.autoscale.scale_in_hold_s + 1.0):
@@ -251,6 +255,18 @@ def test_idle_sessions_held_on_their_gpu_count_as_demand():
         targets[held] = (c.count(WorkerState.READY, WorkerState.STARTING), d.notes)
     assert targets[True] == (3, ())  # nothing to release
     assert targets[False][0] < 3 and any("-> target 1 " in n for n in targets[False][1]), targets[False]
+
+
+def test_held_demand_is_zero_without_a_pass_where_every_kind_restores_in_time():
+    c = FakeCluster(config=_cfg(gpus=4), now_s=100.0)
+    w = c.add_worker()
+    for i in range(3):
+        c.add_session(w, state=SessionState.IDLE, since_s=10.0 + i, context=21)
+    view = c.view()
+    assert view.slo_groups and view.idle_resident
+    cache = ModelCache(c.model, 32)
+    assert scan_cluster(view, cache, count_held=True).held_gpus == 0.0
+    assert scan_cluster(replace(view, slo_groups=None), cache, count_held=True).held_gpus == 0.0
 
 
 def test_memory_pressure_offloads_at_once_where_it_makes_room():
