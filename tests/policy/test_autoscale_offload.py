@@ -3,7 +3,6 @@ headroom; cancel releases) and offloading (grace period, memory pressure)."""
 
 from __future__ import annotations
 
-
 import math
 from dataclasses import replace
 
