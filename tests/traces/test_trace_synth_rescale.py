@@ -125,3 +125,44 @@ def test_rescale_hits_the_target(seed, gpus, shape):
     for a, b in zip(rs, fitted):
         assert a.periods == b.periods and a.spec == b.spec and a.id == b.id
         assert b.arrival_s == pytest.approx(a.arrival_s * f, rel=1e-3, abs=1e-3)
+
+
+# times on a coarse grid, so that many changes share an instant; weights from real shapes'
+# shares and a few tiny ones, so that float residue meets the 1e-9 floor
+_period = st.tuples(st.integers(0, 40).map(lambda n: n * 0.25), st.integers(0, 40).map(lambda n: n * 0.25))
+_session = st.tuples(st.integers(0, 80).map(lambda n: n * 0.25), st.lists(_period, min_size=1, max_size=4),
+                     st.sampled_from([1 / 30, 1 / 3, 0.5, 1.0, 1 / 7, 0.1, 3e-10]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_session, max_size=60), st.sampled_from([0.0, 0.1, 1.0, 7.0]), st.booleans())
+def test_vectorised_levels_equal_the_change_by_change_sum(sessions, factor, small_too):
+    """`demand_steps` sums the changes in numpy between idle instants; it must give the
+    reference loop's floats exactly (fitted traces, and so every benchmark, depend on them).
+    `small_too`: the vectorised path also for traces it would leave to the loop as sparse."""
+    import numpy as np
+
+    from turboserve.traces import rescale
+
+    if small_too:
+        rescale.SPARSE_CHANGES_PER_IDLE = 0
+
+    records = [SessionRecord(f"s{i}", a, SessionSpec(model="demo91"), tuple(Period(x, y) for x, y in ps))
+               for i, (a, ps, _) in enumerate(sessions)]
+    weights = [w for _, _, w in sessions]
+    ts, ds = [], []
+    for r, w in zip(records, weights):
+        for start, end in active_intervals(r, factor):
+            if end > start:
+                ts += (start, end)
+                ds += (w, -w)
+    order = np.lexsort((np.array(ds), np.array(ts)))
+    t, d = np.array(ts)[order], np.array(ds)[order]
+    try:
+        want = rescale._levels_loop(t, d)
+        got = rescale._levels(t, d)
+        assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+        curve = demand_curve(records, MODEL, "demo91", factor=factor, weights=weights)
+        assert curve == list(zip(*(a.tolist() for a in want)))
+    finally:
+        rescale.SPARSE_CHANGES_PER_IDLE = 16

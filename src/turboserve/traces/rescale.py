@@ -1,7 +1,8 @@
 """Demand of a trace in GPUs, and rescaling a trace so its peak needs a given GPU count.
 
 In: `SessionRecord`s, a latency model and a shape (and optionally an SLO, default the
-shape's chunk playback time). Out: `demand_curve` (time -> GPUs needed), `peak_demand`, and
+shape's chunk playback time). Out: `demand_curve` (time -> GPUs needed; `demand_steps`, the
+same as numpy arrays, summed vectorised with the same floats), `peak_demand`, and
 `fit_to_gpus`, which multiplies every arrival time by one factor (durations and the session
 mix unchanged) so that the peak demand needs exactly `gpus` GPUs.
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from typing import Sequence
+
+import numpy as np
 
 from ..types import SessionRecord
 
@@ -73,37 +76,96 @@ def session_weights(records: Sequence[SessionRecord], model, shape: str, slo_ms:
 def demand_curve(records: Sequence[SessionRecord], model, shape: str, slo_ms: float | None = None,
                  factor: float = 1.0, weights: list[float] | None = None) -> list[tuple[float, float]]:
     """Step function of GPUs needed: [(time_s, gpus from then on)], at every change."""
-    if weights is None:
-        weights = session_weights(records, model, shape, slo_ms)
-    pace = slo_pace(model, shape, slo_ms)
-    events: list[tuple[float, float]] = []
-    for r, w in zip(records, weights):
-        for start, end in active_intervals(r, factor, pace):
-            if end > start:
-                events.append((start, w))
-                events.append((end, -w))
-    events.sort()
-    curve: list[tuple[float, float]] = []
-    level = 0.0
-    i = 0
-    while i < len(events):
-        t = events[i][0]
-        while i < len(events) and events[i][0] == t:
-            level += events[i][1]
-            i += 1
-        level = max(0.0, level) if abs(level) > 1e-9 else 0.0
-        curve.append((t, level))
-    return curve
+    times, levels = demand_steps(records, model, shape, slo_ms, factor, weights)
+    return list(zip(times.tolist(), levels.tolist()))
 
 
 def peak_demand(records: Sequence[SessionRecord], model, shape: str, slo_ms: float | None = None,
                 factor: float = 1.0, weights: list[float] | None = None) -> tuple[float, float]:
-    """(peak GPUs needed, time of the peak)."""
-    curve = demand_curve(records, model, shape, slo_ms, factor, weights)
-    if not curve:
+    """(peak GPUs needed, time of the peak: the first, where it is reached more than once)."""
+    times, levels = demand_steps(records, model, shape, slo_ms, factor, weights)
+    if not len(levels):
         return 0.0, 0.0
-    t, g = max(curve, key=lambda x: (x[1], -x[0]))
-    return g, t
+    i = int(np.argmax(levels))
+    return float(levels[i]), float(times[i])
+
+
+def demand_steps(records: Sequence[SessionRecord], model, shape: str, slo_ms: float | None = None,
+                 factor: float = 1.0, weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`demand_curve` as two arrays: the times at which demand changes, and the GPUs needed
+    from each on. Each active period adds its session's weight at its start and takes it
+    away at its end; at each time the level is the running sum of those changes in the order
+    of (time, change), floored at 0 (within 1e-9 of 0 counts as 0: float residue)."""
+    if weights is None:
+        weights = session_weights(records, model, shape, slo_ms)
+    pace = slo_pace(model, shape, slo_ms)
+    ts: list[float] = []
+    ds: list[float] = []
+    for r, w in zip(records, weights):  # active_intervals, inlined: fitting calls this ~100 times
+        t = r.arrival_s * factor
+        for p in r.periods:
+            span = p.active_s * pace
+            end = t + span
+            if end > t:
+                ts += (t, end)
+                ds += (w, -w)
+            t += span + p.idle_s
+    t = np.array(ts, dtype=float)
+    d = np.array(ds, dtype=float)
+    order = np.lexsort((d, t))
+    return _levels(t[order], d[order])
+
+
+SPARSE_CHANGES_PER_IDLE = 16  # fewer changes than this per idle instant: the loop is faster
+
+
+def _levels(t: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Levels at each distinct time of sorted changes `d` at times `t`, equal to
+    `_levels_loop`'s: float sums in the same order (cumulative sums restarted where the
+    level was floored), vectorised between the instants at which nothing is active."""
+    n = len(t)
+    if n == 0:
+        return t, d
+    last = np.flatnonzero(np.append(t[1:] != t[:-1], True))  # each time's last change
+    active = np.cumsum(np.where(d > 0, 1, -1))
+    idle_at = last[active[last] == 0]  # nothing active after these changes
+    if SPARSE_CHANGES_PER_IDLE * len(idle_at) > n:
+        return _levels_loop(t, d)  # sparse: numpy per segment would cost more than the loop
+    levels = np.empty(len(last))
+    start = 0  # first change of the segment
+    k = 0  # first time of the segment, in `last`
+    carry = 0.0
+    for end in idle_at.tolist():
+        cs = np.cumsum(np.concatenate(([carry], d[start:end + 1])))[1:]
+        j = int(np.searchsorted(last, end, side="right"))
+        seg = cs[last[k:j] - start]
+        if j - k > 1 and not (seg[:-1] > 1e-9).all():
+            return _levels_loop(t, d)  # a level near 0 while sessions are active: no shortcut
+        levels[k:j] = seg
+        carry = levels[j - 1] = seg[-1] if seg[-1] > 1e-9 else 0.0
+        start, k = end + 1, j
+    if k != len(last):  # the changes do not end with nothing active (negative weights)
+        return _levels_loop(t, d)
+    return t[last], levels
+
+
+def _levels_loop(t: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: one change at a time."""
+    times: list[float] = []
+    levels: list[float] = []
+    level = 0.0
+    i = 0
+    n = len(t)
+    tl, dl = t.tolist(), d.tolist()
+    while i < n:
+        now = tl[i]
+        while i < n and tl[i] == now:
+            level += dl[i]
+            i += 1
+        level = max(0.0, level) if abs(level) > 1e-9 else 0.0
+        times.append(now)
+        levels.append(level)
+    return np.array(times, dtype=float), np.array(levels, dtype=float)
 
 
 def peak_concurrent_active(records: Sequence[SessionRecord]) -> int:
