@@ -140,8 +140,6 @@ def test_vectorised_levels_equal_the_change_by_change_sum(sessions, factor, smal
     """`demand_steps` sums the changes in numpy between idle instants; it must give the
     reference loop's floats exactly (fitted traces, and so every benchmark, depend on them).
     `small_too`: the vectorised path also for traces it would leave to the loop as sparse."""
-    import numpy as np
-
     from turboserve.traces import rescale
 
     if small_too:
@@ -150,14 +148,9 @@ def test_vectorised_levels_equal_the_change_by_change_sum(sessions, factor, smal
     records = [SessionRecord(f"s{i}", a, SessionSpec(model="demo91"), tuple(Period(x, y) for x, y in ps))
                for i, (a, ps, _) in enumerate(sessions)]
     weights = [w for _, _, w in sessions]
-    ts, ds = [], []
-    for r, w in zip(records, weights):
-        for start, end in active_intervals(r, factor):
-            if end > start:
-                ts += (start, end)
-                ds += (w, -w)
-    order = np.lexsort((np.array(ds), np.array(ts)))
-    t, d = np.array(ts)[order], np.array(ds)[order]
+    t, d = rescale._changes(records, weights, factor, 1.0)
+    # sorted as a sort of (time, change) pairs orders them
+    assert list(zip(t.tolist(), d.tolist())) == sorted(zip(t.tolist(), d.tolist()))
     try:
         want = rescale._levels_loop(t, d)
         got = rescale._levels(t, d)

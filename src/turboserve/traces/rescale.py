@@ -98,22 +98,24 @@ def demand_steps(records: Sequence[SessionRecord], model, shape: str, slo_ms: fl
     of (time, change), floored at 0 (within 1e-9 of 0 counts as 0: float residue)."""
     if weights is None:
         weights = session_weights(records, model, shape, slo_ms)
-    pace = slo_pace(model, shape, slo_ms)
+    return _levels(*_changes(records, weights, factor, slo_pace(model, shape, slo_ms)))
+
+
+def _changes(records: Sequence[SessionRecord], weights: Sequence[float], factor: float,
+             pace: float) -> tuple[np.ndarray, np.ndarray]:
+    """(times, changes) sorted by (time, change): +weight where an active period starts,
+    -weight where it ends."""
     ts: list[float] = []
     ds: list[float] = []
-    for r, w in zip(records, weights):  # active_intervals, inlined: fitting calls this ~100 times
-        t = r.arrival_s * factor
-        for p in r.periods:
-            span = p.active_s * pace
-            end = t + span
-            if end > t:
-                ts += (t, end)
+    for r, w in zip(records, weights):
+        for start, end in active_intervals(r, factor, pace):
+            if end > start:
+                ts += (start, end)
                 ds += (w, -w)
-            t += span + p.idle_s
     t = np.array(ts, dtype=float)
     d = np.array(ds, dtype=float)
     order = np.lexsort((d, t))
-    return _levels(t[order], d[order])
+    return t[order], d[order]
 
 
 SPARSE_CHANGES_PER_IDLE = 16  # fewer changes than this per idle instant: the loop is faster
