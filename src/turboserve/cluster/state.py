@@ -30,150 +30,19 @@ Meaning of the fields (what policies may rely on):
 
 from __future__ import annotations
 
-from dataclasses import fields
 from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from ..config import TurboConfig
 from ..policy.latency import LatencyModel
 from ..policy.load import GroupLoad, cycle_ms
 from ..policy.views import ClusterView, SessionView, WorkerView, spec_slo_ms
-from ..types import CompatKey, SessionId, SessionSpec, SessionState, WorkerId, WorkerState
+from ..types import CompatKey, SessionId, SessionSpec, WorkerId, WorkerState
+from .records import PhaseMap, SessionEntry, SessionViews, WorkerEntry, session_view, worker_view
 
 
 class StateError(ValueError):
     """A change that does not apply to the current state; the message says why."""
-
-
-class _Session:
-    __slots__ = ("id", "spec", "key", "prompt", "arrival_s", "active", "unbounded", "left",
-                 "worker", "pending", "migrating_to", "offloading", "placed_ever", "chunks_done",
-                 "context", "saturated", "state_bytes", "last_change_s", "last_migrated_s",
-                 "pending_since_s", "slo_group")
-
-    def __init__(self, sid: SessionId, spec: SessionSpec, prompt: str, now_s: float,
-                 state_bytes: int) -> None:
-        self.id = sid
-        self.spec = spec
-        self.key = spec.compat_key
-        self.prompt = prompt
-        self.arrival_s = now_s
-        self.active = True  # the user wants chunks
-        self.unbounded = True  # this active period runs until paused
-        self.left = 0  # chunks this active period still owes (when not unbounded)
-        self.worker: WorkerId | None = None  # resident on (GPU state there)
-        self.pending = False
-        self.migrating_to: WorkerId | None = None
-        self.offloading = False
-        self.placed_ever = False
-        self.chunks_done = 0
-        self.context = 0.0
-        self.saturated = False  # chunks_done is past the end of its shape's context table
-        self.state_bytes = state_bytes
-        self.last_change_s = now_s
-        self.last_migrated_s = float("-inf")
-        self.pending_since_s = now_s  # when it last started waiting for a GPU
-        self.slo_group: tuple[CompatKey, float] = (self.key, 0.0)  # its key in `slo_groups`
-
-    @property
-    def state(self) -> SessionState:
-        if self.migrating_to is not None:
-            return SessionState.MIGRATING
-        if self.worker is not None:
-            return SessionState.ACTIVE if self.active else SessionState.IDLE
-        return SessionState.QUEUED if self.pending else SessionState.OFFLOADED
-
-    @property
-    def chunks_wanted(self) -> int:
-        """What a (re)placement must ask the engine for: 0 = unbounded."""
-        return 0 if self.unbounded else max(1, self.left)
-
-
-class _Worker:
-    __slots__ = ("id", "state", "memory_bytes", "used_bytes", "sessions", "frozen", "groups",
-                 "load_ms", "started_s", "ready_s")
-
-    def __init__(self, wid: WorkerId, state: WorkerState, memory_bytes: int, now_s: float) -> None:
-        self.id = wid
-        self.state = state
-        self.memory_bytes = memory_bytes
-        self.used_bytes = 0
-        self.sessions: set[SessionId] = set()
-        self.frozen: frozenset[SessionId] = frozenset()
-        self.groups: dict[CompatKey, GroupLoad] = {}
-        self.load_ms = 0.0
-        self.started_s = now_s
-        self.ready_s: float | None = now_s if state is WorkerState.READY else None
-
-
-class _PhaseMap(Mapping):
-    """worker -> (latest round completion (s), predicted ms of the round begun then),
-    read-only. `before_read`, when set, runs before a worker's entry is read: a simulator
-    that runs rounds in bulk brings that worker's entry up to date there (reporting its
-    completed rounds, or `ClusterState.note_round_completion`), so the entry is the one
-    round-by-round reporting would hold."""
-
-    __slots__ = ("_d", "before_read")
-
-    def __init__(self, d: dict[WorkerId, tuple[float, float]]) -> None:
-        self._d = d
-        self.before_read = None
-
-    def __getitem__(self, wid: WorkerId) -> tuple[float, float]:
-        if self.before_read is not None:
-            self.before_read(wid)
-        return self._d[wid]
-
-    def get(self, wid: WorkerId, default=None):  # noqa: ANN001 - placement reads it per candidate
-        if self.before_read is not None:
-            self.before_read(wid)
-        return self._d.get(wid, default)
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def __iter__(self):
-        return iter(self._d)
-
-
-class _SessionViews(Mapping):
-    """sid -> SessionView, read-only. Records whose sessions completed rounds are marked
-    stale and rebuilt when read, so a policy pays only for the sessions it looks at."""
-
-    __slots__ = ("_views", "_stale", "_records")
-
-    def __init__(self, views: dict[SessionId, SessionView], stale: set[SessionId],
-                 records: dict[SessionId, "_Session"]) -> None:
-        self._views = views
-        self._stale = stale
-        self._records = records
-
-    def __getitem__(self, sid: SessionId) -> SessionView:
-        if sid in self._stale:
-            return self._rebuild(sid)
-        return self._views[sid]
-
-    def get(self, sid: SessionId, default=None):  # noqa: ANN001 - Mapping.get's signature
-        if sid in self._stale:
-            return self._rebuild(sid)
-        return self._views.get(sid, default)
-
-    def __contains__(self, sid: object) -> bool:
-        return sid in self._views
-
-    def __len__(self) -> int:
-        return len(self._views)
-
-    def __iter__(self):  # noqa: ANN204
-        return iter(self._views)
-
-    def _rebuild(self, sid: SessionId) -> SessionView:
-        self._stale.discard(sid)
-        v = self._views[sid] = _session_view(self._records[sid])
-        return v
-
-    def __repr__(self) -> str:
-        return f"SessionViews({len(self._views)} sessions)"
 
 
 class ClusterState:
@@ -181,8 +50,8 @@ class ClusterState:
         self.model = model
         self.config = config
         self.max_batch = config.engine.max_batch
-        self._s: dict[SessionId, _Session] = {}
-        self._w: dict[WorkerId, _Worker] = {}
+        self._s: dict[SessionId, SessionEntry] = {}
+        self._w: dict[WorkerId, WorkerEntry] = {}
         self._sviews: dict[SessionId, SessionView] = {}
         # sessions whose SessionView lags their record (round completions): rebuilt when read
         self._stale: set[SessionId] = set()
@@ -190,7 +59,7 @@ class ClusterState:
         self._pending: dict[SessionId, None] = {}
         self._pending_tuple: tuple[SessionId, ...] | None = ()
         self._idle: dict[SessionId, float] = {}
-        self._sessions_ro = _SessionViews(self._sviews, self._stale, self._s)
+        self._sessions_ro = SessionViews(self._sviews, self._stale, self._s)
         self._workers_ro = MappingProxyType(self._wviews)
         self._idle_ro = MappingProxyType(self._idle)
         self._idle_off: dict[CompatKey, dict[SessionId, float]] = {}
@@ -203,7 +72,7 @@ class ClusterState:
         self._phase_hook = None
         # worker -> (latest round completion (s), predicted ms of the round that began then)
         self._last_round: dict[WorkerId, tuple[float, float]] = {}
-        self._last_round_ro = _PhaseMap(self._last_round)
+        self._last_round_ro = PhaseMap(self._last_round)
 
     def set_phase_hook(self, hook, before_read=None) -> None:  # noqa: ANN001 - Callable[[WorkerId], None] | None
         """`hook(wid)` runs before a worker's load changes and, unless `before_read` is
@@ -275,7 +144,7 @@ class ClusterState:
     def add_worker(self, wid: WorkerId, now_s: float, memory_bytes: int, *, ready: bool = False) -> None:
         if wid in self._w:
             raise StateError(f"worker {wid!r} already exists")
-        w = _Worker(wid, WorkerState.READY if ready else WorkerState.STARTING, memory_bytes, now_s)
+        w = WorkerEntry(wid, WorkerState.READY if ready else WorkerState.STARTING, memory_bytes, now_s)
         self._w[wid] = w
         self._wrefresh(w)
 
@@ -340,7 +209,7 @@ class ClusterState:
         if chunks_wanted < 0:
             raise StateError(f"chunks_wanted must be >= 0, got {chunks_wanted}")
         nbytes = self._full_bytes(spec.model)  # raises for a shape the model lacks
-        s = _Session(sid, spec, prompt, now_s, nbytes)
+        s = SessionEntry(sid, spec, prompt, now_s, nbytes)
         s.unbounded = chunks_wanted == 0
         s.left = chunks_wanted
         self._s[sid] = s
@@ -371,7 +240,7 @@ class ClusterState:
         self._put(s, w, now_s)
         self._idle[sid] = now_s
 
-    def _put(self, s: _Session, w: _Worker, now_s: float) -> None:
+    def _put(self, s: SessionEntry, w: WorkerEntry, now_s: float) -> None:
         s.worker = w.id
         s.placed_ever = True
         s.last_change_s = now_s
@@ -603,43 +472,43 @@ class ClusterState:
         return s.worker, dst_id
 
     # ---------------------------------------------------------------- internals
-    def _sess(self, sid: SessionId) -> _Session:
+    def _sess(self, sid: SessionId) -> SessionEntry:
         try:
             return self._s[sid]
         except KeyError:
             raise StateError(f"unknown session {sid!r}") from None
 
-    def _wk(self, wid: WorkerId) -> _Worker:
+    def _wk(self, wid: WorkerId) -> WorkerEntry:
         try:
             return self._w[wid]
         except KeyError:
             raise StateError(f"unknown worker {wid!r}") from None
 
-    def _drop_idle_off(self, s: _Session) -> None:
+    def _drop_idle_off(self, s: SessionEntry) -> None:
         group = self._idle_off.get(s.key)
         if group is not None and group.pop(s.id, None) is not None and not group:
             del self._idle_off[s.key]
 
-    def _add_pending(self, s: _Session, now_s: float) -> None:
+    def _add_pending(self, s: SessionEntry, now_s: float) -> None:
         if not s.pending:
             s.pending_since_s = now_s
         s.pending = True
         self._pending[s.id] = None
         self._pending_tuple = None
 
-    def _detach_incoming(self, d: _Worker, s: _Session) -> None:
+    def _detach_incoming(self, d: WorkerEntry, s: SessionEntry) -> None:
         d.sessions.discard(s.id)
         d.frozen = frozenset(d.sessions)
         d.used_bytes -= s.state_bytes
         self._wrefresh(d)
 
-    def _group_add(self, w: _Worker, s: _Session) -> None:
+    def _group_add(self, w: WorkerEntry, s: SessionEntry) -> None:
         if self._phase_hook is not None:
             self._phase_hook(w.id)
         g = w.groups.get(s.key)
         w.groups[s.key] = g.plus(s.context) if g is not None else GroupLoad(s.key, 1, s.context)
 
-    def _group_remove(self, w: _Worker, s: _Session) -> None:
+    def _group_remove(self, w: WorkerEntry, s: SessionEntry) -> None:
         if self._phase_hook is not None:
             self._phase_hook(w.id)
         g = w.groups[s.key].minus(s.context)
@@ -648,19 +517,13 @@ class ClusterState:
         else:
             w.groups[s.key] = g
 
-    def _wrefresh(self, w: _Worker, recompute: bool = True) -> None:
+    def _wrefresh(self, w: WorkerEntry, recompute: bool = True) -> None:
         if recompute:
             w.load_ms = cycle_ms(w.groups.values(), self.model, self.max_batch) if w.groups else 0.0
-        # WorkerView(...) without the frozen dataclass's per-field __init__ (equal field by field)
-        v = _new_object(WorkerView)
-        _set_attr(v, "__dict__", {
-            "id": w.id, "state": w.state, "memory_bytes": w.memory_bytes, "used_bytes": w.used_bytes,
-            "sessions": w.frozen, "groups": tuple(w.groups.values()), "load_ms": w.load_ms,
-            "started_s": w.started_s, "ready_s": w.ready_s})
-        self._wviews[w.id] = v
+        self._wviews[w.id] = worker_view(w)
 
-    def _srefresh(self, s: _Session) -> None:
-        self._sviews[s.id] = _session_view(s)
+    def _srefresh(self, s: SessionEntry) -> None:
+        self._sviews[s.id] = session_view(s)
         self._stale.discard(s.id)
 
     def _context_table(self, shape: str) -> list[float]:
@@ -680,29 +543,3 @@ class ClusterState:
                 raise StateError(f"the latency model has no shape {shape!r}: {e}") from None
             nbytes = self._bytes_by_shape[shape] = int(self.model.state_bytes(shape, info.window_frames))
         return nbytes
-
-
-_new_object = object.__new__
-_set_attr = object.__setattr__
-# the fast builders below set exactly these fields: a field added to a view must be added there
-_BUILT_FIELDS = {
-    SessionView: ("id", "spec", "state", "worker", "context_frames", "state_bytes", "arrival_s",
-                  "last_change_s", "last_migrated_s", "chunks_done"),
-    WorkerView: ("id", "state", "memory_bytes", "used_bytes", "sessions", "groups", "load_ms",
-                 "started_s", "ready_s"),
-}
-for _cls, _names in _BUILT_FIELDS.items():
-    if tuple(f.name for f in fields(_cls)) != _names:
-        raise ImportError(f"cluster/state.py builds {_cls.__name__} field by field; its fields are now "
-                          f"{[f.name for f in fields(_cls)]}: update _session_view / _wrefresh")
-
-
-def _session_view(s: _Session) -> SessionView:
-    """`SessionView(...)` of the record, built without the frozen dataclass's per-field
-    `__init__` (a third of the cost; the result is equal field by field)."""
-    v = _new_object(SessionView)
-    _set_attr(v, "__dict__", {
-        "id": s.id, "spec": s.spec, "state": s.state, "worker": s.worker, "context_frames": s.context,
-        "state_bytes": s.state_bytes, "arrival_s": s.arrival_s, "last_change_s": s.last_change_s,
-        "last_migrated_s": s.last_migrated_s, "chunks_done": s.chunks_done})
-    return v
