@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="servegen: squeeze time by this factor (24: a day becomes an hour)")
     conv.add_argument("--rate", type=float, default=None,
                       help="servegen: mean sessions per minute after compression (default 6)")
-    conv.add_argument("inputs", nargs="+", help="input file(s); servegen: its per-window CSV files")
+    conv.add_argument("inputs", nargs="+",
+                      help="input files, or directories standing for their files of the format "
+                           "(mooncake *.jsonl; azure, and servegen's per-window files, *.csv)")
     for p in (synth, conv):
         p.add_argument("--span-hours", type=float, default=None,
                        help="with --fit-gpus: scale arrivals so the trace spans H hours, then fit the peak "

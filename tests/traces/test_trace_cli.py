@@ -43,6 +43,30 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert "slo" in capsys.readouterr().err.lower()
 
 
+def test_directories_as_inputs(tmp_path, capsys):
+    """A directory stands for its files of the format; a directory without any, a missing
+    input and a directory given as a trace are clear errors."""
+    d = tmp_path / "azure"
+    d.mkdir()
+    for part, t0 in ((2, 0), (10, 60)):
+        rows = [f"2023-11-16 18:{t0 // 60 + i:02d}:00.0,{200 + i},{150 + i}" for i in range(10)]
+        (d / f"part-{part}.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    (d / "notes.txt").write_text("not a trace")
+    out = tmp_path / "dir.jsonl"
+    assert main(["trace", "convert", "--format", "azure", "--out", str(out), str(d)]) == 0
+    both = tmp_path / "files.jsonl"
+    assert main(["trace", "convert", "--format", "azure", "--out", str(both),
+                 str(d / "part-2.csv"), str(d / "part-10.csv")]) == 0
+    assert out.read_bytes() == both.read_bytes() and len(read_trace(out)) > 0
+    capsys.readouterr()
+    assert main(["trace", "convert", "--format", "mooncake", "--out", str(out), str(d)]) == 2
+    assert "no Mooncake trace file (*.jsonl)" in capsys.readouterr().err
+    assert main(["trace", "convert", "--format", "azure", "--out", str(out), str(tmp_path / "gone")]) == 2
+    assert "gone does not exist" in capsys.readouterr().err
+    assert main(["trace", "stats", str(d)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(SHARED is None, reason="../shared/traces not present")
 def test_convert_formats(tmp_path):
     for fmt, src in (("mooncake", SHARED / "mooncake-conversation.jsonl"), ("azure", SHARED / "azure-llm-2023-conv.csv"),

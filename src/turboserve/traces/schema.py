@@ -81,7 +81,8 @@ def record_from_dict(d: dict, where: str = "<record>") -> SessionRecord:
 def iter_trace(path: str | Path) -> Iterator[SessionRecord]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"trace file {path} does not exist")
+        what = "is a directory, not a trace file (JSONL)" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"trace file {path} {what}")
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

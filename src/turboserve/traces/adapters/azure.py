@@ -26,6 +26,7 @@ import numpy as np
 
 from ...types import Period, SessionRecord
 from ..synth import SessionSampler
+from . import input_files
 
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
@@ -41,8 +42,7 @@ def _parse_time(s: str) -> float:
 
 def load_requests(paths: Iterable[str | Path]) -> list[tuple[float, int, int]]:
     rows = []
-    for path in paths:
-        path = Path(path)
+    for path in input_files(paths, "*.csv", "Azure trace file"):
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]

@@ -31,12 +31,12 @@ import numpy as np
 
 from ...types import Period, SessionRecord
 from ..synth import SessionSampler
+from . import input_files
 
 
 def load_requests(paths: Iterable[str | Path]) -> list[dict]:
     rows = []
-    for path in paths:
-        path = Path(path)
+    for path in input_files(paths, "*.jsonl", "Mooncake trace file"):
         with path.open() as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from pathlib import Path
 from typing import Iterable
 
@@ -34,23 +33,13 @@ import numpy as np
 
 from ...types import SessionRecord
 from ..synth import SessionSampler
+from . import input_files
 
 WINDOW_S = 600.0
 
 
 def _client_files(paths: Iterable[str | Path]) -> list[Path]:
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(p.glob("*.csv"), key=lambda f: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", f.name)])
-            if not found:
-                raise ValueError(f"{p}: no ServeGen *.csv files in this directory")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"ServeGen input {p} does not exist")
-    return files
+    return input_files(paths, "*.csv", "ServeGen input")
 
 
 def load_windows(path: Path) -> list[tuple[float, float, float, str, float, float]]:
