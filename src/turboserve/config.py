@@ -2,21 +2,94 @@
 
 In: a TOML file (sections named like the fields of `TurboConfig`) and/or CLI overrides of
 the form `section.key=value`. Out: a validated, immutable `TurboConfig`. Unknown sections or
-keys are errors that name what was expected, so a typo never silently does nothing.
+keys are errors that name what was expected, so a typo never silently does nothing. Each
+section checks its values when it is built (from a file, an override or code): a value of
+the wrong type or out of its range is a `ConfigError` that names the key, what it must be
+and what it got, not a crash or a hang deep in a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, get_type_hints
+
+
+class ConfigError(ValueError):
+    pass
+
+
+Rule = tuple[Callable[[Any], bool], str]  # (holds for a good value, what a good value is)
+
+
+def at_least(lo: float) -> Rule:
+    return (lambda v: v >= lo, f">= {lo:g}")
+
+
+def above(lo: float) -> Rule:
+    return (lambda v: v > lo, f"> {lo:g}")
+
+
+def fraction(*, zero: bool = True, one: bool = True) -> Rule:
+    """A value in [0, 1], without 0 or 1 where they are excluded."""
+    lo, hi = ("[" if zero else "("), ("]" if one else ")")
+    return (lambda v: (v >= 0 if zero else v > 0) and (v <= 1 if one else v < 1), f"in {lo}0, 1{hi}")
+
+
+def one_of(*values: str) -> Rule:
+    return (lambda v: v in values, "one of " + ", ".join(values))
+
+
+DEVICE: Rule = (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+                "auto, cpu, cuda or cuda:N")
+PORT: Rule = (lambda v: 0 <= v <= 65535, "a TCP port in [0, 65535]")
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if hint is str:
+        return isinstance(value, str)
+    args = getattr(hint, "__args__", None)  # `X | None`
+    if args:
+        return any(a is type(None) and value is None or a is not type(None) and _type_ok(value, a) for a in args)
+    return True
+
+
+def check_section(obj: Any, section: str, **rules: Rule) -> None:
+    """Every field of a config section has its declared type, and each ruled one keeps its
+    rule (None, where a field allows it, is not ruled); else a `ConfigError`."""
+    hints = _hints(type(obj))
+    for f in fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if not _type_ok(value, hint):
+            kinds = [_TYPE_NAMES.get(a, str(a)) for a in getattr(hint, "__args__", (hint,)) if a is not type(None)]
+            raise ConfigError(f"{section}.{f.name} must be {' or '.join(kinds)}, got {value!r}")
+        rule = rules.get(f.name)
+        if rule is not None and value is not None and not rule[0](value):
+            raise ConfigError(f"{section}.{f.name} must be {rule[1]}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class SloConfig:
     slo_ms: float | None = None  # per-chunk latency target; None = the chunk's playback time
+
+    def __post_init__(self) -> None:
+        check_section(self, "slo", slo_ms=above(0))
 
 
 @dataclass(frozen=True)
@@ -49,11 +122,20 @@ class ClusterConfig:
     link: str = "nvlink"  # GPU-GPU migration link, a key of LINKS
     host_link: str = "pcie"  # GPU<->host offload/restore link, a key of LINKS
 
+    def __post_init__(self) -> None:
+        check_section(self, "cluster", gpus=at_least(1), min_gpus=at_least(0), gpu_memory_bytes=above(0),
+                      startup_delay_s=at_least(0), price_per_gpu_hour_usd=at_least(0),
+                      spot_price_per_gpu_hour_usd=at_least(0), spot_fraction=fraction(),
+                      link=one_of(*LINKS), host_link=one_of(*LINKS))
+
 
 @dataclass(frozen=True)
 class PlacementConfig:
     memory_headroom: float = 0.05  # fraction of GPU memory never planned (fragmentation)
     candidate_workers: int = 32  # min-max placement scores at most this many feasible workers
+
+    def __post_init__(self) -> None:
+        check_section(self, "placement", memory_headroom=fraction(one=False), candidate_workers=at_least(1))
 
 
 @dataclass(frozen=True)
@@ -69,6 +151,11 @@ class RebalanceConfig:
     # there before its own (1 = worst case; 0 if commits align with destination rounds).
     dst_wait: float = 1.0
     poll_interval_s: float = 5.0  # migrate-only baseline: Llumnix-style polling period
+
+    def __post_init__(self) -> None:
+        check_section(self, "rebalance", eta=at_least(0), gain_threshold_ms=at_least(0), max_moves_per_decision=at_least(0),
+                      cooldown_s=at_least(0), candidate_workers=at_least(1), candidate_sessions=at_least(1),
+                      dst_wait=fraction(), poll_interval_s=above(0))
 
 
 @dataclass(frozen=True)
@@ -137,6 +224,14 @@ class AutoscaleConfig:
     # worst-case latency
     target_capacity_fraction: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_section(self, "autoscale", target_util=fraction(zero=False), volatility_window_s=above(0),
+                      headroom_k=at_least(0), scale_in_hold_s=at_least(0), initial_gpus=at_least(0),
+                      lookahead_s=at_least(0), rise_window_s=at_least(0), rise_confidence_z=at_least(0),
+                      rise_min_sessions=at_least(0), spare_gpus=at_least(0), spare_fraction=fraction(),
+                      upscale_delay_s=at_least(0), downscale_delay_s=at_least(0),
+                      target_sessions_per_gpu=at_least(0), target_capacity_fraction=above(0))
+
 
 @dataclass(frozen=True)
 class OffloadConfig:
@@ -162,12 +257,18 @@ class OffloadConfig:
     # keeping 5, 99.885% keeping 8; 99.878% without prefetching)
     prefetch_keep_free: int = 5
 
+    def __post_init__(self) -> None:
+        check_section(self, "offload", grace_s=at_least(0), prefetch_held=at_least(0), prefetch_keep_free=at_least(0))
+
 
 @dataclass(frozen=True)
 class SimConfig:
     tick_s: float = 1.0  # controller tick period
     seed: int = 0
     progress: bool = True  # show a progress bar on long runs
+
+    def __post_init__(self) -> None:
+        check_section(self, "sim", tick_s=above(0))
 
 
 @dataclass(frozen=True)
@@ -177,6 +278,10 @@ class EngineConfig:
     dtype: str = "auto"  # auto (bf16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
     attention_backend: str = ""  # diffusers attention dispatcher backend; "" = default
 
+    def __post_init__(self) -> None:
+        check_section(self, "engine", max_batch=at_least(1), dtype=one_of("auto", "float32", "bfloat16", "float16"),
+                      device=DEVICE)
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -185,6 +290,9 @@ class ServeConfig:
     storage_dir: str = "runs/recordings"  # finished sessions are recorded here as MP4
     replay_chunks: int = 64  # chunks kept per session for reconnecting clients
     max_sessions: int = 256
+
+    def __post_init__(self) -> None:
+        check_section(self, "serve", port=PORT, replay_chunks=at_least(0), max_sessions=at_least(1))
 
 
 @dataclass(frozen=True)
@@ -215,10 +323,6 @@ class TurboConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TurboConfig:
