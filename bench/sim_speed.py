@@ -13,8 +13,9 @@ honest one-core figure, wall time also counts waiting for the core. With `--repe
 each run is timed N times (the policies interleaved) and the least CPU time is the figure,
 as `timeit` does: the same replay on this kind of shared machine has varied by 20-40%
 from one minute to the next, and the least is the run the fewest others slowed; every
-timing is kept in the JSON (`cpu_s_all`). Also reported:
-rounds, the share run in cruise (identical back-to-back rounds taken in
+timing is kept in the JSON (`cpu_s_all`). Also reported: `policy s`, the wall time of the
+controller's decisions (the policy's own share of the replay, from the decision times every
+run records; of the run kept last), rounds, the share run in cruise (identical back-to-back rounds taken in
 one step, `sim/cruise.py`), chunks, and heap items. Python runs on one core.
 
     python bench/sim_speed.py [--traces synthetic,mooncake,servegen] [--shapes demo91,wan1.3b-320p,wan14b-480p]
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
-    print(f"{'trace':<9} {'shape':<14} {'policy':<24} {'sessions':>8} {'sim s':>7} {'wall s':>7} {'cpu s':>7} {'rounds':>9} {'cruised':>7} "
+    print(f"{'trace':<9} {'shape':<14} {'policy':<24} {'sessions':>8} {'sim s':>7} {'wall s':>7} {'cpu s':>7} {'policy s':>8} {'rounds':>9} {'cruised':>7} "
           f"{'chunks':>10} {'items':>8} {'rounds/cpu-s':>12}")
     for kind, shape in ((k, s) for k in args.traces.split(",") for s in args.shapes.split(",")):
         slo = args.wan14b_slo_ms if shape in INFEASIBLE_AT_PLAYBACK else None
@@ -97,14 +98,16 @@ def main(argv: list[str] | None = None) -> int:
             res = results[policy]
             cpu, wall = min(times)
             s = res.summary
+            decision_s = sum(res.controller.decision_ms) / 1000.0
             row = {"trace": kind, "shape": shape, "policy": policy, "gpus": args.gpus, "sessions": len(records),
                    "slo_ms": slo, "sim_s": res.end_s, "wall_s": wall, "cpu_s": cpu,
-                   "cpu_s_all": [round(c, 3) for c, _ in times], "rounds": s["rounds"],
+                   "cpu_s_all": [round(c, 3) for c, _ in times], "decisions": len(res.controller.decision_ms),
+                   "decision_s": round(decision_s, 3), "rounds": s["rounds"],
                    "rounds_cruised": s["rounds_cruised"], "chunks": s["chunks"], "heap_items": res.events,
                    "cruise": not args.no_cruise}
             rows.append(row)
             share = s["rounds_cruised"] / max(1, s["rounds"])
-            print(f"{kind:<9} {shape:<14} {policy:<24} {len(records):>8} {res.end_s:>7.0f} {wall:>7.1f} {cpu:>7.1f} {s['rounds']:>9} "
+            print(f"{kind:<9} {shape:<14} {policy:<24} {len(records):>8} {res.end_s:>7.0f} {wall:>7.1f} {cpu:>7.1f} {decision_s:>8.1f} {s['rounds']:>9} "
                   f"{100 * share:>6.1f}% {s['chunks']:>10} {res.events:>8} {s['rounds'] / max(cpu, 1e-9):>12.0f}",
                   flush=True)
     print("target: one hour of a 64-GPU trace in under 30 s on one core")
