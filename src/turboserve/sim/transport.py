@@ -481,20 +481,8 @@ class SimTransport:
         plan = rnd.plan
         n = len(plan.session_ids)
         # round 1 from its own due times, rounds 2..c each one duration after the last
-        t1 = rnd.finish_s
         metrics = self.metrics
-        dues = rnd.due_s
-        starts = cr.starts
-        if min(dues) == max(dues):
-            lat = (t1 - dues[0]) * 1000.0
-            metrics.record_chunks(lat, n)
-            metrics.record_intervals(lat, n - len(starts))
-        else:
-            for sid, d in zip(plan.session_ids, dues):
-                lat = (t1 - d) * 1000.0
-                metrics.record_chunks(lat, 1)
-                if sid not in starts:
-                    metrics.record_intervals(lat, 1)
+        self._record_latencies(rnd.finish_s, plan.session_ids, rnd.due_s, cr.starts)
         nd = len(cr.durs_ms)
         for j in range(2, min(c, nd) + 1):
             metrics.record_chunks(cr.durs_ms[j - 1], n)
@@ -555,30 +543,31 @@ class SimTransport:
     def _record(self, out: RoundOutcome) -> None:
         """Chunk latencies and delivery intervals of one round, one append per distinct
         value (a steady round has one)."""
-        dues = out.due_s
-        n = len(dues)
-        if not n:
+        if not out.due_s:
             return
-        fin = out.finished_s
-        metrics = self.metrics
         first = self._first_chunk
+        starts: frozenset | set = frozenset()
         if first and not first.isdisjoint(out.session_ids):
-            starts = [i for i, sid in enumerate(out.session_ids) if sid in first]
-            for i in starts:
-                first.discard(out.session_ids[i])
-        else:
-            starts = ()
+            starts = first.intersection(out.session_ids)
+            first.difference_update(starts)
+        self._record_latencies(out.finished_s, out.session_ids, out.due_s, starts)
+
+    def _record_latencies(self, finished_s: float, sids: tuple[SessionId, ...], dues: tuple[float, ...],
+                          starts: frozenset | set) -> None:
+        """One round's chunks, delivered at `finished_s`, each due at its `dues` entry; those
+        of `starts` begin an active period, so they end no delivery interval."""
+        metrics = self.metrics
+        n = len(dues)
         d0 = dues[0]
         if n == 1 or (min(dues) == d0 == max(dues)):
-            lat = (fin - d0) * 1000.0
+            lat = (finished_s - d0) * 1000.0
             metrics.record_chunks(lat, n)
             metrics.record_intervals(lat, n - len(starts))
             return
-        skip = set(starts)
-        for i, d in enumerate(dues):
-            lat = (fin - d) * 1000.0
+        for sid, d in zip(sids, dues):
+            lat = (finished_s - d) * 1000.0
             metrics.record_chunks(lat, 1)
-            if i not in skip:
+            if sid not in starts:
                 metrics.record_intervals(lat, 1)
 
     # ------------------------------------------------------------------ end of run
