@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 from ..types import CompatKey, SessionId, SessionState, WorkerId, WorkerState
 from .latency import transfer_ms
@@ -174,21 +175,27 @@ def _cooling(view: ClusterView, s: SessionView) -> bool:
     return view.now_s - s.last_migrated_s < view.config.rebalance.cooldown_s
 
 
-def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId], limit: int,
-                offloading: frozenset[SessionId] = frozenset()) -> list[list[SessionView]]:
-    """Active, movable sessions of `wid` grouped by (group, context, bytes): sessions with
-    equal signatures give equal gains. Each list is oldest first; lists are ordered by
-    their oldest session; at most `limit` lists. Independent of set iteration order."""
-    by_sig: dict[tuple, list[SessionView]] = {}
-    skip = uncounted(view, wid, offloading)
+def _movable(view: ClusterView, wid: WorkerId, busy: set[SessionId],
+             skip: tuple[set[CompatKey], set[SessionId]]) -> Iterator[SessionView]:
+    """The active sessions of `wid` a move may take: not busy with another operation, not
+    moved within the cool-down, and counted in the worker's load (`uncounted` -> `skip`)."""
     for sid in view.workers[wid].sessions:
         if sid in busy:
             continue
         s = view.sessions.get(sid)
         if s is None or s.worker != wid or s.state is not SessionState.ACTIVE or _cooling(view, s):
             continue
-        if not _counted(s, skip):
-            continue
+        if _counted(s, skip):
+            yield s
+
+
+def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId], limit: int,
+                offloading: frozenset[SessionId] = frozenset()) -> list[list[SessionView]]:
+    """Active, movable sessions of `wid` grouped by (group, context, bytes): sessions with
+    equal signatures give equal gains. Each list is oldest first; lists are ordered by
+    their oldest session; at most `limit` lists. Independent of set iteration order."""
+    by_sig: dict[tuple, list[SessionView]] = {}
+    for s in _movable(view, wid, busy, uncounted(view, wid, offloading)):
         by_sig.setdefault((s.spec.compat_key, s.context_frames, s.state_bytes), []).append(s)
     lists = [sorted(v, key=lambda s: (s.arrival_s, s.id)) for v in by_sig.values()]
     lists.sort(key=lambda v: (v[0].arrival_s, v[0].id))
@@ -394,17 +401,9 @@ def pairwise_balance(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready:
         if src is None or dst is None or src == dst:
             break
         pair_max = whatif.load(src)
-        skip = uncounted(view, src)
         need_cache: dict[CompatKey, bool] = {}
         best = None  # (pair max after, bytes, id, session)
-        for sid in view.workers[src].sessions:
-            if sid in busy:
-                continue
-            s = view.sessions.get(sid)
-            if s is None or s.worker != src or s.state is not SessionState.ACTIVE or _cooling(view, s):
-                continue
-            if not _counted(s, skip):
-                continue
+        for s in _movable(view, src, busy, uncounted(view, src)):
             key = s.spec.compat_key
             fits = need_cache.get(key)
             if fits is None:
