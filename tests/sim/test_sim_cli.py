@@ -83,6 +83,15 @@ def test_unreachable_explicit_slo_is_refused_too(small_trace_path, capsys):
     assert "no GPU count serves it" in capsys.readouterr().err
 
 
+def test_a_gpu_too_small_for_one_session_is_named_as_memory(small_trace_path, capsys):
+    # demo91 runs a session in 98 ms of its 250 ms chunk: memory, not time, is what is short
+    rc = main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "2",
+               "--policy", "static-ll", "--set", "cluster.gpu_memory_bytes=1000000000"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "do not fit in a GPU's 1.00 GB (cluster.gpu_memory_bytes" in err and "ms per chunk" not in err
+
+
 def test_unknown_policy_and_link_are_named(small_trace_path, capsys):
     assert main(["simulate", "--trace", str(small_trace_path), "--model", "demo91", "--gpus", "2",
                  "--policy", "nope"]) == 2

@@ -83,6 +83,13 @@ def check_feasible(records: list[SessionRecord], model: LatencyModel, config: Tu
         cap = oracle.sessions_per_gpu(model, key, slo, config.cluster.gpu_memory_bytes)
         if cap <= 0:
             info = model.shape(key.model)
+            full = model.state_bytes(key.model, info.window_frames)
+            gpu_bytes = config.cluster.gpu_memory_bytes
+            if full > gpu_bytes - info.weights_bytes:
+                raise SimUsageError(
+                    f"shape {key.model!r}: one session's state at its full window ({full / 1e9:.2f} GB) and the "
+                    f"weights ({info.weights_bytes / 1e9:.2f} GB) do not fit in a GPU's {gpu_bytes / 1e9:.2f} GB "
+                    f"(cluster.gpu_memory_bytes = {gpu_bytes}); no GPU count serves it")
             alone_ms = (model.round_ms(key.model, 1, info.window_frames, key.steps) + model.fixed_ms(key.model))
             if explicit_slo:
                 raise SimUsageError(
