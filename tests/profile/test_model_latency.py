@@ -97,6 +97,18 @@ def test_memory_model():
     assert MODEL.memory_capacity("wan14b-480p") == 1
 
 
+def test_on_another_gpu_memory_binds_capacity_there():
+    one = ProfileLatencyModel([MODEL.profile("demo91")])
+    assert one.on_gpu(MODEL.shape("demo91").gpu_memory_bytes) is one  # the profiled GPU: as it is
+    small = MODEL.on_gpu(7 * 10**9)  # wan1.3b-320p: 2.8 GB of weights, 2.8 GB per session
+    shape = "wan1.3b-320p"
+    slo = MODEL.shape(shape).chunk_ms
+    assert MODEL.capacity(shape, slo, 4) == 2 and MODEL.memory_capacity(shape) > 2
+    assert small.memory_capacity(shape) == 1 and small.capacity(shape, slo, 4) == 1
+    assert small.shape(shape).gpu_memory_bytes == 7 * 10**9
+    assert small.round_ms(shape, 3, 10.0, 4) == MODEL.round_ms(shape, 3, 10.0, 4)  # the same tables
+
+
 def test_capacity_claims_of_design():
     """DESIGN.md: demo91 ~30 sessions/GPU within 250 ms; 320p 3-5 within 750 ms (VAE included
     or not); 480p 1.3B exactly 1 within 750 ms; 14B at 480p: 0."""

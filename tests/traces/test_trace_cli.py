@@ -43,6 +43,23 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert "slo" in capsys.readouterr().err.lower()
 
 
+def test_stats_and_fitting_count_the_configured_gpu_memory(tmp_path, capsys):
+    """wan1.3b-320p fits two sessions per 80 GB GPU within its playback time; on a 7 GB GPU
+    memory holds one, so the same trace needs twice the GPUs (as `simulate` runs it)."""
+    trace = str(REPO / "examples" / "bursty-1h.jsonl")
+    peaks = []
+    for extra in ([], ["--set", "cluster.gpu_memory_bytes=7000000000"]):
+        assert main(["trace", "stats", trace, "--model", "wan1.3b-320p", *extra]) == 0
+        peaks.append(next(int(line.split()[1]) for line in capsys.readouterr().out.splitlines()
+                          if line.startswith("peak_gpus ")))
+    assert peaks[1] == 2 * peaks[0]
+    out = tmp_path / "fit.jsonl"
+    assert main(["trace", "synth", "--out", str(out), "--hours", "0.2", "--fit-gpus", "4", "--model",
+                 "wan1.3b-320p", "--set", "cluster.gpu_memory_bytes=7000000000"]) == 0
+    peak, _ = peak_demand(read_trace(out), MODEL.on_gpu(7 * 10**9), "wan1.3b-320p")
+    assert 3 < peak <= 4 + 1e-9
+
+
 def test_directories_as_inputs(tmp_path, capsys):
     """A directory stands for its files of the format; a directory without any, a missing
     input and a directory given as a trace are clear errors."""

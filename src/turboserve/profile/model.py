@@ -26,6 +26,7 @@ what-if loops ask the same few questions over and over.
 from __future__ import annotations
 
 import bisect
+from dataclasses import replace
 from typing import Iterable
 
 from ..policy.latency import ShapeInfo
@@ -143,6 +144,16 @@ class ProfileLatencyModel:
 
     def shapes(self) -> list[str]:
         return sorted(self._tables)
+
+    def on_gpu(self, memory_bytes: int) -> "ProfileLatencyModel":
+        """This model on GPUs of `memory_bytes` (the simulated cluster's, where the profile
+        was measured on another): the same tables, with every shape's `gpu_memory_bytes`
+        set to it, so that capacity where memory binds follows the simulated GPU. Itself
+        where every shape already has that memory."""
+        if all(t.info.gpu_memory_bytes == memory_bytes for t in self._tables.values()):
+            return self
+        return ProfileLatencyModel(replace(t.profile, shape=replace(t.info, gpu_memory_bytes=memory_bytes))
+                                   for t in self._tables.values())
 
     def has_shape(self, name: str) -> bool:
         return name in self._tables

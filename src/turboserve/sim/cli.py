@@ -206,6 +206,8 @@ def run(args) -> int:
     config = build_config(args)
     model = load_latency_model()
     shape = resolve_shape(args.model, model)
+    # capacity where memory binds is the simulated GPU's (the engines' pools are sized by it)
+    model = model.on_gpu(config.cluster.gpu_memory_bytes)
     records = read_trace(args.trace)
     if not records:
         raise SimUsageError(f"trace {args.trace} has no sessions")

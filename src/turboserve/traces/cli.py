@@ -21,30 +21,33 @@ DEFAULT_SHAPE = "demo91"
 FIT_ROUNDS = 10  # synth: regenerations at a corrected rate so a fitted trace keeps its length
 
 
-def _model_and_shape(name: str | None):
+def _model_and_shape(name: str | None, gpu_memory_bytes: int):
+    """The latency model on GPUs of `gpu_memory_bytes` (`cluster.gpu_memory_bytes`, as
+    `simulate` runs it) and the shape `name` resolves to in it."""
     from ..profile import load_latency_model, resolve_shape
 
     model = load_latency_model()
-    return model, resolve_shape(name or DEFAULT_SHAPE, model)
+    shape = resolve_shape(name or DEFAULT_SHAPE, model)
+    return model.on_gpu(gpu_memory_bytes), shape
 
 
 def run(args) -> int:
     cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", None))
-    slo_ms = cfg.slo.slo_ms
+    slo_ms, gpu_bytes = cfg.slo.slo_ms, cfg.cluster.gpu_memory_bytes
     cmd = args.trace_command
     if cmd == "synth":
-        return _synth(args, slo_ms)
+        return _synth(args, slo_ms, gpu_bytes)
     if cmd == "convert":
-        return _convert(args, slo_ms)
+        return _convert(args, slo_ms, gpu_bytes)
     if cmd == "stats":
-        return _stats(args, slo_ms)
+        return _stats(args, slo_ms, gpu_bytes)
     raise ValueError(f"unknown trace command {cmd!r}; expected synth, convert or stats")
 
 
-def _synth(args, slo_ms) -> int:
+def _synth(args, slo_ms, gpu_bytes: int) -> int:
     if args.hours <= 0:
         raise ValueError(f"--hours must be > 0, got {args.hours}")
-    model, shape = _model_and_shape(args.model)
+    model, shape = _model_and_shape(args.model, gpu_bytes)
     cfg = SynthConfig(hours=args.hours, seed=args.seed, shape=shape, daily_cycle=args.daily_cycle)
     if getattr(args, "steps_mix", None):
         cfg = replace(cfg, law=replace(cfg.law, steps_mix=_parse_steps_mix(args.steps_mix)))
@@ -84,11 +87,11 @@ def _synth(args, slo_ms) -> int:
     return 0
 
 
-def _convert(args, slo_ms) -> int:
+def _convert(args, slo_ms, gpu_bytes: int) -> int:
     from .adapters import azure, mooncake, servegen
 
     _check_span_flags(args)
-    model, shape = _model_and_shape(args.model)
+    model, shape = _model_and_shape(args.model, gpu_bytes)
     fpc = model.shape(shape).video_frames_per_chunk
     if args.format == "mooncake":
         records = mooncake.convert(args.inputs, shape, fpc, args.seed, video_s_per_token=args.video_s_per_token)
@@ -136,11 +139,11 @@ def _write(records, out, model, shape, slo_ms) -> None:
           f"{peak:.2f} GPUs of {shape} (needs {math.ceil(peak - 1e-9)})")
 
 
-def _stats(args, slo_ms) -> int:
+def _stats(args, slo_ms, gpu_bytes: int) -> int:
     records = read_trace(args.trace)
     model = shape = None
     if args.model:
-        model, shape = _model_and_shape(args.model)
+        model, shape = _model_and_shape(args.model, gpu_bytes)
     print(format_stats(trace_stats(records, model, shape, slo_ms)))
     return 0
 
