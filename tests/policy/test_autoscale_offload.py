@@ -103,6 +103,24 @@ def test_burst_scales_out_at_once_then_holds_then_consolidates_and_releases():
     assert len(c.sessions) == cap and all(s.worker in c.workers for s in c.sessions.values())
 
 
+def test_capacity_counts_the_rounds_of_the_engines_max_batch():
+    """Past `engine.max_batch` sessions a GPU gives their chunks in several rounds per cycle:
+    the demand's per-GPU capacity is what such a cycle fits within the SLO, not one round's.
+    (demo91 at 4 steps holds 22 within 250 ms in one round; in rounds of 8, 11.)"""
+    from turboserve.policy.load import GroupLoad, group_round_ms
+    from turboserve.profile import load_latency_model
+    from turboserve.types import CompatKey
+
+    model = load_latency_model()
+    window = model.shape("demo91").window_frames
+    assert ModelCache(model, 32).capacity("demo91", 250.0, 4) == model.capacity("demo91", 250.0, 4) == 22
+    for max_batch in (1, 4, 8, 16):
+        cap = ModelCache(model, max_batch).capacity("demo91", 250.0, 4)
+        cycle = [group_round_ms(GroupLoad(CompatKey("demo91", 0, 0, 0, 4), n, n * window), model, max_batch)
+                 for n in (cap, cap + 1)]
+        assert max_batch <= cap < 22 and cycle[0] <= 250.0 < cycle[1], max_batch
+
+
 def test_volatile_demand_raises_the_target():
     base = _cfg(headroom_k=2.0)
     steady, volatile = FakeCluster(config=base), FakeCluster(config=base)

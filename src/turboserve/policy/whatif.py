@@ -111,10 +111,22 @@ class ModelCache:
         return v
 
     def capacity(self, shape: str, slo_ms: float, steps: int) -> int:
+        """Sessions of the shape one GPU serves within `slo_ms` at their full window: the
+        model's capacity (one round), or fewer where that is more than `max_batch` and the
+        engine gives them their chunks in several rounds per cycle (`group_round_ms`)."""
         k = (shape, slo_ms, steps)
         v = self._capacity.get(k)
         if v is None:
-            v = self._capacity[k] = int(self.model.capacity(shape, slo_ms, steps))
+            v = int(self.model.capacity(shape, slo_ms, steps))
+            if v > self.max_batch:
+                window = float(self.shape(shape).window_frames)
+                key = CompatKey(shape, 0, 0, 0, steps)
+                n = self.max_batch  # one round of max_batch: within the SLO, as v > max_batch
+                while n < v and group_round_ms(GroupLoad(key, n + 1, (n + 1) * window), self.model,
+                                               self.max_batch) <= slo_ms:
+                    n += 1
+                v = n
+            self._capacity[k] = v
         return v
 
 
