@@ -39,6 +39,15 @@ def test_generate_writes_one_playable_mp4_per_prompt(tmp_path, capsys):
     assert "generated 6 chunks (24 frames, 2 videos)" in summary and "chunk latency" in summary
 
 
+def test_engine_dtype_reaches_the_model(tmp_path, capsys):
+    """`engine.dtype` is the model's dtype (it was read nowhere); "auto" is float32 on CPU."""
+    for dtype in ("bfloat16", "auto"):
+        assert main(["generate", "--model", "tiny", "--prompt", "x", "--chunks", "1", "--out", str(tmp_path / dtype),
+                     "--device", "cpu", "--set", f"engine.dtype={dtype}"]) == 0
+        want = "bfloat16" if dtype == "bfloat16" else "float32"
+        assert f"on cpu ({want})" in capsys.readouterr().out
+
+
 def test_generate_rejects_bad_arguments(tmp_path, capsys):
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--chunks", "0", "--out", str(tmp_path)]) == 2
     assert "--chunks must be >= 1" in capsys.readouterr().err

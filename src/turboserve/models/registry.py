@@ -25,6 +25,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def dtype_named(name: str) -> torch.dtype | None:
+    """`engine.dtype`'s value as a torch dtype; None for "auto" (`default_dtype`)."""
+    if name == "auto":
+        return None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+    if dtype is None:
+        raise ValueError(f"engine.dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return dtype
+
+
 def _plugins() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 

@@ -26,12 +26,17 @@ def run(args) -> int:
         return run_calibrate(args, out)
     if not getattr(args, "model", None):
         raise ValueError("--model is required (or --calibrate ROUNDS --base PROFILE)")
+    from ..config import load_config
+    from ..models.registry import dtype_named
+
+    cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", None))
     device = resolve_device(args.device)
     profile = profile_model(args.model, weights=args.weights, device=device, quick=bool(args.quick),
                             seed=int(getattr(args, "seed", 0) or 0), shape_name=getattr(args, "name", None),
                             batches=_ints(getattr(args, "batches", None), "--batches"),
                             contexts=_ints(getattr(args, "contexts", None), "--contexts"),
-                            spec_changes=_spec_changes(args))
+                            spec_changes=_spec_changes(args), dtype=dtype_named(cfg.engine.dtype),
+                            attention_backend=cfg.engine.attention_backend or None)
     save_profile(profile, out)
     load_profiles(out)  # what we wrote must read back (validates every field)
     print(summary(profile))

@@ -401,7 +401,8 @@ def device_name(device: torch.device) -> str:
 def profile_model(model: str, *, weights: str | None = None, device: str = "cpu", quick: bool = False,
                   seed: int = 0, progress: bool = True, shape_name: str | None = None,
                   batches: Sequence[int] | None = None, contexts: Sequence[int] | None = None,
-                  spec_changes: dict[str, Any] | None = None) -> ShapeProfile:
+                  spec_changes: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
+                  attention_backend: str | None = None) -> ShapeProfile:
     """Load `model` (a model config name) and measure it. `shape_name` renames the shape
     (default: the model config name); `batches` / `contexts` replace the plan's (a context
     of -1 is the window's steady state); `spec_changes` are SessionSpec fields (width,
@@ -417,7 +418,8 @@ def profile_model(model: str, *, weights: str | None = None, device: str = "cpu"
         plan = _replace(plan, batches=tuple(sorted(set(batches))))
     if contexts:
         plan = _replace(plan, contexts=tuple(contexts))
-    generator = load_generator(model, weights=weights, device=device, seed=seed)
+    generator = load_generator(model, weights=weights, device=device, seed=seed, dtype=dtype,
+                               attention_backend=attention_backend)
     profiler = Profiler(generator, plan=plan, progress=progress, spec_changes=spec_changes)
     profile = profiler.measure()
     if shape_name and shape_name != profile.shape.name:
