@@ -140,6 +140,8 @@ class PlacementConfig:
 
 @dataclass(frozen=True)
 class RebalanceConfig:
+    # min-max rebalancing (turboserve) and pairwise balancing (migrate-only); draining a
+    # worker before its release still migrates
     enabled: bool = True
     eta: float = 1.0  # weight of migration cost (ms of downtime) against latency gain (ms)
     gain_threshold_ms: float = 5.0  # apply a move only if it gains more than this
@@ -160,6 +162,7 @@ class RebalanceConfig:
 
 @dataclass(frozen=True)
 class AutoscaleConfig:
+    # TurboServe's autoscaler (off: as turboserve-no-autoscale); autoscale-only always scales
     enabled: bool = True
     target_util: float = 0.85  # fraction of per-GPU capacity planned to be used
     volatility_window_s: float = 120.0  # sliding window for demand volatility
@@ -235,6 +238,7 @@ class AutoscaleConfig:
 
 @dataclass(frozen=True)
 class OffloadConfig:
+    # TurboServe's offload of idle sessions (off: as turboserve-no-offload)
     enabled: bool = True
     # an idle session is offloaded after this long (at once under pressure). Short: a session
     # that resumes on its GPU waits there for the round in progress (up to its worker's whole
