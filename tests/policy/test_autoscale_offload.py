@@ -103,6 +103,37 @@ def test_burst_scales_out_at_once_then_holds_then_consolidates_and_releases():
     assert len(c.sessions) == cap and all(s.worker in c.workers for s in c.sessions.values())
 
 
+def test_a_worker_holding_several_groups_counts_its_extra_rounds_as_demand():
+    """Two sessions at 4 steps and one at 2 on one worker: each group runs its own round, so
+    the worker needs its cycle against the SLO, more than the sessions' shares at perfect
+    packing. The autoscaler's target counts the difference (`mixed_gpus`); where every
+    worker holds one group it is 0 and the target is as before."""
+    from turboserve.policy.autoscale import turboserve_target
+    from turboserve.policy.demand import key_slo_ms
+
+    c = FakeCluster(config=_cfg())
+    w, lone = c.add_worker(), c.add_worker()
+    for _ in range(2):
+        c.add_session(w, context=21)
+    c.add_session(w, context=21, spec_=spec(steps=2))
+    c.add_session(lone, context=21)
+    view = c.view()
+    cache = ModelCache(c.model, 32)
+    scan = scan_cluster(view, cache)
+    slo = key_slo_ms(view, cache, spec().compat_key)
+    shares = sum(1 / cache.capacity("fake", slo, st) for st in (4, 4, 2))
+    assert scan.mixed_gpus > 0
+    assert math.isclose(scan.mixed_gpus, view.workers[w].load_ms / slo - shares)
+    assert math.isclose(scan.demand_gpus, shares + 1 / cache.capacity("fake", slo, 4))
+    with_mixed = turboserve_target(view, scan, 0.0)
+    assert with_mixed == math.ceil((scan.demand_gpus + scan.mixed_gpus) / view.config.autoscale.target_util - 1e-9)
+    one_group = FakeCluster(config=_cfg())
+    w = one_group.add_worker()
+    for _ in range(3):
+        one_group.add_session(w, context=21)
+    assert scan_cluster(one_group.view(), ModelCache(one_group.model, 32)).mixed_gpus == 0.0
+
+
 def test_capacity_counts_the_rounds_of_the_engines_max_batch():
     """Past `engine.max_batch` sessions a GPU gives their chunks in several rounds per cycle:
     the demand's per-GPU capacity is what such a cycle fits within the SLO, not one round's.

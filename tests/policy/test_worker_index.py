@@ -23,8 +23,12 @@ def _share(key) -> float:
     return 0.25 if key == KEYS[0] else 0.5
 
 
+def _slo(key) -> float:
+    return 250.0 if key == KEYS[0] else 500.0
+
+
 def _fields(ix: WorkerIndex) -> tuple:
-    return (ix.wids, ix.demand, ix.active, ix.by_load, ix.entry, ix.ready, ix.starting, ix.draining,
+    return (ix.wids, ix.demand, ix.active, ix.mixed, ix.by_load, ix.entry, ix.ready, ix.starting, ix.draining,
             ix.max_load_ms(), ix.min_ready_load_ms())
 
 
@@ -46,7 +50,7 @@ def test_an_index_kept_across_changes_equals_one_built_afresh(n_workers, steps):
         cluster.add_worker()
     view = cluster.view()
     kept = WorkerIndex()
-    kept.refresh(view, _share)
+    kept.refresh(view, _share, _slo)
     counter = 0
     for kind, arg in steps:
         workers = dict(view.workers)
@@ -63,10 +67,14 @@ def test_an_index_kept_across_changes_equals_one_built_afresh(n_workers, steps):
                 # a new record object, as the controller makes on every change
                 workers[wid] = replace(workers[wid], state=state, load_ms=load, groups=groups)
         view = replace(view, workers=MappingProxyType(workers))
-        kept.refresh(view, _share)
+        kept.refresh(view, _share, _slo)
         fresh = WorkerIndex()
-        fresh.refresh(view, _share)
+        fresh.refresh(view, _share, _slo)
         assert _fields(kept) == _fields(fresh)
+        for i, w in enumerate(view.workers.values()):  # several groups: the cycle at the tighter SLO
+            live = [g for g in w.groups if g.batch > 0] if w.state in STATES[:3] else []
+            want = max(0.0, w.load_ms / 250.0 - kept.demand[i]) if len(live) > 1 else 0.0
+            assert kept.mixed[i] == want
 
 
 def test_the_load_order_from_the_index_is_the_one_built_from_the_view():

@@ -7,7 +7,8 @@ the new timers.
 
 TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std +
 spare), demand counting the idle sessions held on their GPU (`ClusterScan.held_gpus`, unless
-`count_held_idle` is off), std being the demand's standard deviation over
+`count_held_idle` is off) and what workers holding several coalescing groups need beyond
+perfect packing (`ClusterScan.mixed_gpus`: one round per group there), std being the demand's standard deviation over
 `volatility_window_s`, clamped to [min_gpus, cluster.gpus], spare = max(`spare_gpus`,
 `spare_fraction` * cluster.gpus). With `lookahead_s` > 0, demand is first extrapolated that
 far along its recent rise (least-squares slope over the last `rise_window_s`, or
@@ -95,7 +96,7 @@ def spare_gpus(view: ClusterView) -> float:
 
 def turboserve_target(view: ClusterView, scan: ClusterScan, std: float, rise_per_s: float = 0.0) -> int:
     a = view.config.autoscale
-    demand = scan.demand_gpus + scan.held_gpus + rise_per_s * a.lookahead_s
+    demand = scan.demand_gpus + scan.held_gpus + scan.mixed_gpus + rise_per_s * a.lookahead_s
     raw = demand / max(a.target_util, 1e-6) + a.headroom_k * std + spare_gpus(view)
     return clamp_gpus(view, math.ceil(raw - 1e-9))
 

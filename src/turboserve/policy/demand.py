@@ -62,6 +62,9 @@ class ClusterScan:
     active_sessions: int = 0  # active sessions resident on workers (from their groups)
     pending_sessions: int = 0
     demand_gpus: float = 0.0  # active + pending sessions' GPUs with perfect packing
+    # GPUs workers holding several coalescing groups need beyond their sessions' shares
+    # (one round per group: the packing is not perfect there); 0 where each holds one group
+    mixed_gpus: float = 0.0
     # idle sessions kept on their GPU (no restore meets the SLO), as if active; with count_held
     held_gpus: float = 0.0
     # the per-worker index the scan was read from (refreshed for this view): its load order
@@ -97,7 +100,7 @@ def worker_index(view: ClusterView, cache: ModelCache, share: dict[CompatKey, fl
         return s
 
     index = cache.worker_index(view.config.slo.slo_ms)
-    index.refresh(view, share_of)
+    index.refresh(view, share_of, lambda key: key_slo_ms(view, cache, key))
     return index
 
 
@@ -110,6 +113,7 @@ def scan_cluster(view: ClusterView, cache: ModelCache, *, count_held: bool = Fal
                        index=index)
     demand = sum(index.demand)
     active = sum(index.active)
+    scan.mixed_gpus = sum(index.mixed)
     max_load = index.max_load_ms()
     min_ready = index.min_ready_load_ms()
     sessions = view.sessions

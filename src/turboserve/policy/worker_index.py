@@ -1,8 +1,10 @@
 """Per-worker decision inputs kept across policy calls, redone only where a worker changed.
 
-In: a `ClusterView` and a function giving a CompatKey's share of one GPU. Out: what one
-full pass over the workers would give, as a `WorkerIndex`: each worker's demand in GPUs
-and active sessions (from its coalescing groups), the workers by state in provisioning
+In: a `ClusterView`, a function giving a CompatKey's share of one GPU and (optionally) one
+giving its SLO. Out: what one full pass over the workers would give, as a `WorkerIndex`:
+each worker's demand in GPUs and active sessions (from its coalescing groups), what a
+worker holding several groups needs beyond their shares (`mixed`: its predicted cycle
+against the tightest of their SLOs, less the shares; each group runs its own round there), the workers by state in provisioning
 order, and every worker sorted by (load, provisioning order), the base of `LoadOrder`.
 
 The controller replaces a worker's view record on every change, so a record that is the
@@ -34,17 +36,19 @@ class WorkerIndex:
         self._recs: list[WorkerView] = []
         self.demand: list[float] = []  # per worker, GPUs its active sessions need (0 if out of service)
         self.active: list[int] = []  # per worker, active sessions (0 if out of service)
+        self.mixed: list[float] = []  # per worker, GPUs beyond `demand` for holding several groups
         self.by_load: list[tuple[float, int, WorkerId]] = []  # (load, provisioning index, worker), ascending
         self.entry: dict[WorkerId, tuple[float, int, WorkerId]] = {}
         self.ready: list[WorkerId] = []
         self.starting: list[WorkerId] = []
         self.draining: list[WorkerId] = []
 
-    def refresh(self, view: ClusterView, share: Callable[[CompatKey], float]) -> None:
+    def refresh(self, view: ClusterView, share: Callable[[CompatKey], float],
+                slo_of: Callable[[CompatKey], float] | None = None) -> None:
         workers = view.workers
         wids = list(workers)
         if wids != self.wids:
-            self._rebuild(wids, list(workers.values()), share)
+            self._rebuild(wids, list(workers.values()), share, slo_of)
             return
         recs = list(workers.values())
         old = self._recs
@@ -57,7 +61,7 @@ class WorkerIndex:
         for i in changed:
             w, was = recs[i], old[i]
             states_moved = states_moved or w.state is not was.state
-            self.demand[i], self.active[i] = _worker_demand(w, share)
+            self.demand[i], self.active[i], self.mixed[i] = _worker_demand(w, share, slo_of)
             if w.load_ms != was.load_ms:
                 wid = wids[i]
                 del by_load[bisect.bisect_left(by_load, entry[wid])]
@@ -81,12 +85,13 @@ class WorkerIndex:
                 return load
         return math.inf
 
-    def _rebuild(self, wids: list[WorkerId], recs: list[WorkerView],
-                 share: Callable[[CompatKey], float]) -> None:
+    def _rebuild(self, wids: list[WorkerId], recs: list[WorkerView], share: Callable[[CompatKey], float],
+                 slo_of: Callable[[CompatKey], float] | None) -> None:
         self.wids, self._recs = wids, recs
-        per = [_worker_demand(w, share) for w in recs]
-        self.demand = [d for d, _ in per]
-        self.active = [a for _, a in per]
+        per = [_worker_demand(w, share, slo_of) for w in recs]
+        self.demand = [d for d, _, _ in per]
+        self.active = [a for _, a, _ in per]
+        self.mixed = [m for _, _, m in per]
         self.entry = {wid: (w.load_ms, i, wid) for i, (wid, w) in enumerate(zip(wids, recs))}
         self.by_load = sorted(self.entry.values())
         self._split_by_state()
@@ -101,16 +106,24 @@ class WorkerIndex:
                 dest.append(wid)
 
 
-def _worker_demand(w: WorkerView, share: Callable[[CompatKey], float]) -> tuple[float, int]:
-    """(GPUs, sessions) of one worker's active sessions; nothing for a worker out of service
-    (released or lost workers hold no load)."""
+def _worker_demand(w: WorkerView, share: Callable[[CompatKey], float],
+                   slo_of: Callable[[CompatKey], float] | None) -> tuple[float, int, float]:
+    """(GPUs, sessions, mixed GPUs) of one worker's active sessions; nothing for a worker out
+    of service (released or lost workers hold no load). Mixed: with several groups (and
+    `slo_of`), what its cycle against their tightest SLO needs beyond their shares, else 0."""
     if w.state not in _IN_SERVICE:
-        return 0.0, 0
+        return 0.0, 0, 0.0
     demand = 0.0
     active = 0
+    groups = 0
     for g in w.groups:
         if g.batch <= 0:
             continue
         demand += g.batch * share(g.key)
         active += g.batch
-    return demand, active
+        groups += 1
+    mixed = 0.0
+    if groups > 1 and slo_of is not None:
+        slo = min(slo_of(g.key) for g in w.groups if g.batch > 0)
+        mixed = max(0.0, w.load_ms / slo - demand)
+    return demand, active, mixed
