@@ -11,7 +11,11 @@ Besides the controller's wall-clock samples, each policy call's CPU time on its 
 (`time.thread_time`) is measured too: on a shared machine wall time also counts waiting
 for a core, CPU time does not.
 
-    python bench/decision_time.py [--gpus 4,16,64,256] [--policy turboserve] [--sim-s 120]
+    python bench/decision_time.py [--gpus 4,16,64,256] [--policy turboserve] [--sim-s 120] [--steps 2,4]
+
+`--steps` gives the sessions these step counts in turn (default: the shape's), so that
+several coalescing groups share the GPUs: each group runs its own round, and placement and
+rebalancing weigh group lists rather than one group.
 
 Prints a table and writes JSON (`--json`, default bench/results/decision_time.json).
 """
@@ -40,11 +44,14 @@ SHAPE = "demo91"
 SESSIONS_PER_GPU = 8
 
 
-def population(gpus: int, ramp_s: float, sim_s: float, seed: int, model) -> list[SessionRecord]:
-    """8 sessions per GPU arriving over `ramp_s`, active 5-40 s then idle 1-15 s, until `sim_s`."""
+def population(gpus: int, ramp_s: float, sim_s: float, seed: int, model,
+               steps: tuple[int, ...] = ()) -> list[SessionRecord]:
+    """8 sessions per GPU arriving over `ramp_s`, active 5-40 s then idle 1-15 s, until `sim_s`;
+    session i takes `steps[i % len(steps)]` denoising steps (default: the shape's)."""
     rng = np.random.default_rng(seed)
     info = model.shape(SHAPE)
     spec = SessionSpec(model=SHAPE, fps=info.fps, frames_per_chunk=info.video_frames_per_chunk, steps=info.passes - 1)
+    steps = tuple(steps) or (spec.steps,)
     out = []
     for i in range(gpus * SESSIONS_PER_GPU):
         t = float(rng.uniform(0.0, ramp_s))
@@ -54,7 +61,7 @@ def population(gpus: int, ramp_s: float, sim_s: float, seed: int, model) -> list
             a, idle = float(rng.uniform(5.0, 40.0)), float(rng.uniform(1.0, 15.0))
             periods.append(Period(a, idle))
             span += a + idle
-        out.append(SessionRecord(f"d{i:05d}", t, spec.with_(seed=i), tuple(periods)))
+        out.append(SessionRecord(f"d{i:05d}", t, spec.with_(seed=i, steps=steps[i % len(steps)]), tuple(periods)))
     return out
 
 
@@ -79,8 +86,9 @@ class CpuTimedPolicy:
         return d
 
 
-def measure(gpus: int, policy: str, ramp_s: float, sim_s: float, seed: int, model) -> dict:
-    records = population(gpus, ramp_s, sim_s, seed, model)
+def measure(gpus: int, policy: str, ramp_s: float, sim_s: float, seed: int, model,
+            steps: tuple[int, ...] = ()) -> dict:
+    records = population(gpus, ramp_s, sim_s, seed, model, steps)
     timed = CpuTimedPolicy(policy)
     sim_driver.get_policy = lambda name: timed  # the driver builds its controller with it
     config = load_config(None, [f"cluster.gpus={gpus}", f"autoscale.initial_gpus={gpus}",
@@ -92,7 +100,7 @@ def measure(gpus: int, policy: str, ramp_s: float, sim_s: float, seed: int, mode
     cpu = np.asarray(timed.cpu_ms)
     c = res.controller.counters
     return {
-        "gpus": gpus, "sessions": len(records), "policy": policy, "decisions": int(d.size), "events": c.events,
+        "gpus": gpus, "sessions": len(records), "policy": policy, "steps": sorted({r.spec.steps for r in records}), "decisions": int(d.size), "events": c.events,
         "p50_ms": float(np.percentile(d, 50)), "p99_ms": float(np.percentile(d, 99)), "max_ms": float(d.max()),
         "mean_ms": float(d.mean()), "cpu_p50_ms": float(np.percentile(cpu, 50)),
         "cpu_p99_ms": float(np.percentile(cpu, 99)), "cpu_max_ms": float(cpu.max()), "migrations": res.summary["migrations"], "offloads": res.summary["offloads"],
@@ -107,15 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ramp-s", type=float, default=20.0)
     ap.add_argument("--sim-s", type=float, default=90.0, help="simulated seconds per run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", default="", help="step counts the sessions take in turn, e.g. 2,4 (default: the shape's)")
     ap.add_argument("--json", dest="json_out", default=str(REPO / "bench" / "results" / "decision_time.json"))
     args = ap.parse_args(argv)
+    steps = tuple(int(x) for x in args.steps.split(",") if x.strip())
     model = load_latency_model()
     rows = []
     print(f"{'policy':<24} {'GPUs':>5} {'sessions':>8} {'decisions':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'cpu p50':>8} {'cpu p99':>8} {'migr':>5} {'offl':>5} {'wall s':>7}")
     for policy in args.policy.split(","):
         for g in (int(x) for x in args.gpus.split(",")):
-            r = measure(g, policy, args.ramp_s, args.sim_s, args.seed, model)
+            r = measure(g, policy, args.ramp_s, args.sim_s, args.seed, model, steps)
             rows.append(r)
             print(f"{policy:<24} {g:>5} {r['sessions']:>8} {r['decisions']:>9} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
                   f"{r['max_ms']:>8.2f} {r['cpu_p50_ms']:>8.3f} {r['cpu_p99_ms']:>8.3f} {r['migrations']:>5} "
