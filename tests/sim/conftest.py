@@ -1,6 +1,9 @@
-"""Shared fixtures of the simulator tests: the built-in latency model and a small bursty trace."""
+"""Shared fixtures of the simulator tests: the built-in latency model and small bursty
+traces (one spec, and a mix of two step counts)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
@@ -31,3 +34,13 @@ def small_trace_path(small_records, tmp_path_factory):
     path = tmp_path_factory.mktemp("trace") / "small.jsonl"
     write_trace(small_records, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def mixed_records(model):
+    """~60 sessions of demo91, about half at 2 steps and half at 4 (two coalescing groups,
+    one round each on a GPU that holds both), whose peak needs 3 GPUs at perfect packing."""
+    cfg = SynthConfig(hours=0.08, seed=4, shape=SHAPE, rate_per_min=20.0)
+    cfg = replace(cfg, law=replace(cfg.law, steps_mix=((2, 0.5), (4, 0.5))))
+    recs = synth_trace(cfg, model)
+    return map_to_shape(fit_to_gpus(recs, model, SHAPE, GPUS), SHAPE, model)

@@ -60,6 +60,28 @@ def test_every_due_chunk_is_delivered_once_and_in_order(small_records, model):
     assert all(v > 0 for v in mechanisms.values()), mechanisms  # the mechanisms were exercised
 
 
+@pytest.mark.parametrize("policy", ["turboserve", "static-ll"])
+def test_two_step_counts_on_shared_gpus(mixed_records, model, policy):
+    """Two coalescing groups: every chunk once and in order, one group per round, and the
+    same report with and without the cruise shortcut."""
+    steps = {r.id: r.spec.steps for r in mixed_records}
+    assert set(steps.values()) == {2, 4}
+    got: dict[str, list[int]] = defaultdict(list)
+
+    def on_outcome(out):
+        assert len({steps[sid] for sid in out.session_ids}) == 1  # one group per round
+        for sid, idx in zip(out.session_ids, out.chunk_indices):
+            got[sid].append(idx)
+
+    res = simulate(mixed_records, policy, model, _config(), on_outcome=on_outcome)
+    assert res.summary["sessions_unserved"] == 0 and res.summary["sessions_failed"] == 0
+    for rec in mixed_records:
+        assert got[rec.id] == list(range(sum(rec.chunks_in_period(i) for i in range(len(rec.periods)))))
+    plain = simulate(mixed_records, policy, model, _config(), cruise=False)
+    fast = simulate(mixed_records, policy, model, _config(), cruise=True)
+    assert _same(plain.summary, fast.summary) == {}
+
+
 def test_same_seed_gives_the_same_report(small_records, model):
     a = simulate(small_records, "turboserve", model, _config()).summary
     b = simulate(small_records, "turboserve", model, _config()).summary
