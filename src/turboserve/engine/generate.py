@@ -133,7 +133,7 @@ def generate_videos(generator, prompts: Sequence[str], chunks: int, out_dir: str
 def run(args) -> int:
     """`turboserve generate` entry point (see cli.py for the options)."""
     from ..config import load_config
-    from ..models.registry import dtype_named, load_generator
+    from ..models.registry import generator_options, load_generator
 
     cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", None))
     if args.chunks < 1:  # checked before the (slow) model load
@@ -142,15 +142,15 @@ def run(args) -> int:
         raise ValueError("--prompt must not be empty")
     device = resolve_device(args.device)
     generator = load_generator(args.model, weights=args.weights, device=device, seed=args.seed,
-                               dtype=dtype_named(cfg.engine.dtype),
-                               attention_backend=cfg.engine.attention_backend or None)
+                               **generator_options(cfg.engine))
     result = generate_videos(generator, args.prompt, args.chunks, args.out, seed=args.seed,
                              max_batch=cfg.engine.max_batch)
     lat = sorted(result.chunk_latency_ms)
     p50 = statistics.median(lat) if lat else 0.0
     worst = lat[-1] if lat else 0.0
     print(f"generated {result.chunks} chunks ({result.frames} frames, {len(result.paths)} videos) "
-          f"in {result.seconds:.2f} s on {device} ({str(generator.dtype).removeprefix('torch.')}); chunk latency p50 {p50:.0f} ms, max {worst:.0f} ms; "
+          f"in {result.seconds:.2f} s on {device} ({str(generator.dtype).removeprefix('torch.')}); "
+          f"chunk latency p50 {p50:.0f} ms, max {worst:.0f} ms; "
           f"wrote {Path(args.out)}")
     for sid, why in result.failed.items():
         print(f"session {sid} failed: {why}", file=sys.stderr)

@@ -25,14 +25,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def dtype_named(name: str) -> torch.dtype | None:
-    """`engine.dtype`'s value as a torch dtype; None for "auto" (`default_dtype`)."""
-    if name == "auto":
-        return None
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
-    if dtype is None:
-        raise ValueError(f"engine.dtype must be auto, float32, bfloat16 or float16, got {name!r}")
-    return dtype
+def generator_options(engine: Any) -> dict[str, Any]:
+    """`load_generator`'s keyword arguments that the config's `engine` section sets: the
+    dtype ("auto", the config's check lets only torch names through otherwise: None, so
+    `default_dtype`) and the attention backend ("" = the default)."""
+    return {"dtype": None if engine.dtype == "auto" else getattr(torch, engine.dtype),
+            "attention_backend": engine.attention_backend or None}
 
 
 def _plugins() -> dict[str, Any]:

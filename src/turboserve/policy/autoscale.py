@@ -6,26 +6,27 @@ when workers are to be released), the autoscaler's timers from the policy's memo
 the new timers.
 
 TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std +
-spare), demand counting the idle sessions held on their GPU (`ClusterScan.held_gpus`, unless
-`count_held_idle` is off) and what workers holding several coalescing groups need beyond
-perfect packing (`ClusterScan.mixed_gpus`: one round per group there), std being the demand's standard deviation over
-`volatility_window_s`, clamped to [min_gpus, cluster.gpus], spare = max(`spare_gpus`,
-`spare_fraction` * cluster.gpus). With `lookahead_s` > 0, demand is first extrapolated that
-far along its recent rise (least-squares slope over the last `rise_window_s`, or
-`lookahead_s` when that is 0; never down; trusted in proportion to the history it was fitted
-to; less `rise_min_sessions` sessions' worth per window, so a couple of arrivals is no
-ramp), so a ramp gets its GPUs one start-up delay early. The spare keeps capacity up for a
-burst out of a quiet spell, which no forecast sees coming; it scales with the ceiling (the
-operator's bound on peak demand), since a burst brings a share of the peak within one
-start-up delay. Demand counts pending sessions; provisioned = READY + STARTING workers (the
-start-up pipeline already counts). Above target: first cancel the release of draining
-workers (those still holding the most sessions: nothing to rebuild), then start new ones at
-once. Below target: only after the target has stayed below provisioned for
-`scale_in_hold_s`, release down to the highest target seen during that hold (without the
-projected rise unless `hold_counts_rise`: a forecast that did not come true holds nothing),
-least-loaded READY workers first (STARTING ones before them: they hold nothing); with
-migration they drain by consolidation (a session moves only where the destination stays
-within its SLO), without it only empty workers are released.
+spare), demand counting the idle sessions held on their GPU (`ClusterScan.held_gpus`,
+unless `count_held_idle` is off) and what workers holding several coalescing groups need
+beyond perfect packing (`ClusterScan.mixed_gpus`: one round per group there), std being the
+demand's standard deviation over `volatility_window_s`, clamped to [min_gpus,
+cluster.gpus], spare = max(`spare_gpus`, `spare_fraction` * cluster.gpus). With
+`lookahead_s` > 0, demand is first extrapolated that far along its recent rise
+(least-squares slope over the last `rise_window_s`, or `lookahead_s` when that is 0; never
+down; trusted in proportion to the history it was fitted to; less `rise_min_sessions`
+sessions' worth per window, so a couple of arrivals is no ramp), so a ramp gets its GPUs
+one start-up delay early. The spare keeps capacity up for a burst out of a quiet spell,
+which no forecast sees coming; it scales with the ceiling (the operator's bound on peak
+demand), since a burst brings a share of the peak within one start-up delay. Demand counts
+pending sessions; provisioned = READY + STARTING workers (the start-up pipeline already
+counts). Above target: first cancel the release of draining workers (those still holding
+the most sessions: nothing to rebuild), then start new ones at once. Below target: only
+after the target has stayed below provisioned for `scale_in_hold_s`, release down to the
+highest target seen during that hold (without the projected rise unless `hold_counts_rise`:
+a forecast that did not come true holds nothing), least-loaded READY workers first
+(STARTING ones before them: they hold nothing); with migration they drain by consolidation
+(a session moves only where the destination stays within its SLO), without it only empty
+workers are released.
 
 Ray Serve (`ray_serve_scale`, the autoscale-only baseline): desired = ceil(ongoing sessions
 / target per GPU), where ongoing = active + pending sessions and the target is

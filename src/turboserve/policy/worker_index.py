@@ -4,8 +4,9 @@ In: a `ClusterView`, a function giving a CompatKey's share of one GPU and (optio
 giving its SLO. Out: what one full pass over the workers would give, as a `WorkerIndex`:
 each worker's demand in GPUs and active sessions (from its coalescing groups), what a
 worker holding several groups needs beyond their shares (`mixed`: its predicted cycle
-against the tightest of their SLOs, less the shares; each group runs its own round there), the workers by state in provisioning
-order, and every worker sorted by (load, provisioning order), the base of `LoadOrder`.
+against the tightest of their SLOs, less the shares; each group runs its own round there),
+the workers by state in provisioning order, and every worker sorted by (load,
+provisioning order), the base of `LoadOrder`.
 
 The controller replaces a worker's view record on every change, so a record that is the
 same object as at the last call means that worker did not change. Comparing the records

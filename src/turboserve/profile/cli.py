@@ -27,7 +27,7 @@ def run(args) -> int:
     if not getattr(args, "model", None):
         raise ValueError("--model is required (or --calibrate ROUNDS --base PROFILE)")
     from ..config import load_config
-    from ..models.registry import dtype_named
+    from ..models.registry import generator_options
 
     cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", None))
     device = resolve_device(args.device)
@@ -35,8 +35,7 @@ def run(args) -> int:
                             seed=int(getattr(args, "seed", 0) or 0), shape_name=getattr(args, "name", None),
                             batches=_ints(getattr(args, "batches", None), "--batches"),
                             contexts=_ints(getattr(args, "contexts", None), "--contexts"),
-                            spec_changes=_spec_changes(args), dtype=dtype_named(cfg.engine.dtype),
-                            attention_backend=cfg.engine.attention_backend or None)
+                            spec_changes=_spec_changes(args), **generator_options(cfg.engine))
     save_profile(profile, out)
     load_profiles(out)  # what we wrote must read back (validates every field)
     print(summary(profile))

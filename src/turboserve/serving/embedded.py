@@ -96,10 +96,9 @@ def build_runtime(config: TurboConfig, *, model: str = "tiny", weights: str | No
 
     if generator_factory is None:
         def generator_factory(device: str):
-            from ..models.registry import dtype_named, load_generator
+            from ..models.registry import generator_options, load_generator
 
-            return load_generator(model, weights=weights, device=device, dtype=dtype_named(config.engine.dtype),
-                                  attention_backend=config.engine.attention_backend or None)
+            return load_generator(model, weights=weights, device=device, **generator_options(config.engine))
     if latency_model is None:
         from ..profile import load_latency_model
 

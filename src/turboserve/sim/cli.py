@@ -2,8 +2,8 @@
 
 In: the parsed arguments of `turboserve.cli` (`--trace`, `--model`, `--gpus`, `--policy`,
 `--slo-ms`, `--until`, `--link`, `--json`, `--plot`, `--no-equal-cost`, `--jobs`,
-`--config`, `--set`). Out: the table on stdout, the report JSON (`sim/report.py`) and PNG plots when
-asked; exit code 0.
+`--config`, `--set`). Out: the table on stdout, the report JSON (`sim/report.py`) and PNG
+plots when asked; exit code 0.
 
 `--model` is the shape every session uses (the trace's own is overridden: its frames per
 chunk and fps follow the shape's profile). `--gpus` is the fixed count of fixed-count
