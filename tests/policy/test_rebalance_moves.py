@@ -321,3 +321,38 @@ def test_without_a_monotone_model_every_decision_lists_the_candidates(monkeypatc
     p = get_policy("turboserve-no-autoscale")
     p.decide(c.view(), p.initial_memory())
     assert listed[0] >= 1
+
+
+@PROFILE
+@given(st.data())
+def test_rebalancing_never_starts_a_group_beside_other_groups(data):
+    """A min-max move goes where the session's group runs, or to a worker running none:
+    beside another group it would add a round of its own to every later cycle there."""
+    c = random_cluster(data.draw, st, states=READY_ONLY, config=_cfg(cooldown_s=0.0))
+    before = c.view()
+    p = get_policy("turboserve-no-autoscale")
+    d = p.decide(before, p.initial_memory())
+    keys = {wid: {g.key for g in w.groups} for wid, w in before.workers.items()}
+    for x in d.placements:  # placed first, in the same decision
+        keys[x.worker_id].add(before.sessions[x.session_id].spec.compat_key)
+    for m in d.migrations:
+        s = before.sessions[m.session_id]
+        if s.state is not SessionState.ACTIVE:
+            continue
+        assert not keys[m.dst] or s.spec.compat_key in keys[m.dst], (m, keys[m.dst])
+        keys[m.dst].add(s.spec.compat_key)
+
+
+def test_a_draining_worker_sends_a_session_to_its_own_group_first():
+    c = FakeCluster()
+    a, b, d = c.add_worker(), c.add_worker(), c.add_worker()
+    for _ in range(4):
+        c.add_session(a, context=21, spec_=spec("fake", steps=4))
+    c.add_session(b, context=21, spec_=spec("fake", steps=2))  # lighter, another group
+    sid = c.add_session(d, context=21, spec_=spec("fake", steps=4))
+    c.workers[d].state = WorkerState.DRAINING
+    view = c.view()
+    assert view.workers[b].load_ms < view.workers[a].load_ms
+    p = get_policy("turboserve-no-autoscale")
+    dec = p.decide(view, p.initial_memory())
+    assert [(m.session_id, m.dst) for m in dec.migrations] == [(sid, a)]

@@ -128,6 +128,8 @@ def test_placements_fit_memory_and_target_ready_workers(data):
 @PROFILE
 @given(st.data())
 def test_min_max_placement_is_optimal_for_one_session(data):
+    """Min-max among the workers where the session starts no group beside other groups
+    while the best of those keeps the SLO, else among all."""
     c = random_cluster(data.draw, st, max_pending=0, config=TurboConfig())
     sid = c.add_session(None, spec_=data.draw(st.sampled_from([spec("fake"), spec("big")])),
                         context=data.draw(st.sampled_from([0, 21])))
@@ -140,18 +142,28 @@ def test_min_max_placement_is_optimal_for_one_session(data):
     cache = ModelCache(c.model, 32)
     wi = WhatIf(view, cache)
     options = []  # (resulting max, resulting load on the worker, holds the key, worker)
+    apart = []  # those where it starts no group beside other groups
     for wid, w in view.workers.items():
         if w.state is not WorkerState.READY or not wi.fits(wid, key, c.full_bytes(key.model), 0.05):
             continue
         after = cycle_ms(groups_plus(w.groups, key, s.context_frames), c.model)
         others = max((v.load_ms for o, v in view.workers.items() if o != wid), default=0.0)
-        options.append((max(others, after), after, any(g.key == key for g in w.groups), wid))
+        holds = any(g.key == key for g in w.groups)
+        options.append((max(others, after), after, holds, wid))
+        if holds or not w.groups:
+            apart.append(options[-1])
     placed = {x.session_id: x.worker_id for x in d.placements}
     if not options:
         assert sid not in placed
         return
     assert sid in placed
-    best = min(options)
+    # beside its own group (or alone) wherever that keeps the worker within the SLO,
+    # else the min-max worker of all
+    best = min(apart) if apart and min(apart)[1] <= view.slo_ms(s.spec) else min(options)
+    if best not in apart:
+        options = [o for o in options if o not in apart]
+    else:
+        options = apart
     chosen = [o for o in options if o[3] == placed[sid]][0]
     assert math.isclose(chosen[0], best[0], rel_tol=1e-12, abs_tol=1e-9)
     assert math.isclose(chosen[1], best[1], rel_tol=1e-12, abs_tol=1e-9)
@@ -248,4 +260,43 @@ def test_placement_scores_at_most_candidate_workers():
     p = get_policy("turboserve-no-autoscale")
     assert p.decide(c.view(), p.initial_memory()).placements == (Placement(sid, a),)
     c.config = replace(c.config, placement=replace(c.config.placement, candidate_workers=1))
+    assert p.decide(c.view(), p.initial_memory()).placements == (Placement(sid, b),)
+
+
+def _group_and_other(slo_ms: float | None = None) -> tuple[FakeCluster, str, str, str]:
+    """Worker `a` runs three sessions of 4 steps, the lighter `b` one session of 2 steps;
+    a new 4-step session is pending."""
+    cfg = TurboConfig()
+    if slo_ms is not None:
+        cfg = replace(cfg, slo=replace(cfg.slo, slo_ms=slo_ms))
+    c = FakeCluster(config=cfg)
+    a, b = c.add_worker(), c.add_worker()
+    for _ in range(3):
+        c.add_session(a, context=21, spec_=spec("fake", steps=4))
+    c.add_session(b, context=21, spec_=spec("fake", steps=2))
+    sid = c.add_session(None, spec_=spec("fake", steps=4))
+    return c, a, b, sid
+
+
+def test_a_session_joins_its_group_rather_than_start_one_beside_another():
+    """Beside `b`'s group it would run a round of its own: `b` ends lighter than `a` would,
+    but every later session of either group there pays both rounds."""
+    c, a, b, sid = _group_and_other()
+    view = c.view()
+    key = spec("fake", steps=4).compat_key
+    on_a = cycle_ms(groups_plus(view.workers[a].groups, key, 0.0), c.model)
+    on_b = cycle_ms(groups_plus(view.workers[b].groups, key, 0.0), c.model)
+    assert on_b < on_a <= view.slo_ms(spec())  # plain min-max would pick b
+    p = get_policy("turboserve-no-autoscale")
+    assert p.decide(view, p.initial_memory()).placements == (Placement(sid, a),)
+
+
+def test_a_session_goes_beside_another_group_when_its_own_would_miss_the_slo():
+    c, a, b, sid = _group_and_other()
+    view = c.view()
+    key = spec("fake", steps=4).compat_key
+    on_a = cycle_ms(groups_plus(view.workers[a].groups, key, 0.0), c.model)
+    on_b = cycle_ms(groups_plus(view.workers[b].groups, key, 0.0), c.model)
+    c, a, b, sid = _group_and_other(slo_ms=(on_a + on_b) / 2)  # a would miss it, b not
+    p = get_policy("turboserve-no-autoscale")
     assert p.decide(c.view(), p.initial_memory()).placements == (Placement(sid, b),)

@@ -8,15 +8,24 @@ A worker is feasible for a session when it is READY and has room for the session
 at its full attention window (`model.state_bytes(shape, window)`) plus the activations of
 its largest round, never planning `placement.memory_headroom` of its memory. Choosers:
 - `MinMaxChooser` (TurboServe): the feasible worker minimising the resulting maximum
-  predicted latency over the cluster; among equal maxima the lighter resulting load (the
-  maximum is often set by another, overloaded worker: this keeps spreading); where that
-  ties too, a worker already holding the session's CompatKey (coalescing), then
-  provisioning order. Coalescing mostly wins on its own: joining a group adds less time
-  than starting a new round. Scans workers least loaded first and stops at a provable
-  lower bound, or after scoring `placement.candidate_workers` feasible workers: in a
-  balanced cluster hundreds of workers sit within one session's cost of each other, and
-  scoring them all would cost milliseconds for a choice among near-equals (exact whenever
-  the bound stops the scan first, as in every cluster of up to that many workers).
+  predicted latency over the cluster, among the workers where the session is compatible:
+  those running its CompatKey's group, or no group. Beside another group it would run a
+  round of its own, and a round costs far more than one more session in it (demo91 at 4
+  steps: 93 ms alone, 2.5 ms more per session), so a worker holding two groups serves
+  fewer sessions than one holding either (demo91 within 250 ms: ~19 of 2 and 4 steps
+  together, against 22 of 4 steps or 30 of 2), for as long as both stay there. Min-max
+  alone picks such a worker whenever it ends lighter, and under load every worker ends
+  up mixed. It still goes beside another group where no compatible worker has room, or
+  where the best compatible one would run past the session's SLO and the other scores
+  better. Among equal maxima the lighter resulting load (the maximum is often set by
+  another, overloaded worker: this keeps spreading); where that ties too, a worker already
+  holding the session's CompatKey (coalescing), then provisioning order. Coalescing mostly
+  wins on its own: joining a group adds less time than starting a new round. Scans
+  workers least loaded first and stops at a provable lower bound, or after scoring
+  `placement.candidate_workers` feasible workers: in a balanced cluster hundreds of
+  workers sit within one session's cost of each other, and scoring them all would cost
+  milliseconds for a choice among near-equals (exact whenever the bound stops the scan
+  first, as in every cluster of up to that many workers).
   The placed session's own first chunk is one of the latencies in that maximum: it waits
   for the round in progress on the worker to end (`next_round_wait_ms`, from the worker's
   last reported round and its cycle; plus the restore copy of a resumed session), then for
@@ -97,12 +106,16 @@ class MinMaxChooser:
         # 5 ms, one session at a short context joined by a new one), so it is a rule, not a
         # bound: a worker it passes over could, rarely, have scored a little better.
         floor_ms = wi.cache.fixed_ms(key.model)
-        best: tuple[float, float, int, int] | None = None
+        best: tuple[float, float, int, int] | None = None  # joining its group, or an empty worker
         best_wid = None
-        seen_new_group = False
+        good = False  # `best` keeps its worker's cycle within the session's SLO
+        mixed: tuple[float, float, int, int] | None = None  # beside other groups
+        mixed_wid = None
+        new_group_seen = [False, False]  # [alone, beside other groups]: a new group was scored
         seen: dict[float, list] = {}  # wait -> groups scored with it
         budget = self.max_scored
         view = wi.view
+        slo_ms = view.slo_ms(session.spec)
         phased = bool(view.last_round)  # round phases known: equal groups may still differ
         delay = first_chunk_delay_ms(view, session) if phased else 0.0
         for load, rank, wid in order.ascending():
@@ -110,10 +123,16 @@ class MinMaxChooser:
                 continue
             if budget <= 0:
                 break  # the lightest workers were scored: a heavier one rarely wins
-            # No later worker can beat `best`: its resulting max is at least max(second,
-            # load + floor) and its own resulting load at least `load + floor`.
+            # No later worker changes the choice: its resulting max is at least max(second,
+            # load + floor) and its own resulting load at least `load + floor`, so it
+            # cannot beat `best`, nor, unless `best` is good, the lesser of the two (nor,
+            # with no `best` yet, be good: over the SLO).
             low = load + floor_ms
-            if best is not None and (max(second, low), low) > best[:2]:
+            bound = (max(second, low), low)
+            if best is not None:
+                if bound > best[:2] and (good or mixed is None or bound > mixed[:2] or best < mixed):
+                    break
+            elif mixed is not None and low > slo_ms and bound > mixed[:2]:
                 break
             room = wi.room_to_join(wid, key, need_bytes, self.headroom)
             if room is None:
@@ -127,7 +146,7 @@ class MinMaxChooser:
                 continue  # same groups and phase as a worker already scored (ranked before it)
             else:
                 scored.append(groups)
-            if not same and seen_new_group:
+            if not same and new_group_seen[bool(groups)]:
                 continue  # a new group adds the same time everywhere: the lighter one won
             new_load = wi.load_joining(groups, key, ctx)
             budget -= 1
@@ -135,9 +154,16 @@ class MinMaxChooser:
             # the session's first chunk: the round in progress there, then its own round
             first = wait + new_load
             score = (max(others, first), new_load, 0 if same else 1, rank)
-            if best is None or score < best:
+            if not same and groups:
+                if mixed is None or score < mixed:
+                    mixed, mixed_wid = score, wid
+            elif best is None or score < best:
                 best, best_wid = score, wid
-            seen_new_group = seen_new_group or (not same and not phased)
+                good = new_load <= slo_ms
+            if not same and not phased:
+                new_group_seen[bool(groups)] = True
+        if mixed is not None and (best is None or (not good and mixed < best)):
+            return mixed_wid
         return best_wid
 
 

@@ -15,8 +15,9 @@ The process, and why:
   minutes (session duration heterogeneity).
 - A session alternates active and idle periods: a geometric number of active periods,
   the active total split among them at random, lognormal idle gaps between them.
-- Specs: the given shape, 16 fps, the shape's video frames per chunk, mostly 4 denoising
-  steps and some 2 (a faster, lower-quality tier that still coalesces within its group).
+- Specs: the given shape, 16 fps, the shape's video frames per chunk, a seed each, and
+  denoising steps drawn from `steps_mix` (4 alone by default; e.g. 4 and 2, a faster,
+  lower-quality tier that coalesces only within its own group).
 `SessionSampler` (lengths, periods, specs) is reused by adapters that only know arrivals.
 """
 
