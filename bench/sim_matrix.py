@@ -39,6 +39,8 @@ fit assumed, and every policy queued sessions for minutes.
     python bench/sim_matrix.py --jobs 2                 # cells in 2 processes (they are independent)
     python bench/sim_matrix.py --seeds 0,1 --jobs 2     # every cell on two draws of its trace
     python bench/sim_matrix.py --merge a.json b.json --json all.json  # parts run apart, averaged as one
+    python bench/sim_matrix.py --traces synthetic-mixed --seeds 0,1 --json bench/results/sim_matrix_mixed.json
+                                                        # half the sessions at 2 steps: two groups
 
 Prints a table and writes JSON (`--json`, default bench/results/sim_matrix.json).
 """
@@ -67,6 +69,9 @@ SHARED = REPO.parent / "shared" / "traces"
 SHAPES = ("demo91", "wan1.3b-320p", "wan14b-480p")
 CLUSTERS = (8, 16, 32, 64)
 TRACES = ("synthetic", "mooncake", "servegen")
+# beyond the matrix (`--traces synthetic-mixed`): the synthetic trace with half its sessions
+# at 2 denoising steps, so two coalescing groups share the cluster
+MIXED_STEPS = "4:0.5,2:0.5"
 POLICIES = ("static-rr", "static-ll", "turboserve-no-autoscale", "turboserve", "autoscale-only")
 INFEASIBLE_AT_PLAYBACK = {"wan14b-480p"}
 # autoscale-only's per-GPU target as a share of the capacity at the SLO, tried in this order
@@ -92,9 +97,11 @@ def make_trace(kind: str, shape: str, gpus: int, hours: float, seed: int, slo_ms
               "--seed", str(seed)]
     if slo_ms is not None:
         common += ["--set", f"slo.slo_ms={slo_ms}"]
-    if kind == "synthetic":
+    if kind in ("synthetic", "synthetic-mixed"):
         rate = synth_rate_per_min(model, shape, gpus, slo_ms)
         argv = ["trace", "synth", "--hours", str(hours), "--rate", f"{rate:.3f}", *common]
+        if kind == "synthetic-mixed":
+            argv += ["--steps-mix", MIXED_STEPS]
     elif kind == "mooncake":
         argv = ["trace", "convert", "--format", "mooncake", *common, str(SHARED / "mooncake-conversation.jsonl")]
     elif kind == "servegen":
@@ -103,7 +110,7 @@ def make_trace(kind: str, shape: str, gpus: int, hours: float, seed: int, slo_ms
         argv = ["trace", "convert", "--format", "servegen", "--hours", str(hours), "--rate", f"{rate:.3f}",
                 *common, *map(str, files)]
     else:
-        raise ValueError(f"unknown trace kind {kind!r}; expected one of {TRACES}")
+        raise ValueError(f"unknown trace kind {kind!r}; expected one of {TRACES + ('synthetic-mixed',)}")
     rc = turboserve_main(argv)
     if rc != 0:
         raise RuntimeError(f"making the {kind} trace failed: turboserve {' '.join(argv)}")

@@ -146,3 +146,19 @@ def test_merge_joins_parts_and_refuses_a_cell_twice(monkeypatch, tmp_path, capsy
     with pytest.raises(SystemExit):
         sim_matrix.main(["--merge", str(parts[0]), str(parts[1]), "--json", str(tmp_path / "x.json")])
     assert "not one matrix" in capsys.readouterr().err
+
+
+def test_the_mixed_synthetic_trace_has_two_step_counts(tmp_path):
+    """`--traces synthetic-mixed`: the synthetic trace with half its sessions at 2 steps."""
+    from turboserve.profile import load_latency_model
+    from turboserve.traces.schema import read_trace
+
+    model = load_latency_model()
+    path = sim_matrix.make_trace("synthetic-mixed", "demo91", 2, 0.1, 0, None, tmp_path, model)
+    assert path.name.startswith("synthetic-mixed-demo91-2g")
+    steps = [r.spec.steps for r in read_trace(path)]
+    assert set(steps) == {2, 4} and 0.3 < steps.count(2) / len(steps) < 0.7
+    plain = sim_matrix.make_trace("synthetic", "demo91", 2, 0.1, 0, None, tmp_path, model)
+    assert {r.spec.steps for r in read_trace(plain)} == {4}
+    with pytest.raises(ValueError, match="synthetic-mixed"):
+        sim_matrix.make_trace("bursty", "demo91", 2, 0.1, 0, None, tmp_path, model)
