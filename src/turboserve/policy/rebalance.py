@@ -38,10 +38,11 @@ that delta (`policy.latency.transfer_ms`).
 Draining (consolidation before scale-in): every active session of a DRAINING worker moves,
 regardless of gain, to a feasible worker whose resulting load stays within the session's
 SLO, a compatible one first, then the one where its first chunk comes soonest (downtime,
-the round in progress there, its own round); with none, it waits (or pauses or ends: a draining worker takes no new
-session). Holding drains to the stricter first-chunk bound of rebalancing did worse in
-simulation on both cost and worst-case latency: GPUs stay rented longer while new sessions
-crowd the others. Idle ones are offloaded (cheaper) or, without offload, migrated by memory alone.
+the round in progress there, its own round); with none, it waits (or pauses or ends: a
+draining worker takes no new session). Holding drains to the stricter first-chunk bound of
+rebalancing did worse in simulation on both cost and worst-case latency: GPUs stay rented
+longer while new sessions crowd the others. Idle ones are offloaded (cheaper) or, without
+offload, migrated by memory alone.
 
 Pairwise (migrate-only, Llumnix-style): the most and the least loaded READY workers are
 paired; the session whose move lowers the pair's maximum the most moves, if that lowers it
@@ -267,9 +268,9 @@ def _destinations(whatif: WhatIf, order: LoadOrder, ready: set[WorkerId], exclud
 def mixes(whatif: WhatIf, wid: WorkerId, key: CompatKey) -> bool:
     """Whether one more active session of `key` on `wid` would start a group beside other
     groups. Each group runs its own round, and a round costs far more than one more
-    session in it (demo91: 93 ms alone, +2.4 ms per session), so a worker holding two
-    groups serves fewer sessions than one holding either; the gain of such a move is
-    short-lived, the capacity it costs is not."""
+    session in it (demo91 at 4 steps: 93 ms alone, +2.5 ms per session), so a worker
+    holding two groups serves fewer sessions than one holding either; the gain of such a
+    move is short-lived, the capacity it costs is not."""
     groups = whatif.groups(wid)
     return bool(groups) and all(g.key != key for g in groups)
 
