@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from turboserve.profile import load_latency_model
 from turboserve.traces.rescale import (active_intervals, demand_curve, fit_factor, fit_to_gpus, peak_concurrent_active,
-                                       peak_demand, slo_pace)
+                                       peak_demand, peak_demand_apart, slo_pace)
+from turboserve.traces.stats import trace_stats
 from turboserve.traces.synth import SessionLaw, SynthConfig, synth_trace
 from turboserve.types import Period, SessionRecord, SessionSpec
 
@@ -84,6 +85,23 @@ def test_demand_curve_by_hand():
     cap2 = MODEL.capacity("demo91", 250.0, 2)
     assert cap2 > cap
     assert peak_demand([_rec(0, 0, (5, 0), steps=2)], MODEL, "demo91")[0] == pytest.approx(1 / cap2)
+
+
+def test_groups_kept_apart_round_up_each_group():
+    """1.5 GPUs of 4-step sessions and 1.5 of 2-step ones at once: 3 GPUs if they shared
+    GPUs at no cost, 4 with each group on GPUs of its own."""
+    cap4, cap2 = MODEL.capacity("demo91", 250.0, 4), MODEL.capacity("demo91", 250.0, 2)
+    n4, n2 = cap4 * 3 // 2, cap2 * 3 // 2
+    assert (n4 / cap4, n2 / cap2) == (1.5, 1.5)  # demo91: 22 and 30 per GPU
+    rs = [_rec(i, 0.0, (20, 0)) for i in range(n4)] + [_rec(n4 + i, 1.0, (20, 0), steps=2) for i in range(n2)]
+    assert peak_demand(rs, MODEL, "demo91")[0] == pytest.approx(3.0)
+    assert peak_demand_apart(rs, MODEL, "demo91") == 4
+    stats = trace_stats(rs, MODEL, "demo91")
+    assert (stats["peak_gpus"], stats["peak_gpus_groups_apart"]) == (3, 4)
+    # one group: no second figure; staggered groups: the peak of the rounded sum
+    assert "peak_gpus_groups_apart" not in trace_stats(rs[:n4], MODEL, "demo91")
+    late = rs[:n4] + [_rec(n4 + i, 30.0, (20, 0), steps=2) for i in range(n2)]
+    assert peak_demand_apart(late, MODEL, "demo91") == 2
 
 
 def test_an_explicit_slo_above_playback_stretches_the_active_periods():

@@ -90,6 +90,25 @@ def peak_demand(records: Sequence[SessionRecord], model, shape: str, slo_ms: flo
     return float(levels[i]), float(times[i])
 
 
+def peak_demand_apart(records: Sequence[SessionRecord], model, shape: str,
+                      slo_ms: float | None = None) -> int:
+    """Peak over time of the sum, over step counts (the shape's coalescing groups), of each
+    group's GPUs rounded up: what a placement that keeps every group on GPUs of its own
+    needs (turboserve's, mostly). `peak_demand` rounds up only the sum, as if groups
+    shared GPUs at no cost; the two differ by less than one GPU per extra group."""
+    by_steps: dict[int, list[SessionRecord]] = {}
+    for r in records:
+        by_steps.setdefault(r.spec.steps, []).append(r)
+    parts = [demand_steps(rs, model, shape, slo_ms) for rs in by_steps.values()]
+    times = np.unique(np.concatenate([t for t, _ in parts])) if parts else np.zeros(0)
+    total = np.zeros(times.size)
+    for t, levels in parts:
+        i = np.searchsorted(t, times, side="right") - 1  # each group's level at each time
+        level = np.where(i >= 0, levels[np.clip(i, 0, None)], 0.0)
+        total += np.ceil(level - 1e-9)
+    return int(total.max()) if total.size else 0
+
+
 def demand_steps(records: Sequence[SessionRecord], model, shape: str, slo_ms: float | None = None,
                  factor: float = 1.0, weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`demand_curve` as two arrays: the times at which demand changes, and the GPUs needed

@@ -3,7 +3,8 @@
 In: `SessionRecord`s, optionally a latency model and shape. Out: a flat dict (sessions,
 span, arrival rate, active-seconds and session-duration percentiles, active fraction,
 periods per session, peak concurrently active sessions, and with a shape the peak GPUs
-needed at the SLO) and a text table of it.
+needed at the SLO, and where step counts mix, with each group on GPUs of its own) and a
+text table of it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from typing import Sequence
 
 from ..types import SessionRecord
-from .rescale import peak_concurrent_active, peak_demand
+from .rescale import peak_concurrent_active, peak_demand, peak_demand_apart
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -57,6 +58,8 @@ def trace_stats(records: Sequence[SessionRecord], model=None, shape: str | None 
         peak, at = peak_demand(records, model, shape, slo_ms)
         out.update(shape=shape, slo_ms=slo_ms if slo_ms is not None else model.shape(shape).chunk_ms,
                    peak_gpus=math.ceil(peak - 1e-9), peak_gpus_exact=peak, peak_at_s=at)
+        if len(out["steps_mix"]) > 1:  # several coalescing groups: each on GPUs of its own
+            out.update(peak_gpus_groups_apart=peak_demand_apart(records, model, shape, slo_ms))
     return out
 
 
