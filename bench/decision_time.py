@@ -32,11 +32,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from _args import int_list, name_list  # noqa: E402
 from turboserve.config import load_config  # noqa: E402
 from turboserve.profile import load_latency_model  # noqa: E402
 import turboserve.sim.driver as sim_driver  # noqa: E402
-from turboserve.policy.registry import get_policy  # noqa: E402
+from turboserve.policy.registry import get_policy, policy_names  # noqa: E402
 from turboserve.sim.driver import simulate  # noqa: E402
 from turboserve.types import Period, SessionRecord, SessionSpec  # noqa: E402
 
@@ -118,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default="", help="step counts the sessions take in turn, e.g. 2,4 (default: the shape's)")
     ap.add_argument("--json", dest="json_out", default=str(REPO / "bench" / "results" / "decision_time.json"))
     args = ap.parse_args(argv)
-    steps = tuple(int(x) for x in args.steps.split(",") if x.strip())
+    steps = tuple(int_list(ap, "--steps", args.steps, least=1))
+    gpus = int_list(ap, "--gpus", args.gpus, least=1)
+    policies = name_list(ap, "--policy", args.policy, policy_names())
     model = load_latency_model()
     rows = []
     print(f"{'policy':<24} {'GPUs':>5} {'sessions':>8} {'decisions':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'cpu p50':>8} {'cpu p99':>8} {'migr':>5} {'offl':>5} {'wall s':>7}")
-    for policy in args.policy.split(","):
-        for g in (int(x) for x in args.gpus.split(",")):
+    for policy in policies:
+        for g in gpus:
             r = measure(g, policy, args.ramp_s, args.sim_s, args.seed, model, steps)
             rows.append(r)
             print(f"{policy:<24} {g:>5} {r['sessions']:>8} {r['decisions']:>9} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "

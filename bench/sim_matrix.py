@@ -57,6 +57,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from _args import int_list, name_list  # noqa: E402
 from _matrix_report import format_rows, merged, write_results  # noqa: E402
 from turboserve.cli import main as turboserve_main  # noqa: E402
 from turboserve.config import load_config  # noqa: E402
@@ -72,6 +73,7 @@ TRACES = ("synthetic", "mooncake", "servegen")
 # beyond the matrix (`--traces synthetic-mixed`): the synthetic trace with half its sessions
 # at 2 denoising steps, so two coalescing groups share the cluster
 MIXED_STEPS = "4:0.5,2:0.5"
+TRACE_KINDS = TRACES + ("synthetic-mixed",)
 POLICIES = ("static-rr", "static-ll", "turboserve-no-autoscale", "turboserve", "autoscale-only")
 INFEASIBLE_AT_PLAYBACK = {"wan14b-480p"}
 # autoscale-only's per-GPU target as a share of the capacity at the SLO, tried in this order
@@ -110,7 +112,7 @@ def make_trace(kind: str, shape: str, gpus: int, hours: float, seed: int, slo_ms
         argv = ["trace", "convert", "--format", "servegen", "--hours", str(hours), "--rate", f"{rate:.3f}",
                 *common, *map(str, files)]
     else:
-        raise ValueError(f"unknown trace kind {kind!r}; expected one of {TRACES + ('synthetic-mixed',)}")
+        raise ValueError(f"unknown trace kind {kind!r}; expected one of {TRACE_KINDS}")
     rc = turboserve_main(argv)
     if rc != 0:
         raise RuntimeError(f"making the {kind} trace failed: turboserve {' '.join(argv)}")
@@ -270,9 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             ap.error(str(e))
         return write_results(cells, hours, notes, args.json_out, POLICIES)
-    shapes = args.shapes.split(",")
-    clusters = [int(g) for g in args.gpus.split(",")]
-    traces = args.traces.split(",")
+    global _MODEL
+    model = _MODEL = load_latency_model()  # forked workers inherit it
+    shapes = name_list(ap, "--shapes", args.shapes, model.shapes())
+    clusters = int_list(ap, "--gpus", args.gpus, least=1)
+    traces = name_list(ap, "--traces", args.traces, TRACE_KINDS)
+    seeds = int_list(ap, "--seeds", args.seeds, least=0)
     hours = args.hours
     if args.quick:
         shapes, clusters, traces, hours = ["demo91"], [8], ["synthetic"], 0.25
@@ -280,12 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1, got {args.jobs}")
-    try:
-        seeds = [int(v) for v in args.seeds.split(",")]
-    except ValueError:
-        ap.error(f"--seeds takes integers separated by commas, got {args.seeds!r}")
-    global _MODEL
-    model = _MODEL = load_latency_model()  # forked workers inherit it
     specs = []
     for shape in shapes:
         slo = args.wan14b_slo_ms if shape in INFEASIBLE_AT_PLAYBACK else None

@@ -36,10 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from sim_matrix import INFEASIBLE_AT_PLAYBACK, TRACES, make_trace  # noqa: E402
+from _args import name_list  # noqa: E402
+from sim_matrix import INFEASIBLE_AT_PLAYBACK, TRACE_KINDS, TRACES, make_trace  # noqa: E402
 from turboserve.config import load_config  # noqa: E402
 from turboserve.profile import load_latency_model  # noqa: E402
 from turboserve.sim.cli import map_to_shape  # noqa: E402
+from turboserve.policy.registry import policy_names  # noqa: E402
 from turboserve.sim.driver import simulate  # noqa: E402
 from turboserve.traces.schema import read_trace  # noqa: E402
 
@@ -60,14 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", default=str(REPO / "bench" / "results" / "sim_speed.json"))
     args = ap.parse_args(argv)
     model = load_latency_model()
+    traces = name_list(ap, "--traces", args.traces, TRACE_KINDS)
+    shapes = name_list(ap, "--shapes", args.shapes, model.shapes())
+    policies = name_list(ap, "--policy", args.policy, policy_names())
+    if args.gpus < 1:
+        ap.error(f"--gpus must be at least 1, got {args.gpus}")
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
     print(f"{'trace':<9} {'shape':<14} {'policy':<24} {'sessions':>8} {'sim s':>7} {'wall s':>7} {'cpu s':>7} {'policy s':>8} {'rounds':>9} {'cruised':>7} "
           f"{'chunks':>10} {'items':>8} {'rounds/cpu-s':>12}")
-    for kind, shape in ((k, s) for k in args.traces.split(",") for s in args.shapes.split(",")):
+    for kind, shape in ((k, s) for k in traces for s in shapes):
         slo = args.wan14b_slo_ms if shape in INFEASIBLE_AT_PLAYBACK else None
-        if slo is not None and kind == args.traces.split(",")[0]:
+        if slo is not None and kind == traces[0]:
             print(f"{shape}: infeasible at its {model.shape(shape).chunk_ms:.0f} ms playback time on the profiled "
                   f"H100; run with an explicit SLO of {slo:.0f} ms", flush=True)
         path = make_trace(kind, shape, args.gpus, args.hours, args.seed, slo, cache, model)
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         failed = set()
         for _ in range(max(1, args.repeat)):
-            for policy in args.policy.split(","):
+            for policy in policies:
                 if policy in failed:
                     continue
                 t0 = time.perf_counter()

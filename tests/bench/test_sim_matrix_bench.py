@@ -114,6 +114,16 @@ def test_jobs_must_be_positive(tmp_path):
         sim_matrix.main(["--quick", "--jobs", "0", "--cache", str(tmp_path), "--json", str(tmp_path / "x.json")])
 
 
+@pytest.mark.parametrize("flag, value, says", [("--traces", "synthtic", "synthetic-mixed"),
+                                               ("--shapes", "demo9", "wan14b-480p"),
+                                               ("--gpus", "8,x", "integers"), ("--gpus", "0", "at least 1")])
+def test_a_typo_in_the_matrix_is_refused_before_any_cell_runs(monkeypatch, tmp_path, capsys, flag, value, says):
+    monkeypatch.setattr(sim_matrix, "run_cell", lambda *a, **k: pytest.fail("a cell ran"))
+    with pytest.raises(SystemExit) as e:
+        sim_matrix.main([flag, value, "--cache", str(tmp_path), "--json", str(tmp_path / "x.json")])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_quick_run_leaves_the_committed_results_alone(monkeypatch, tmp_path):
     monkeypatch.setattr(sim_matrix, "run_cell", _fake_cell)
     monkeypatch.setattr(sim_matrix, "REPO", tmp_path)
