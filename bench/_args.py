@@ -11,12 +11,16 @@ import argparse
 from collections.abc import Iterable
 
 
-def int_list(ap: argparse.ArgumentParser, flag: str, text: str, least: int | None = None) -> list[int]:
-    """Integers separated by commas; each at least `least` where given. Empty text: []."""
+def int_list(ap: argparse.ArgumentParser, flag: str, text: str, least: int | None = None,
+             empty_ok: bool = False) -> list[int]:
+    """Integers separated by commas; each at least `least` where given; none only where
+    `empty_ok`."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         ap.error(f"{flag} takes integers separated by commas, got {text!r}")
+    if not values and not empty_ok:
+        ap.error(f"{flag} takes integers separated by commas, got none")
     if least is not None and any(v < least for v in values):
         ap.error(f"{flag} takes integers of at least {least}, got {text!r}")
     return values

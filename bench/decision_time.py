@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default="", help="step counts the sessions take in turn, e.g. 2,4 (default: the shape's)")
     ap.add_argument("--json", dest="json_out", default=str(REPO / "bench" / "results" / "decision_time.json"))
     args = ap.parse_args(argv)
-    steps = tuple(int_list(ap, "--steps", args.steps, least=1))
+    steps = tuple(int_list(ap, "--steps", args.steps, least=1, empty_ok=True))
     gpus = int_list(ap, "--gpus", args.gpus, least=1)
     policies = name_list(ap, "--policy", args.policy, policy_names())
     model = load_latency_model()

@@ -25,7 +25,8 @@ def _usage_error(capsys, fn, *args) -> str:
 def test_lists_parse_and_refuse(capsys):
     ap = argparse.ArgumentParser(prog="b")
     assert int_list(ap, "--gpus", "4,16", least=1) == [4, 16]
-    assert int_list(ap, "--steps", "") == []
+    assert int_list(ap, "--steps", "", empty_ok=True) == []
+    assert "got none" in _usage_error(capsys, int_list, ap, "--seeds", " ")
     assert name_list(ap, "--traces", "a,b", ["a", "b", "c"]) == ["a", "b"]
     assert "--gpus takes integers" in _usage_error(capsys, int_list, ap, "--gpus", "4,x")
     assert "at least 1" in _usage_error(capsys, int_list, ap, "--gpus", "0", 1)
