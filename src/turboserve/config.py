@@ -153,11 +153,20 @@ class RebalanceConfig:
     # there before its own (1 = worst case; 0 if commits align with destination rounds).
     dst_wait: float = 1.0
     poll_interval_s: float = 5.0  # migrate-only baseline: Llumnix-style polling period
+    # TurboServe: sessions that regrouping (`policy/regroup.py`: every session of one group
+    # off a worker holding several, so it runs one round) may move per decision, beside
+    # max_moves_per_decision; 0 = off
+    regroup_max_sessions: int = 16
+    # TurboServe: regrouping's destinations end within this share of the moved sessions'
+    # SLO, so that the group keeps room there for its next arrivals (which would otherwise
+    # go beside another group again)
+    regroup_fill: float = 0.8
 
     def __post_init__(self) -> None:
         check_section(self, "rebalance", eta=at_least(0), gain_threshold_ms=at_least(0), max_moves_per_decision=at_least(0),
                       cooldown_s=at_least(0), candidate_workers=at_least(1), candidate_sessions=at_least(1),
-                      dst_wait=fraction(), poll_interval_s=above(0))
+                      dst_wait=fraction(), poll_interval_s=above(0), regroup_max_sessions=at_least(0),
+                      regroup_fill=fraction(zero=False))
 
 
 @dataclass(frozen=True)

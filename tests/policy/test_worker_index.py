@@ -28,7 +28,7 @@ def _slo(key) -> float:
 
 
 def _fields(ix: WorkerIndex) -> tuple:
-    return (ix.wids, ix.demand, ix.active, ix.mixed, ix.by_load, ix.entry, ix.ready, ix.starting, ix.draining,
+    return (ix.wids, ix.demand, ix.active, ix.mixed, ix.several, ix.by_load, ix.entry, ix.ready, ix.starting, ix.draining,
             ix.max_load_ms(), ix.min_ready_load_ms())
 
 
@@ -75,6 +75,8 @@ def test_an_index_kept_across_changes_equals_one_built_afresh(n_workers, steps):
             live = [g for g in w.groups if g.batch > 0] if w.state in STATES[:3] else []
             want = max(0.0, w.load_ms / 250.0 - kept.demand[i]) if len(live) > 1 else 0.0
             assert kept.mixed[i] == want
+            assert kept.several[i] == (len(live) > 1)
+        assert kept.holding_several() == [w for w, x in zip(kept.wids, kept.several) if x]
 
 
 def test_the_load_order_from_the_index_is_the_one_built_from_the_view():

@@ -177,7 +177,7 @@ def _cooling(view: ClusterView, s: SessionView) -> bool:
     return view.now_s - s.last_migrated_s < view.config.rebalance.cooldown_s
 
 
-def _movable(view: ClusterView, wid: WorkerId, busy: set[SessionId],
+def movable_sessions(view: ClusterView, wid: WorkerId, busy: set[SessionId],
              skip: tuple[set[CompatKey], set[SessionId]]) -> Iterator[SessionView]:
     """The active sessions of `wid` a move may take: not busy with another operation, not
     moved within the cool-down, and counted in the worker's load (`uncounted` -> `skip`)."""
@@ -197,7 +197,7 @@ def _candidates(view: ClusterView, wid: WorkerId, busy: set[SessionId], limit: i
     equal signatures give equal gains. Each list is oldest first; lists are ordered by
     their oldest session; at most `limit` lists. Independent of set iteration order."""
     by_sig: dict[tuple, list[SessionView]] = {}
-    for s in _movable(view, wid, busy, uncounted(view, wid, offloading)):
+    for s in movable_sessions(view, wid, busy, uncounted(view, wid, offloading)):
         by_sig.setdefault((s.spec.compat_key, s.context_frames, s.state_bytes), []).append(s)
     lists = [sorted(v, key=lambda s: (s.arrival_s, s.id)) for v in by_sig.values()]
     lists.sort(key=lambda v: (v[0].arrival_s, v[0].id))
@@ -421,7 +421,7 @@ def pairwise_balance(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready:
         pair_max = whatif.load(src)
         need_cache: dict[CompatKey, bool] = {}
         best = None  # (pair max after, bytes, id, session)
-        for s in _movable(view, src, busy, uncounted(view, src)):
+        for s in movable_sessions(view, src, busy, uncounted(view, src)):
             key = s.spec.compat_key
             fits = need_cache.get(key)
             if fits is None:

@@ -9,7 +9,8 @@ Per call, in the order of DESIGN.md "The closed loop":
 2. Place: pending sessions by min-max over a what-if of loads (`placement.MinMaxChooser`).
 3. Offload: idle sessions past their grace period; at once where a pending session found
    no room (`offload`).
-4. Rebalance: drain DRAINING workers (consolidation), then min-max moves off the
+4. Rebalance: drain DRAINING workers (consolidation), regroup workers holding several
+   coalescing groups (`regroup`: one group leaves whole), then min-max moves off the
    bottleneck (`rebalance`); in-flight migrations count at their destination.
 5. Scale: volatility-aware target, scale out at once, scale in after a hold (`autoscale`).
 6. Prefetch: with nobody waiting for a GPU, idle sessions evicted under pressure whose
@@ -32,6 +33,7 @@ from .autoscale import ScaleTimers, lookahead_rise, turboserve_scale
 from .demand import DemandWindow, scan_cluster, worker_index
 from .offload import grace_offloads, held_prefetches, pressure_offloads, prune_offloading
 from .placement import MinMaxChooser, place_pending
+from .regroup import regroup_moves
 from .rebalance import (InFlight, apply_in_flight, drain_moves, in_flight_record, prune_in_flight,
                         rebalance_min_max)
 from .views import ClusterView, Decision, Migration, Placement
@@ -137,11 +139,18 @@ class TurboServePolicy:
                                          offload_idle=use_offload, offloading=offloading)
             migrations.extend(moves)
             offloads.extend(s for s in drained if s not in offloading)
+        regrouped: list[Migration] = []  # beside the budget: see `rebalance.regroup_max_sessions`
+        if use_migration and cfg.rebalance.enabled and cfg.rebalance.regroup_max_sessions and len(ready) > 1:
+            several = scan.index.holding_several() if scan.index is not None else []
+            if several or placements:
+                candidates = several + [p.worker_id for p in placements]
+                regrouped = regroup_moves(view, whatif, order(), ready, candidates, busy, offloading)
         if use_migration and cfg.rebalance.enabled and len(migrations) < budget and len(ready) > 1:
             spread = scan.max_load_ms - scan.min_ready_load_ms
-            if placements or in_flight or spread > cfg.rebalance.gain_threshold_ms:
+            if placements or in_flight or regrouped or spread > cfg.rebalance.gain_threshold_ms:
                 migrations.extend(rebalance_min_max(view, whatif, order(), ready, busy,
                                                     budget - len(migrations), offloading))
+        migrations[:0] = regrouped
 
         # 5. scale
         timers = mem.timers

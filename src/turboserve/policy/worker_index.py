@@ -38,6 +38,7 @@ class WorkerIndex:
         self.demand: list[float] = []  # per worker, GPUs its active sessions need (0 if out of service)
         self.active: list[int] = []  # per worker, active sessions (0 if out of service)
         self.mixed: list[float] = []  # per worker, GPUs beyond `demand` for holding several groups
+        self.several: list[bool] = []  # per worker, whether it holds several groups
         self.by_load: list[tuple[float, int, WorkerId]] = []  # (load, provisioning index, worker), ascending
         self.entry: dict[WorkerId, tuple[float, int, WorkerId]] = {}
         self.ready: list[WorkerId] = []
@@ -62,7 +63,7 @@ class WorkerIndex:
         for i in changed:
             w, was = recs[i], old[i]
             states_moved = states_moved or w.state is not was.state
-            self.demand[i], self.active[i], self.mixed[i] = _worker_demand(w, share, slo_of)
+            self.demand[i], self.active[i], self.mixed[i], self.several[i] = _worker_demand(w, share, slo_of)
             if w.load_ms != was.load_ms:
                 wid = wids[i]
                 del by_load[bisect.bisect_left(by_load, entry[wid])]
@@ -70,6 +71,11 @@ class WorkerIndex:
                 bisect.insort(by_load, e)
         if states_moved:
             self._split_by_state()
+
+    def holding_several(self) -> list[WorkerId]:
+        """Workers holding several coalescing groups (none, at the cost of one C-level
+        scan, on traces with one group)."""
+        return list(compress(self.wids, self.several)) if any(self.several) else []
 
     def max_load_ms(self) -> float:
         """The heaviest in-service worker's load (0 if none): the bottleneck's cycle."""
@@ -90,9 +96,10 @@ class WorkerIndex:
                  slo_of: Callable[[CompatKey], float] | None) -> None:
         self.wids, self._recs = wids, recs
         per = [_worker_demand(w, share, slo_of) for w in recs]
-        self.demand = [d for d, _, _ in per]
-        self.active = [a for _, a, _ in per]
-        self.mixed = [m for _, _, m in per]
+        self.demand = [d for d, _, _, _ in per]
+        self.active = [a for _, a, _, _ in per]
+        self.mixed = [m for _, _, m, _ in per]
+        self.several = [x for _, _, _, x in per]
         self.entry = {wid: (w.load_ms, i, wid) for i, (wid, w) in enumerate(zip(wids, recs))}
         self.by_load = sorted(self.entry.values())
         self._split_by_state()
@@ -108,12 +115,13 @@ class WorkerIndex:
 
 
 def _worker_demand(w: WorkerView, share: Callable[[CompatKey], float],
-                   slo_of: Callable[[CompatKey], float] | None) -> tuple[float, int, float]:
-    """(GPUs, sessions, mixed GPUs) of one worker's active sessions; nothing for a worker out
-    of service (released or lost workers hold no load). Mixed: with several groups (and
-    `slo_of`), what its cycle against their tightest SLO needs beyond their shares, else 0."""
+                   slo_of: Callable[[CompatKey], float] | None) -> tuple[float, int, float, bool]:
+    """(GPUs, sessions, mixed GPUs, several groups) of one worker's active sessions; nothing
+    for a worker out of service (released or lost workers hold no load). Mixed: with several
+    groups (and `slo_of`), what its cycle against their tightest SLO needs beyond their
+    shares, else 0."""
     if w.state not in _IN_SERVICE:
-        return 0.0, 0, 0.0
+        return 0.0, 0, 0.0, False
     demand = 0.0
     active = 0
     groups = 0
@@ -127,4 +135,4 @@ def _worker_demand(w: WorkerView, share: Callable[[CompatKey], float],
     if groups > 1 and slo_of is not None:
         slo = min(slo_of(g.key) for g in w.groups if g.batch > 0)
         mixed = max(0.0, w.load_ms / slo - demand)
-    return demand, active, mixed
+    return demand, active, mixed, groups > 1
