@@ -45,7 +45,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from ..types import SessionId, WorkerId
-from .rebalance import movable_sessions, migration_cost_ms, uncounted
+from .load import GroupLoad
+from .rebalance import migration_cost_ms, mixes, movable_sessions, uncounted
 from .views import ClusterView, Migration, SessionView
 from .whatif import LoadOrder, WhatIf, groups_plus
 
@@ -164,14 +165,14 @@ def _fit_all(whatif: WhatIf, wid: WorkerId, key, sessions: list[SessionView]) ->
     return whatif.fits(wid, key, need, whatif.view.config.placement.memory_headroom)
 
 
-def _merged(g, groups) -> tuple:
+def _merged(g: GroupLoad, groups: tuple[GroupLoad, ...]) -> tuple[GroupLoad]:
     """`g`'s sessions joined with those of its group in `groups`, as one group."""
     other = next(x for x in groups if x.key == g.key)
-    return (type(g)(g.key, g.batch + other.batch, g.context_sum + other.context_sum),)
+    return (GroupLoad(g.key, g.batch + other.batch, g.context_sum + other.context_sum),)
 
 
 def _best_regroup(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready: set[WorkerId],
-                  wid: WorkerId, movable: "_Movable", budget: int
+                  wid: WorkerId, movable: _Movable, budget: int
                   ) -> tuple[float, list[tuple[SessionView, WorkerId]]] | None:
     """(gain, [(session, destination)]) of the group with the fewest sessions that can all
     leave `wid` (see the module doc), or None."""
@@ -226,12 +227,12 @@ def _destinations_for(view: ClusterView, whatif: WhatIf, order: LoadOrder, ready
                 break
             if dst == src or dst not in ready:
                 continue
-            groups = planned.get(dst, whatif.groups(dst))
-            if groups and all(g.key != key for g in groups):
+            if mixes(whatif, dst, key):  # (what this call plans there adds only `key`)
                 continue  # would start the group beside another: the same problem elsewhere
             if not whatif.fits(dst, key, need * (count.get(dst, 0) + 1), headroom):
                 continue
             seen += 1
+            groups = planned.get(dst) or whatif.groups(dst)
             dst_after = cache.cycle_ms(groups_plus(groups, key, s.context_frames))
             if dst_after >= src_load_ms or dst_after > fill_ms:
                 continue
