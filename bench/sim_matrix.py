@@ -8,10 +8,15 @@ its sessions, or overlaying jittered copies where too small (`--span-hours`,
 N. Fitting by moving arrivals instead stretched Mooncake to 37 h for wan14b-480p at 32 GPUs
 (a one-hour replay saw 3% of it) and squeezed it into 4 min for demo91 at 64 GPUs. Then it is
 replayed under `static-rr`, `static-ll`, `turboserve-no-autoscale` (fixed N GPUs: the count
-that serves the peak) and `turboserve`, `autoscale-only` (ceiling N). Reported per cell:
+whose perfect packing serves the peak) and `turboserve`, `autoscale-only` (ceiling N).
+Reported per cell:
 - worst-case latency reduction of turboserve-no-autoscale vs static-ll and vs static-rr;
-- cost reduction of turboserve vs the fixed count serving the peak (static-ll at N) and vs
+- cost reduction of turboserve vs the fixed count N (static-ll at N) and vs
   autoscale-only, with whether turboserve's worst case is equal or better there;
+- cost reduction vs DESIGN.md's `peak`, the count at which static-ll serves the trace within
+  the SLO (>= 99.9% of chunks on time, none later than 2 SLOs): searched from N up or down
+  (`_matrix_search`); N's perfect packing is not what static-ll's placement achieves. None
+  where no count up to 2N serves;
 - cost reduction of turboserve vs autoscale-only *at equal or better worst-case latency*:
   autoscale-only runs again with its per-GPU target lowered down `LADDER` (a share of the
   capacity at the SLO: `autoscale.target_capacity_fraction`, as one lowers Ray Serve's
@@ -39,6 +44,9 @@ fit assumed, and every policy queued sessions for minutes.
     python bench/sim_matrix.py --jobs 2                 # cells in 2 processes (they are independent)
     python bench/sim_matrix.py --seeds 0,1 --jobs 2     # every cell on two draws of its trace
     python bench/sim_matrix.py --merge a.json b.json --json all.json  # parts run apart, averaged as one
+    python bench/sim_matrix.py --add-peak-search bench/results/sim_matrix.json --jobs 2 --json out.json
+                                                        # only static-ll's serving-count search, added to
+                                                        # the cells of a results file (its runs kept)
     python bench/sim_matrix.py --traces synthetic-mixed --seeds 0,1 --json bench/results/sim_matrix_mixed.json
                                                         # half the sessions at 2 steps: two groups
 
@@ -51,19 +59,18 @@ import argparse
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from _args import int_list, name_list  # noqa: E402
+from _matrix_search import autoscale_only_at_latency, static_ll_serving_count  # noqa: E402
 from _matrix_report import format_rows, merged, write_results  # noqa: E402
 from turboserve.cli import main as turboserve_main  # noqa: E402
 from turboserve.config import load_config  # noqa: E402
 from turboserve.profile import load_latency_model  # noqa: E402
 from turboserve.sim.cli import EQUAL_COST, map_to_shape, run_matrix  # noqa: E402
-from turboserve.sim.driver import simulate  # noqa: E402
 from turboserve.traces.schema import read_trace  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "traces"
@@ -76,9 +83,6 @@ MIXED_STEPS = "4:0.5,2:0.5"
 TRACE_KINDS = TRACES + ("synthetic-mixed",)
 POLICIES = ("static-rr", "static-ll", "turboserve-no-autoscale", "turboserve", "autoscale-only")
 INFEASIBLE_AT_PLAYBACK = {"wan14b-480p"}
-# autoscale-only's per-GPU target as a share of the capacity at the SLO, tried in this order
-# until its worst chunk is no worse than turboserve's (1.0 is its default run)
-LADDER = (0.8, 0.6, 0.4, 0.25, 0.15, 0.1)
 FLOOR_TOLERANCE = 0.001  # a worst chunk within 0.1% of the oracle's latency floor is on it
 
 
@@ -124,37 +128,19 @@ def _reduction(new: float, old: float) -> float | None:
     return None if old <= 0 else 1.0 - new / old
 
 
-def autoscale_only_at_latency(records, shape: str, model, config, *, until_s: float, default: dict,
-                              target_ms: float) -> dict:
-    """autoscale-only down `LADDER` until its worst chunk is <= `target_ms`; `default` is its
-    run at target share 1. Returns the rung reached (or, if none, the one with the best
-    worst chunk, `reached` false) and every rung tried."""
-    def row(fraction: float, m: dict) -> dict:
-        return {"target_capacity_fraction": fraction, "gpu_hours": m["gpu_hours"],
-                "max_chunk_latency_ms": m["max_chunk_latency_ms"], "slo_attainment": m["slo_attainment"]}
-
-    tried = [row(1.0, default)]
-    for fraction in LADDER:
-        if tried[-1]["max_chunk_latency_ms"] <= target_ms:
-            break
-        cfg = replace(config, autoscale=replace(config.autoscale, target_capacity_fraction=fraction))
-        # one run's figures only: run_matrix would redo the cell's oracle bounds for each rung
-        tried.append(row(fraction, simulate(records, "autoscale-only", model, cfg, until_s=until_s,
-                                            shape=shape).summary))
-    ok = [t for t in tried if t["max_chunk_latency_ms"] <= target_ms]
-    pick = min(ok, key=lambda t: t["gpu_hours"]) if ok else \
-        min(tried, key=lambda t: (t["max_chunk_latency_ms"], t["gpu_hours"]))
-    return pick | {"reached": bool(ok), "tried": tried}
-
-
-def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: float | None,
-             cache: Path, model, extra: tuple[str, ...] = ()) -> dict:
+def _cell_inputs(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: float | None,
+                 cache: Path, model, extra: tuple[str, ...]) -> tuple[list, object]:
+    """The cell's session records (its trace made, or read from `cache`) and its config."""
     path = make_trace(kind, shape, gpus, hours, seed, slo_ms, cache, model)
     overrides = [f"cluster.gpus={gpus}", "sim.progress=false", *extra]
     if slo_ms is not None:
         overrides.append(f"slo.slo_ms={slo_ms}")
-    config = load_config(None, overrides)
-    records = map_to_shape(read_trace(path), shape, model)
+    return map_to_shape(read_trace(path), shape, model), load_config(None, overrides)
+
+
+def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: float | None,
+             cache: Path, model, extra: tuple[str, ...] = ()) -> dict:
+    records, config = _cell_inputs(shape, gpus, kind, hours, seed, slo_ms, cache, model, extra)
     t0 = time.perf_counter()
     report, _ = run_matrix(records, shape, list(POLICIES), model, config, explicit_slo=slo_ms is not None,
                            until_s=hours * 3600.0)
@@ -172,13 +158,16 @@ def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: 
     lb = report["oracle"]["gpu_hours_lb"]
     auto_eq = autoscale_only_at_latency(records, shape, model, config, until_s=hours * 3600.0, default=auto,
                                         target_ms=ts["max_chunk_latency_ms"])
+    slo = slo_ms or model.shape(shape).chunk_ms
+    served = static_ll_serving_count(records, shape, model, config, until_s=hours * 3600.0, gpus=gpus, at_n=ll,
+                                     slo_ms=slo)
     wall = time.perf_counter() - t0
     # Both baselines' worst chunk is a session's last chunk run alone: no policy can do better
     floor = report["oracle"].get("latency_floor_ms") or 0.0
     on_floor = max(ll["max_chunk_latency_ms"], rr["max_chunk_latency_ms"]) <= floor * (1 + FLOOR_TOLERANCE)
     return {
         "shape": shape, "gpus": gpus, "trace": kind, "seed": seed, "sessions": len(records),
-        "slo_ms": slo_ms or model.shape(shape).chunk_ms,
+        "slo_ms": slo,
         "slo_explicit": slo_ms is not None, "wall_s": wall,
         "latency_reduction_vs_static_ll": _reduction(tna["max_chunk_latency_ms"], ll["max_chunk_latency_ms"]),
         "latency_reduction_vs_static_rr": _reduction(tna["max_chunk_latency_ms"], rr["max_chunk_latency_ms"]),
@@ -188,6 +177,7 @@ def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: 
         "turboserve_latency_ok_vs_autoscale_only": ts["max_chunk_latency_ms"] <= auto["max_chunk_latency_ms"],
         "cost_reduction_vs_autoscale_only_equal_latency": _reduction(ts["gpu_hours"], auto_eq["gpu_hours"]),
         "autoscale_only_equal_latency": auto_eq,
+        **served_fields(ts, served),
         "oracle_gap": None if lb <= 0 else ts["gpu_hours"] / lb - 1.0,
         "equal_cost_gpus": report.get("equal_cost", {}).get("gpus"),
         "latency_reduction_at_equal_cost_vs_static_ll": _reduction(ts["max_chunk_latency_ms"],
@@ -205,7 +195,39 @@ def run_cell(shape: str, gpus: int, kind: str, hours: float, seed: int, slo_ms: 
     }
 
 
+def served_fields(ts: dict, served: dict) -> dict:
+    """A cell's comparison with static-ll at the count that serves its trace within the SLO
+    (`static_ll_serving_count`; none where no count up to 2N does)."""
+    ok = served["reached"]
+    return {"static_ll_serving": served,
+            "cost_reduction_vs_peak_served": _reduction(ts["gpu_hours"], served["gpu_hours"]) if ok else None,
+            "turboserve_latency_ok_vs_peak_served":
+                ts["max_chunk_latency_ms"] <= served["max_chunk_latency_ms"] if ok else None}
+
+
+def add_peak_search(cell: dict, hours: float, cache: Path, model, extra: tuple[str, ...] = ()) -> dict:
+    """A cell of an earlier results file with the static-ll serving-count search added: its
+    runs are kept as recorded (static-ll at N is the search's first count), only the
+    search's own runs are made (`--add-peak-search`)."""
+    if cell.get("failed"):
+        return cell
+    shape, gpus = cell["shape"], cell["gpus"]
+    records, config = _cell_inputs(shape, gpus, cell["trace"], hours, cell["seed"],
+                                   cell["slo_ms"] if cell["slo_explicit"] else None, cache, model, extra)
+    runs = {r["policy"]: r["metrics"] for r in cell["report"]["runs"]}
+    t0 = time.perf_counter()
+    served = static_ll_serving_count(records, shape, model, config, until_s=hours * 3600.0, gpus=gpus,
+                                     at_n=runs["static-ll"], slo_ms=cell["slo_ms"])
+    print(f"cell {shape} x {gpus} GPUs x {cell['trace']} seed {cell['seed']}: static-ll serves at "
+          f"{served['gpus'] if served['reached'] else 'no count tried'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return cell | served_fields(runs["turboserve"], served)
+
+
 _MODEL = None
+
+
+def _added_peak_search(spec: tuple) -> dict:
+    return add_peak_search(*spec[:3], _MODEL, spec[3])
 
 
 def _cell_or_failure(spec: tuple) -> dict:
@@ -262,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="run nothing: join these results files (parts of one matrix, e.g. other traces or "
                          "seeds) and average them as one")
+    ap.add_argument("--add-peak-search", metavar="JSON",
+                    help="run only the search for the count at which static-ll serves each cell's trace within "
+                         "the SLO, for the cells of this results file (their other runs kept as recorded; pass "
+                         "the --set it ran with), and write them with it to --json")
     args = ap.parse_args(argv)
     if args.json_out is None:
         args.json_out = str(REPO / "runs" / "sim_matrix-quick.json" if args.quick
@@ -274,6 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         return write_results(cells, hours, notes, args.json_out, POLICIES)
     global _MODEL
     model = _MODEL = load_latency_model()  # forked workers inherit it
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.add_peak_search:
+        try:
+            hours, cells, notes = merged([args.add_peak_search])
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--add-peak-search {args.add_peak_search}: {e}")
+        specs = [(c, hours, Path(args.cache), tuple(args.set)) for c in cells]
+        with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Serial() as pool:
+            cells = list(pool.map(_added_peak_search, specs))
+        return write_results(cells, hours, notes, args.json_out, POLICIES)
     shapes = name_list(ap, "--shapes", args.shapes, model.shapes())
     clusters = int_list(ap, "--gpus", args.gpus, least=1)
     traces = name_list(ap, "--traces", args.traces, TRACE_KINDS)
@@ -283,8 +320,6 @@ def main(argv: list[str] | None = None) -> int:
         shapes, clusters, traces, hours = ["demo91"], [8], ["synthetic"], 0.25
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    if args.jobs < 1:
-        ap.error(f"--jobs must be at least 1, got {args.jobs}")
     specs = []
     for shape in shapes:
         slo = args.wan14b_slo_ms if shape in INFEASIBLE_AT_PLAYBACK else None

@@ -1,6 +1,7 @@
 """bench/sim_matrix.py's own logic without simulating: autoscale-only's ladder towards
-turboserve's worst chunk (on made-up runs), and the matrix over worker processes (`--jobs`)
-with the cell made up, against the same in one process."""
+turboserve's worst chunk and the search for static-ll's serving count (on made-up runs),
+and the matrix over worker processes (`--jobs`) with the cell made up, against the same in
+one process."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import _matrix_report  # noqa: E402
+import _matrix_search  # noqa: E402
 import sim_matrix  # noqa: E402
 
 from turboserve.config import TurboConfig  # noqa: E402
@@ -29,12 +31,12 @@ def _fake_runs(monkeypatch, by_fraction: dict[float, tuple[float, float]]) -> li
         asked.append(f)
         max_ms, gpu_h = by_fraction[f]
         return SimpleNamespace(summary={"max_chunk_latency_ms": max_ms, "gpu_hours": gpu_h, "slo_attainment": 0.999})
-    monkeypatch.setattr(sim_matrix, "simulate", fake_simulate)
+    monkeypatch.setattr(_matrix_search, "simulate", fake_simulate)
     return asked
 
 
 def _ladder(target_ms: float, default=(900.0, 4.0)):
-    return sim_matrix.autoscale_only_at_latency(
+    return _matrix_search.autoscale_only_at_latency(
         [], "fake", None, TurboConfig(), until_s=3600.0, target_ms=target_ms,
         default={"max_chunk_latency_ms": default[0], "gpu_hours": default[1], "slo_attainment": 0.9})
 
@@ -57,10 +59,10 @@ def test_the_default_run_can_be_enough(monkeypatch):
 def test_never_reached_compares_with_the_best_worst_chunk(monkeypatch):
     """Lowering the target does not always lower the worst chunk (the upscale and start-up
     delays stay); the rung with the best one is the comparison, flagged."""
-    runs = {f: (500.0 + 100 * abs(f - 0.25), 4.0 + 10 * (1 - f)) for f in sim_matrix.LADDER}
+    runs = {f: (500.0 + 100 * abs(f - 0.25), 4.0 + 10 * (1 - f)) for f in _matrix_search.LADDER}
     asked = _fake_runs(monkeypatch, runs)
     got = _ladder(target_ms=300.0)
-    assert asked == list(sim_matrix.LADDER)
+    assert asked == list(_matrix_search.LADDER)
     assert not got["reached"] and got["target_capacity_fraction"] == 0.25
     assert _matrix_report._equal_latency(got, 0.1) == "-10.0% @0.25 never"
 
@@ -172,3 +174,127 @@ def test_the_mixed_synthetic_trace_has_two_step_counts(tmp_path):
     assert {r.spec.steps for r in read_trace(plain)} == {4}
     with pytest.raises(ValueError, match="synthetic-mixed"):
         sim_matrix.make_trace("bursty", "demo91", 2, 0.1, 0, None, tmp_path, model)
+
+
+def _fake_counts(monkeypatch, attainment, worst_ms=lambda n: 1000.0 / n) -> list[int]:
+    """simulate answers static-ll's SLO attainment and worst chunk for the GPU count it was
+    given; returns the counts asked, in order."""
+    asked = []
+
+    def fake_simulate(records, policy, model, config, **kw):
+        assert policy == "static-ll"
+        n = config.cluster.gpus
+        asked.append(n)
+        return SimpleNamespace(summary={"slo_attainment": attainment(n), "gpu_hours": float(n),
+                                        "max_chunk_latency_ms": worst_ms(n)})
+    monkeypatch.setattr(_matrix_search, "simulate", fake_simulate)
+    return asked
+
+
+def _serving(gpus: int, attainment, worst_ms=lambda n: 1000.0 / n) -> dict:
+    at_n = {"slo_attainment": attainment(gpus), "gpu_hours": float(gpus), "max_chunk_latency_ms": worst_ms(gpus)}
+    return _matrix_search.static_ll_serving_count([], "fake", None, TurboConfig(), until_s=3600.0, gpus=gpus,
+                                                  at_n=at_n, slo_ms=250.0)
+
+
+def test_short_of_the_slo_at_n_the_search_goes_up_then_bisects(monkeypatch):
+    def attainment(n):
+        return 0.9995 if n >= 21 else 0.99
+    asked = _fake_counts(monkeypatch, attainment)
+    got = _serving(16, attainment)
+    assert asked == [18, 20, 24, 22, 21]  # 1.125, 1.25, 1.5 x N; then halving the bracket (20, 24]
+    assert got["reached"] and got["gpus"] == 21 and got["gpu_hours"] == 21.0
+    assert [t["gpus"] for t in got["tried"]] == [16, 18, 20, 21, 22, 24]
+
+
+def test_within_the_slo_at_n_the_search_goes_down(monkeypatch):
+    """N is the count whose perfect packing serves the fitted peak; a brief peak can be
+    served with fewer GPUs, and then the fewer is the reference."""
+    def attainment(n):
+        return 0.9991 if n >= 13 else 0.998
+    asked = _fake_counts(monkeypatch, attainment)
+    got = _serving(16, attainment)
+    assert asked == [14, 12, 13]
+    assert got["reached"] and got["gpus"] == 13
+
+
+def test_no_count_up_to_twice_n_serves(monkeypatch):
+    def attainment(n):
+        return 0.95 + n / 1000  # better with more GPUs, never within the SLO
+    asked = _fake_counts(monkeypatch, attainment)
+    got = _serving(16, attainment)
+    assert asked == [18, 20, 24, 32]
+    assert not got["reached"] and got["gpus"] == 32  # the best attainment tried is reported
+
+
+def test_a_count_where_sessions_wait_for_a_gpu_does_not_serve(monkeypatch):
+    """One late first chunk per queued session hardly moves the attainment; the worst chunk
+    (minutes) says the peak was not served."""
+    def attainment(n):
+        return 0.9995
+
+    def worst_ms(n):
+        return 200.0 if n >= 15 else 120_000.0
+    asked = _fake_counts(monkeypatch, attainment, worst_ms)
+    got = _serving(16, attainment, worst_ms)
+    assert asked == [14, 15]
+    assert got["reached"] and got["gpus"] == 15
+
+
+def test_every_count_down_to_one_serves(monkeypatch):
+    asked = _fake_counts(monkeypatch, lambda n: 1.0, lambda n: 100.0)
+    got = _serving(2, lambda n: 1.0, lambda n: 100.0)
+    assert asked == [1] and got["reached"] and got["gpus"] == 1
+
+
+def test_the_bisection_stops_at_a_sixteenth_of_n(monkeypatch):
+    def attainment(n):
+        return 0.9999 if n >= 75 else 0.99
+    asked = _fake_counts(monkeypatch, attainment)
+    got = _serving(64, attainment)
+    assert asked == [72, 80, 76]  # (72, 80] -> (72, 76]: 4 GPUs wide, a sixteenth of 64
+    assert got["gpus"] == 76
+
+
+def _recorded_cell(gpus: int, seed: int, ts_gpu_h: float, ts_max_ms: float) -> dict:
+    """A cell as a results file keeps it: the report's runs are what --add-peak-search reads."""
+    runs = [{"policy": "static-ll", "metrics": {"slo_attainment": 0.998, "gpu_hours": float(gpus),
+                                               "max_chunk_latency_ms": 1000.0 / gpus}},
+            {"policy": "turboserve", "metrics": {"gpu_hours": ts_gpu_h, "max_chunk_latency_ms": ts_max_ms}}]
+    return _fake_cell("demo91", gpus, "mooncake", 1.0, seed, None, None, None, ()) | {
+        "slo_ms": 250.0, "cost_reduction_vs_peak_fixed": 1 - ts_gpu_h / gpus, "report": {"runs": runs}}
+
+
+def test_add_peak_search_keeps_the_recorded_runs_and_adds_the_comparison(monkeypatch, tmp_path, capsys):
+    asked = _fake_counts(monkeypatch, lambda n: 0.9995 if n >= 10 else 0.99)
+    monkeypatch.setattr(sim_matrix, "_cell_inputs", lambda *a: ([], TurboConfig()))
+    src, out = tmp_path / "m.json", tmp_path / "out.json"
+    cells = [_recorded_cell(8, 0, 7.0, 20.0), _recorded_cell(8, 1, 8.0, 500.0)]
+    src.write_text(json.dumps({"hours": 1.0, "seeds": [0, 1], "policies": [], "cells": cells, "averages": {},
+                               "notes": {}}))
+    assert sim_matrix.main(["--add-peak-search", str(src), "--json", str(out), "--cache", str(tmp_path)]) == 0
+    assert asked == [9, 10] * 2  # static-ll at 8 came from the file
+    data = json.loads(out.read_text())
+    first, second = data["cells"]
+    assert first["report"] == cells[0]["report"]
+    assert first["static_ll_serving"]["gpus"] == 10
+    assert first["cost_reduction_vs_peak_served"] == pytest.approx(0.3)  # 7 GPU-h against 10
+    assert first["turboserve_latency_ok_vs_peak_served"] is True
+    assert second["turboserve_latency_ok_vs_peak_served"] is False  # 500 ms against static-ll's 100
+    assert data["averages"]["cost_reduction_vs_peak_served"] == pytest.approx((0.3 + 0.2) / 2)
+    assert data["averages"]["cells_peak_served_reached"] == 2
+    table = capsys.readouterr().out
+    assert "-30.0% @10" in table and "-20.0% @10 (worse max)" in table
+    # where no count serves, the all-cells average falls back to N (a lower bound there)
+    _fake_counts(monkeypatch, lambda n: 0.9)
+    assert sim_matrix.main(["--add-peak-search", str(src), "--json", str(out), "--cache", str(tmp_path)]) == 0
+    avg = json.loads(out.read_text())["averages"]
+    assert avg["cells_peak_served_reached"] == 0 and avg["cost_reduction_vs_peak_served"] is None
+    assert avg["cost_reduction_vs_peak_served_else_n"] == pytest.approx((1 / 8 + 0) / 2)
+    assert "never" in capsys.readouterr().out
+
+
+def test_add_peak_search_refuses_a_file_it_cannot_read(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sim_matrix.main(["--add-peak-search", str(tmp_path / "missing.json"), "--json", str(tmp_path / "x.json")])
+    assert e.value.code == 2 and "missing.json" in capsys.readouterr().err
