@@ -173,7 +173,10 @@ class RebalanceConfig:
 class AutoscaleConfig:
     # TurboServe's autoscaler (off: as turboserve-no-autoscale); autoscale-only always scales
     enabled: bool = True
-    target_util: float = 0.85  # fraction of per-GPU capacity planned to be used
+    # fraction of per-GPU capacity planned to be used, where a GPU holds several sessions
+    # (TurboServe: a session that is a GPU's whole capacity is planned one GPU, not 1/0.85:
+    # wan14b-480p; bench/sim_matrix.py, its 24 runs: GPU-hours 10.8% -> 12.9% below N)
+    target_util: float = 0.85
     volatility_window_s: float = 120.0  # sliding window for demand volatility
     headroom_k: float = 1.5  # extra GPUs per standard deviation of recent demand
     # demand must stay low this long before releasing GPUs; release is down to the highest

@@ -516,3 +516,25 @@ def test_no_prefetch_when_switched_off():
     c.add_session(None, state=SessionState.OFFLOADED, since_s=50.0, context=21, spec_=spec("big"))
     p = get_policy("turboserve")
     assert c.view().idle_offloaded and p.decide(c.view(), p.initial_memory()).prefetches == ()
+
+
+def test_a_session_that_fills_its_gpu_is_planned_one_gpu():
+    """Where one session is a GPU's whole capacity (two miss the SLO), the target share of
+    capacity leaves no room for another: six such sessions need six GPUs, not
+    ceil(6 / target_util). Several to a GPU, the share is divided by target_util as before."""
+    from turboserve.policy.autoscale import turboserve_target
+
+    model = FakeLatencyModel(fake_shape("big", per_session_ms=300.0))
+    c = FakeCluster(model=model, config=_cfg())
+    for _ in range(6):
+        c.add_session(c.add_worker(), context=21, spec_=spec(model="big"))
+    view = c.view()
+    scan = scan_cluster(view, ModelCache(model, 32))
+    assert scan.demand_gpus == 6.0 and scan.session_gpus == 1.0
+    assert turboserve_target(view, scan, 0.0) == 6
+    small = FakeCluster(config=_cfg())
+    w = small.add_worker()
+    for _ in range(3 * _capacity(small)):
+        small.add_session(w, context=21)
+    scan = scan_cluster(small.view(), ModelCache(small.model, 32))
+    assert turboserve_target(small.view(), scan, 0.0) == math.ceil(3 / small.config.autoscale.target_util - 1e-9)

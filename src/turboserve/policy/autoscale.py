@@ -5,11 +5,13 @@ when workers are to be released), the autoscaler's timers from the policy's memo
 `ScaleStep` (workers to start, to release, draining workers to put back in service) and
 the new timers.
 
-TurboServe (`turboserve_scale`): target = ceil(demand / target_util + headroom_k * std +
-spare), demand counting the idle sessions held on their GPU (`ClusterScan.held_gpus`,
-unless `count_held_idle` is off) and what workers holding several coalescing groups need
-beyond perfect packing (`ClusterScan.mixed_gpus`: one round per group there), std being the
-demand's standard deviation over `volatility_window_s`, clamped to [min_gpus,
+TurboServe (`turboserve_scale`): target = ceil(demand / util + headroom_k * std + spare),
+util being `target_util`, or the mean session's share of a GPU where that is more (a session
+that fills its GPU leaves no share to plan free), demand counting the idle sessions held on
+their GPU (`ClusterScan.held_gpus`, unless `count_held_idle` is off) and what workers
+holding several coalescing groups need beyond perfect packing (`ClusterScan.mixed_gpus`:
+one round per group there), std being the demand's standard deviation over
+`volatility_window_s`, clamped to [min_gpus,
 cluster.gpus], spare = max(`spare_gpus`, `spare_fraction` * cluster.gpus). With
 `lookahead_s` > 0, demand is first extrapolated that far along its recent rise
 (least-squares slope over the last `rise_window_s`, or `lookahead_s` when that is 0; never
@@ -98,7 +100,12 @@ def spare_gpus(view: ClusterView) -> float:
 def turboserve_target(view: ClusterView, scan: ClusterScan, std: float, rise_per_s: float = 0.0) -> int:
     a = view.config.autoscale
     demand = scan.demand_gpus + scan.held_gpus + scan.mixed_gpus + rise_per_s * a.lookahead_s
-    raw = demand / max(a.target_util, 1e-6) + a.headroom_k * std + spare_gpus(view)
+    # A GPU is planned to `target_util` of its capacity only where it holds several sessions:
+    # where one session is a GPU's whole capacity (wan14b-480p), the rest is no room for
+    # another, and a session never needs more than its GPU (the mean share is exact for
+    # one shape, a blend for a mix)
+    util = max(a.target_util, min(1.0, scan.session_gpus))
+    raw = demand / max(util, 1e-6) + a.headroom_k * std + spare_gpus(view)
     return clamp_gpus(view, math.ceil(raw - 1e-9))
 
 
