@@ -44,9 +44,10 @@ fit assumed, and every policy queued sessions for minutes.
     python bench/sim_matrix.py --jobs 2                 # cells in 2 processes (they are independent)
     python bench/sim_matrix.py --seeds 0,1 --jobs 2     # every cell on two draws of its trace
     python bench/sim_matrix.py --merge a.json b.json --json all.json  # parts run apart, averaged as one
-    python bench/sim_matrix.py --add-peak-search bench/results/sim_matrix.json --jobs 2 --json out.json
+    python bench/sim_matrix.py --add-peak-search bench/results/sim_matrix.json --jobs 2
                                                         # only static-ll's serving-count search, added to
-                                                        # the cells of a results file (its runs kept)
+                                                        # the cells of a results file (its runs kept;
+                                                        # in place unless --json says where)
     python bench/sim_matrix.py --traces synthetic-mixed --seeds 0,1 --json bench/results/sim_matrix_mixed.json
                                                         # half the sessions at 2 steps: two groups
 
@@ -287,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--add-peak-search", metavar="JSON",
                     help="run only the search for the count at which static-ll serves each cell's trace within "
                          "the SLO, for the cells of this results file (their other runs kept as recorded; pass "
-                         "the --set it ran with), and write them with it to --json")
+                         "the --set it ran with), and write them with it to --json (default: this file)")
     args = ap.parse_args(argv)
+    if args.json_out is None and args.add_peak_search:
+        args.json_out = args.add_peak_search  # the file searched is updated in place
     if args.json_out is None:
         args.json_out = str(REPO / "runs" / "sim_matrix-quick.json" if args.quick
                             else REPO / "bench" / "results" / "sim_matrix.json")

@@ -292,6 +292,11 @@ def test_add_peak_search_keeps_the_recorded_runs_and_adds_the_comparison(monkeyp
     assert avg["cells_peak_served_reached"] == 0 and avg["cost_reduction_vs_peak_served"] is None
     assert avg["cost_reduction_vs_peak_served_else_n"] == pytest.approx((1 / 8 + 0) / 2)
     assert "never" in capsys.readouterr().out
+    # without --json the file searched is updated in place (not the matrix's default results)
+    monkeypatch.setattr(sim_matrix, "REPO", tmp_path)
+    assert sim_matrix.main(["--add-peak-search", str(src), "--cache", str(tmp_path)]) == 0
+    assert "static_ll_serving" in json.loads(src.read_text())["cells"][0]
+    assert not (tmp_path / "bench").exists()
 
 
 def test_add_peak_search_refuses_a_file_it_cannot_read(tmp_path, capsys):
